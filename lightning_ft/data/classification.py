@@ -1,0 +1,141 @@
+"""Sequence-classification DataModule (encoders such as the bundled all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_ft.assets import load_dataset_records
+from lightning_ft.data.collate import pad_right
+from lightning_ft.data.instruction import resolve_tokenizer
+
+__all__ = ["ClassificationDataModule"]
+
+
+class _Collator:
+    def __init__(self, pad_token_id: int, split: str) -> None:
+        self.pad_token_id, self.split = pad_token_id, split
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        ids = [it["input_ids"] for it in items]
+        input_ids = pad_right(ids, self.pad_token_id)
+        mask = torch.zeros_like(input_ids)
+        for i, seq in enumerate(ids):
+            mask[i, : len(seq)] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "split": self.split}
+        if "label" in items[0]:
+            batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        return batch
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Text classification from a bundled dataset or a local file, with a control set of general text.
+
+    Args:
+        dataset: bundled dataset name (``rotten_tomatoes``, ``reuters_r8``) or a data file.
+        text_field: column with the text.
+        label_field: column with the class label.
+        labels: the class values in index order; default: the sorted distinct values of the data.
+        train_size: cap on training records.
+        val_size: held-out validation records.
+        test_size: held-out test records.
+        split_seed: seed of the fixed shuffle that defines the splits.
+        max_length: tokens per text.
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size.
+        control: general text for the representation-drift control metric (``val/control_drift``), or ``None``.
+        control_field: the text column of ``control``.
+        control_size: number of control texts.
+        tokenizer: tokenizer name or folder; default: the LightningModule's ``tokenizer``.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "rotten_tomatoes",
+        text_field: str = "text",
+        label_field: str = "label",
+        labels: list[str] | None = None,
+        train_size: int | None = None,
+        val_size: int = 400,
+        test_size: int = 400,
+        split_seed: int = 1234,
+        max_length: int = 64,
+        batch_size: int = 16,
+        eval_batch_size: int = 32,
+        control: str | None = "hamlet",
+        control_field: str = "text",
+        control_size: int = 64,
+        tokenizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: Any = None
+        self.labels: list[str] = list(labels) if labels else []
+        self._encoded: dict[str, list[dict[str, Any]]] = {}
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (after ``setup``, or from ``labels``)."""
+        return len(self.labels)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and tokenise (deterministic on every rank)."""
+        if self._encoded:
+            return
+        h = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = resolve_tokenizer(self, h.tokenizer)
+        records = load_dataset_records(h.dataset, shuffle_seed=h.split_seed)
+        for field, arg in ((h.text_field, "text_field"), (h.label_field, "label_field")):
+            if records and field not in records[0]:
+                raise ValueError(
+                    f"{arg}={field!r} is not a column of dataset {h.dataset!r} (columns: {sorted(records[0])}): "
+                    f"set {arg} to the right column."
+                )
+        if not self.labels:
+            self.labels = sorted({str(r[h.label_field]) for r in records})
+        val, rest = records[: h.val_size], records[h.val_size :]
+        test, train = rest[: h.test_size], rest[h.test_size :]
+        train = train[: h.train_size] if h.train_size is not None else train
+        self._encoded = {name: [self._encode(r) for r in part] for name, part in (("train", train), ("val", val), ("test", test))}
+        self._encoded["control"] = self._encode_control()
+
+    def _encode(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        label = str(record[self.hparams.label_field])
+        if label not in self.labels:
+            raise ValueError(f"label {label!r} is not among labels={self.labels}: list every class value in labels.")
+        ids = self.tokenizer(str(record[self.hparams.text_field]), truncation=True, max_length=self.hparams.max_length)
+        return {"input_ids": ids["input_ids"], "label": self.labels.index(label)}
+
+    def _encode_control(self) -> list[dict[str, Any]]:
+        h = self.hparams
+        if h.control is None or h.control_size == 0:
+            return []
+        records = load_dataset_records(h.control, shuffle_seed=h.split_seed)[: h.control_size]
+        tok = self.tokenizer
+        return [{"input_ids": tok(str(r[h.control_field]), truncation=True, max_length=h.max_length)["input_ids"]} for r in records]
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        pad = self.tokenizer.pad_token_id or 0
+        size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
+        name = "target" if split in ("val", "test") else split
+        return DataLoader(self._encoded[split], batch_size=size, shuffle=shuffle, collate_fn=_Collator(pad, name))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def control_dataloader(self) -> DataLoader | None:
+        """The control-text loader, or ``None``."""
+        return self._loader("control") if self._encoded.get("control") else None
+
+    def val_dataloader(self) -> list[DataLoader]:
+        control = self.control_dataloader()
+        return [self._loader("val")] + ([control] if control is not None else [])
+
+    def test_dataloader(self) -> list[DataLoader]:
+        control = self.control_dataloader()
+        return [self._loader("test" if self._encoded["test"] else "val")] + ([control] if control is not None else [])

@@ -1,0 +1,289 @@
+"""Instruction-tuning DataModule with prompt masking, classification-as-generation and a control set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lightning_ft.assets import load_dataset_records
+from lightning_ft.data.collate import (
+    ChoiceCollator,
+    LMCollator,
+    PromptCollator,
+    encode_example,
+    encode_prompt,
+    render,
+)
+
+__all__ = ["InstructionDataModule", "resolve_tokenizer"]
+
+
+def resolve_tokenizer(datamodule: L.LightningDataModule, name: str | None) -> Any:
+    """Return the tokenizer named by ``name``, or the one of the attached LightningModule.
+
+    Raises:
+        ValueError: no name was given and the LightningModule has no ``tokenizer`` attribute.
+    """
+    if name is not None:
+        from transformers import AutoTokenizer
+
+        from lightning_ft.assets import resolve_model
+
+        return AutoTokenizer.from_pretrained(resolve_model(name))
+    trainer = getattr(datamodule, "trainer", None)
+    module = trainer.lightning_module if trainer is not None else None
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            f"{type(datamodule).__name__} needs a tokenizer: pass tokenizer=<model name or folder>, or use it "
+            "with a LightningModule that has a `tokenizer` attribute."
+        )
+    return tokenizer
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Prompt/response fine-tuning data from a bundled dataset or a local JSONL/CSV/parquet file.
+
+    Each record is rendered through ``prompt_template`` and ``response_template`` (``str.format``
+    fields are the record's columns). The loss covers response tokens only when ``mask_prompt``.
+    With ``label_options`` the task is classification-as-generation: validation reports
+    ``val/target_acc`` by comparing the log-likelihoods of the rendered options. A control set of
+    general text the task does not train on is evaluated alongside (``val/control_ppl``).
+
+    Args:
+        dataset: bundled dataset name or path of a data file.
+        prompt_template: format string for the prompt, e.g. ``"Review: {text}\\nSentiment:"``.
+        response_template: format string for the target response, e.g. ``" {label}"``.
+        label_field: the column holding the class label (used with ``label_options``).
+        label_options: the possible values of ``label_field``; each is rendered through
+            ``response_template`` and scored. ``None`` for free-form generation tasks.
+        val_dataset: a separate validation source; default: ``val_size`` records split off ``dataset``.
+        train_size: cap on training records (``None``: all remaining).
+        val_size: number of held-out validation records.
+        test_size: number of held-out test records (split after validation).
+        split_seed: seed of the shuffle that defines the splits (fixed, so splits never change).
+        chat_template: wrap the prompt in the tokenizer's chat template and end the response with EOS.
+        max_length: maximum tokens per training example (prompt truncated from the left).
+        mask_prompt: compute the loss on response tokens only.
+        append_eos: append the EOS token to responses (without chat template).
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size.
+        num_workers: DataLoader workers.
+        control: bundled dataset or file of general text for the forgetting metric, or ``None``.
+        control_field: the column of ``control`` holding the text.
+        control_size: number of control texts.
+        control_max_length: tokens per control text.
+        tokenizer: tokenizer name or folder; default: the LightningModule's ``tokenizer``.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "rotten_tomatoes",
+        prompt_template: str = "Review: {text}\nSentiment:",
+        response_template: str = " {label}",
+        label_field: str = "label",
+        label_options: list[str] | None = None,
+        val_dataset: str | None = None,
+        train_size: int | None = None,
+        val_size: int = 400,
+        test_size: int = 400,
+        split_seed: int = 1234,
+        chat_template: bool = False,
+        max_length: int = 96,
+        mask_prompt: bool = True,
+        append_eos: bool = False,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        control: str | None = "humaneval",
+        control_field: str = "text",
+        control_size: int = 64,
+        control_max_length: int = 128,
+        tokenizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("val_size", val_size), ("test_size", test_size), ("max_length", max_length)):
+            if value < 0 or (name == "max_length" and value < 2):
+                raise ValueError(f"{name}={value} must be a positive integer.")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} and eval_batch_size={eval_batch_size} must be at least 1.")
+        self.save_hyperparameters()
+        self.tokenizer: Any = None
+        self._splits: dict[str, list[dict[str, Any]]] = {}
+        self._encoded: dict[str, list[dict[str, Any]]] = {}
+        self._option_ids: list[list[int]] = []
+
+    # ------------------------------------------------------------------ preparation
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split and tokenise the data (deterministically, on every rank)."""
+        if self._encoded:
+            return
+        h = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = resolve_tokenizer(self, h.tokenizer)
+        self._splits = self._load_splits()
+        if h.label_options:
+            self._option_ids = [
+                self.tokenizer(self._response({h.label_field: opt}), add_special_tokens=False)["input_ids"]
+                for opt in h.label_options
+            ]
+        self._encoded = {
+            "train": [self._encode_train(r) for r in self._splits["train"]],
+            "val": [self._encode_eval(r) for r in self._splits["val"]],
+            "test": [self._encode_eval(r) for r in self._splits["test"]],
+            "predict": [self._encode_predict(r) for r in self._splits["test"] or self._splits["val"]],
+        }
+        self._encoded["control"] = self._encode_control()
+
+    def _load_splits(self) -> dict[str, list[dict[str, Any]]]:
+        h = self.hparams
+        records = load_dataset_records(h.dataset, shuffle_seed=h.split_seed)
+        if not records:
+            raise ValueError(f"dataset={h.dataset!r} holds no records.")
+        self._check_fields(records[0], h.dataset)
+        if h.val_dataset is not None:
+            val = load_dataset_records(h.val_dataset, shuffle_seed=h.split_seed)[: h.val_size or None]
+            self._check_fields(val[0], h.val_dataset)
+            rest = records
+        else:
+            val, rest = records[: h.val_size], records[h.val_size :]
+        test, train = rest[: h.test_size], rest[h.test_size :]
+        if h.train_size is not None:
+            train = train[: h.train_size]
+        if not train:
+            raise ValueError(
+                f"dataset={h.dataset!r} has {len(records)} records, none left for training after val_size="
+                f"{h.val_size} and test_size={h.test_size}: lower those or use a larger dataset."
+            )
+        return {"train": train, "val": val, "test": test}
+
+    def _check_fields(self, record: dict[str, Any], source: str) -> None:
+        h = self.hparams
+        render(h.prompt_template, record, "prompt_template")
+        render(h.response_template, record, "response_template")
+        if h.label_options:
+            if h.label_field not in record:
+                raise ValueError(
+                    f"label_field={h.label_field!r} is not a column of {source!r} (columns: {sorted(record)}): "
+                    "set label_field to the column that holds the class label."
+                )
+
+    def _prompt(self, record: dict[str, Any]) -> str:
+        text = render(self.hparams.prompt_template, record, "prompt_template")
+        if self.hparams.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+        return text
+
+    def _response(self, record: dict[str, Any]) -> str:
+        text = render(self.hparams.response_template, record, "response_template")
+        if self.hparams.chat_template or self.hparams.append_eos:
+            text += self.tokenizer.eos_token or ""
+        return text
+
+    def _encode_train(self, record: dict[str, Any]) -> dict[str, Any]:
+        h = self.hparams
+        return encode_example(self.tokenizer, self._prompt(record), self._response(record), h.max_length, h.mask_prompt)
+
+    def _encode_eval(self, record: dict[str, Any]) -> dict[str, Any]:
+        h = self.hparams
+        if not h.label_options:
+            return self._encode_train(record)
+        label = str(record[h.label_field])
+        if label not in h.label_options:
+            raise ValueError(
+                f"label {label!r} in column {h.label_field!r} is not among label_options={list(h.label_options)}: "
+                "list every class value in label_options."
+            )
+        longest = max(len(o) for o in self._option_ids)
+        prompt_ids = encode_prompt(self.tokenizer, self._prompt(record), max(1, h.max_length - longest))
+        return {"prompt_ids": prompt_ids, "label_index": list(h.label_options).index(label)}
+
+    def _encode_predict(self, record: dict[str, Any]) -> dict[str, Any]:
+        prompt = self._prompt(record)
+        return {
+            "prompt": prompt,
+            "prompt_ids": encode_prompt(self.tokenizer, prompt, self.hparams.max_length),
+            "reference": render(self.hparams.response_template, record, "response_template"),
+        }
+
+    def _encode_control(self) -> list[dict[str, Any]]:
+        h = self.hparams
+        if h.control is None or h.control_size == 0:
+            return []
+        records = load_dataset_records(h.control, shuffle_seed=h.split_seed)[: h.control_size]
+        if records and h.control_field not in records[0]:
+            raise ValueError(
+                f"control_field={h.control_field!r} is not a column of control={h.control!r} "
+                f"(columns: {sorted(records[0])}): set control_field to the text column."
+            )
+        out = []
+        for r in records:
+            ids = self.tokenizer(str(r[h.control_field]), add_special_tokens=True)["input_ids"][: h.control_max_length]
+            if len(ids) >= 2:
+                out.append({"input_ids": ids, "labels": list(ids)})
+        return out
+
+    # ------------------------------------------------------------------ loaders
+    @property
+    def pad_token_id(self) -> int:
+        """Padding id (falls back to EOS when the tokenizer has no pad token)."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
+
+    @property
+    def label_options(self) -> list[str] | None:
+        """The class values scored by ``val/target_acc``, or ``None``."""
+        return list(self.hparams.label_options) if self.hparams.label_options else None
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        h = self.hparams
+        collate = (
+            ChoiceCollator(self.pad_token_id, self._option_ids)
+            if h.label_options
+            else LMCollator(self.pad_token_id, split="target")
+        )
+        return DataLoader(self._encoded[split], batch_size=h.eval_batch_size, collate_fn=collate, num_workers=h.num_workers)
+
+    def control_dataloader(self) -> DataLoader | None:
+        """The control (forgetting) text loader, or ``None`` without a control set."""
+        if not self._encoded.get("control"):
+            return None
+        h = self.hparams
+        return DataLoader(
+            self._encoded["control"],
+            batch_size=h.eval_batch_size,
+            collate_fn=LMCollator(self.pad_token_id, split="control"),
+            num_workers=h.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            self._encoded["train"],
+            batch_size=h.batch_size,
+            shuffle=True,
+            collate_fn=LMCollator(self.pad_token_id),
+            num_workers=h.num_workers,
+            drop_last=False,
+        )
+
+    def val_dataloader(self) -> Sequence[DataLoader]:
+        loaders = [self._eval_loader("val")]
+        control = self.control_dataloader()
+        return loaders + ([control] if control is not None else [])
+
+    def test_dataloader(self) -> Sequence[DataLoader]:
+        loaders = [self._eval_loader("test" if self._encoded["test"] else "val")]
+        control = self.control_dataloader()
+        return loaders + ([control] if control is not None else [])
+
+    def predict_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            self._encoded["predict"], batch_size=h.eval_batch_size, collate_fn=PromptCollator(self.pad_token_id)
+        )

@@ -1,0 +1,150 @@
+"""Loading transformers backbones: bundled aliases, dtype, bitsandbytes quantization and peft adapters."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_ft.assets import resolve_model
+
+Quantization = Literal["nf4", "fp4", "int8"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+_MIN_BNB = (0, 47)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"float32"`` -> ``torch.float32``; one sentence on a bad name."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={name!r} is not a torch dtype: use 'float32', 'bfloat16' or 'float16'.")
+    return dtype
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    """Build a ``BitsAndBytesConfig``; fails in one sentence when bitsandbytes is missing or too old."""
+    if quantization not in ("nf4", "fp4", "int8"):
+        raise ValueError(f"quantization={quantization!r} is not supported: use 'nf4', 'fp4', 'int8' or null.")
+    try:
+        import bitsandbytes  # noqa: F401
+        from importlib.metadata import version
+
+        found = tuple(int(p) for p in version("bitsandbytes").split(".")[:2])
+    except ImportError:
+        found = None
+    if found is None or found < _MIN_BNB:
+        raise ImportError(
+            f"quantization={quantization!r} needs bitsandbytes>=0.47 (found {found or 'none'}): "
+            "run `pip install 'bitsandbytes>=0.47'` or set quantization to null."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=compute_dtype
+    )
+
+
+def build_peft_config(spec: dict[str, Any], task_type: str) -> Any:
+    """Turn a plain mapping (YAML) into a peft config; ``peft_type`` defaults to ``LORA``."""
+    from peft import get_peft_config
+
+    spec = dict(spec)
+    spec.setdefault("peft_type", "LORA")
+    spec.setdefault("task_type", task_type)
+    try:
+        return get_peft_config(spec)
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError(f"peft={spec!r} is not a valid peft config ({err}): check its field names.") from None
+
+
+def load_backbone(
+    auto_class: Any,
+    model: str,
+    *,
+    dtype: str = "float32",
+    quantization: str | None = None,
+    peft: dict[str, Any] | None = None,
+    task_type: str = "CAUSAL_LM",
+    gradient_checkpointing: bool = False,
+    **model_kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """Load a model and its tokenizer, optionally quantized and/or wrapped by a peft adapter.
+
+    Args:
+        auto_class: ``AutoModelForCausalLM`` or ``AutoModelForSequenceClassification``.
+        model: bundled alias, local folder or (online) Hub id.
+        dtype: parameter dtype of the non-quantized weights.
+        quantization: ``nf4``, ``fp4`` or ``int8`` through bitsandbytes; needs ``peft`` to train.
+        peft: a peft config as a mapping (``{"peft_type": "LORA", "r": 8, ...}``).
+        task_type: peft task type.
+        gradient_checkpointing: enable activation checkpointing.
+        **model_kwargs: passed to ``from_pretrained`` (e.g. ``num_labels``).
+    """
+    from transformers import AutoTokenizer
+
+    if quantization is not None and not peft:
+        raise ValueError(
+            f"quantization={quantization!r} freezes the backbone in 4/8 bit, so nothing would train: "
+            "also set peft (e.g. {peft_type: LORA, r: 8}) or set quantization to null."
+        )
+    path = resolve_model(model)
+    dt = torch_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": dt, **model_kwargs}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, dt)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    backbone = auto_class.from_pretrained(path, **kwargs)
+    if getattr(backbone.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        backbone.config.pad_token_id = tokenizer.pad_token_id
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    if peft:
+        from peft import get_peft_model
+
+        backbone = get_peft_model(backbone, build_peft_config(peft, task_type))
+    return backbone, tokenizer
+
+
+def is_peft_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a peft ``PeftModel``."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, PeftModel)
+
+
+def save_pretrained_atomic(backbone: nn.Module, tokenizer: Any, output_dir: str | os.PathLike[str]) -> Path:
+    """Save model (or peft adapter) and tokenizer into ``output_dir``, replacing it only once complete."""
+    target = Path(output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        backbone.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

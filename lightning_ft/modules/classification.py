@@ -1,0 +1,170 @@
+"""``SequenceClassificationModule``: fine-tune an encoder (e.g. the bundled all-MiniLM-L6-v2) with a new head."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lightning_ft.modules.backbone import is_peft_model, load_backbone, save_pretrained_atomic
+from lightning_ft.modules.causal_lm import Schedule, _to_device, build_optimizer
+from lightning_ft.modules.metrics import EvalMetrics
+
+__all__ = ["SequenceClassificationModule"]
+
+
+class SequenceClassificationModule(L.LightningModule):
+    """Sequence classification with any ``AutoModelForSequenceClassification``.
+
+    Validation logs ``val/target_acc`` and ``val/target_loss`` and, as the control (forgetting) metric,
+    ``val/control_drift``: the mean ``1 - cos`` between the current and the pretrained mean-pooled
+    last-layer embeddings of general text (0 before training). The pretrained embeddings are measured in
+    ``setup()``, before any checkpoint is restored.
+
+    Args:
+        model: bundled alias (``minilm-l6``), local folder or Hub id.
+        num_labels: number of classes; default: the DataModule's ``num_labels``.
+        dtype: weight dtype.
+        peft: peft config mapping (e.g. LoRA; ``task_type`` defaults to ``SEQ_CLS`` so the head trains).
+        quantization: ``nf4``/``fp4``/``int8`` backbone (needs ``peft``).
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay on matrices.
+        warmup_steps: warmup steps.
+        schedule: ``linear``, ``cosine`` or ``constant`` after warmup.
+        output_dir: where ``on_fit_end`` saves the HF model; default ``<default_root_dir>/hf_model``; ``""`` disables.
+    """
+
+    def __init__(
+        self,
+        model: str = "minilm-l6",
+        num_labels: int | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        peft: dict[str, Any] | None = None,
+        quantization: Literal["nf4", "fp4", "int8"] | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        schedule: Schedule = "linear",
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: Any = _tokenizer_for(model)
+        self.backbone: Any = None
+        self.metrics = EvalMetrics()
+        self._reference: list[torch.Tensor] = []
+        if num_labels is not None:
+            self._build(num_labels)
+
+    def _build(self, num_labels: int) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        h = self.hparams
+        self.backbone, _ = load_backbone(
+            AutoModelForSequenceClassification,
+            h.model,
+            dtype=h.dtype,
+            quantization=h.quantization,
+            peft=h.peft,
+            task_type="SEQ_CLS",
+            num_labels=num_labels,
+        )
+        self.backbone.train()
+        self.hparams.num_labels = num_labels
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if self.backbone is None:
+            n = getattr(datamodule, "num_labels", 0) if datamodule is not None else 0
+            if not n:
+                raise ValueError("num_labels is unknown: pass num_labels= or a DataModule with `num_labels`.")
+            self._build(n)
+        control = getattr(datamodule, "control_dataloader", lambda: None)() if datamodule is not None else None
+        if control is not None and not self._reference:
+            self._reference = [self._embed(_to_device(b, self.device)).cpu() for b in control]
+
+    @torch.no_grad()
+    def _embed(self, batch: dict[str, Any]) -> torch.Tensor:
+        was = self.training
+        self.eval()
+        try:
+            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        finally:
+            self.train(was)
+        hidden = out.hidden_states[-1].float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
+        return loss
+
+    def eval_update(self, batch: dict[str, Any], batch_idx: int = 0) -> None:
+        """Accumulate target accuracy/loss or control drift for one batch."""
+        if batch.get("split") == "control":
+            if batch_idx < len(self._reference):
+                ref = self._reference[batch_idx].to(self.device)
+                self.metrics.update_drift(1.0 - F.cosine_similarity(self._embed(batch), ref, dim=-1))
+            return
+        logits = self(batch["input_ids"], batch["attention_mask"]).logits
+        self.metrics.update_choice(logits.float().log_softmax(-1), batch["labels"])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.eval_update(batch, batch_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.eval_update(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        for key, value in self.metrics.compute_and_reset().items():
+            self.log(f"val/{key}", value, prog_bar=key == "target_acc")
+
+    def on_test_epoch_end(self) -> None:
+        for key, value in self.metrics.compute_and_reset().items():
+            self.log(f"test/{key}", value)
+
+    @torch.no_grad()
+    def evaluate(self, dataloaders: list[Any]) -> dict[str, float]:
+        """Evaluation metrics over ``dataloaders`` outside the Trainer's loops."""
+        was = self.training
+        self.eval()
+        self.metrics.compute_and_reset()
+        try:
+            for loader in dataloaders:
+                for i, batch in enumerate(loader):
+                    self.eval_update(_to_device(batch, self.device), i)
+            return self.metrics.compute_and_reset()
+        finally:
+            self.train(was)
+
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        return build_optimizer(self, h.learning_rate, h.weight_decay, h.warmup_steps, h.schedule)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.output_dir == "" or not self.trainer.is_global_zero:
+            return
+        root = self.hparams.output_dir or os.path.join(self.trainer.default_root_dir, "hf_model")
+        save_pretrained_atomic(self.backbone, self.tokenizer, Path(root))
+
+    @property
+    def is_peft(self) -> bool:
+        """Whether the backbone is peft-wrapped."""
+        return self.backbone is not None and is_peft_model(self.backbone)
+
+
+def _tokenizer_for(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from lightning_ft.assets import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
