@@ -9,11 +9,15 @@ unless W&B is configured), predictions and the exported HF model.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LightningFTCLI", "main", "wandb_mode"]
+__all__ = ["LightningFTCLI", "POSTHOC_COMMANDS", "main", "wandb_mode"]
+
+# Post-hoc weight commands, dispatched before LightningCLI (they run no Trainer).
+POSTHOC_COMMANDS = ("merge", "compress", "decompress")
 
 
 def wandb_mode() -> str:
@@ -69,7 +73,7 @@ def _cli_class() -> type:
             callbacks = list(trainer_cfg.get("callbacks") or [])
             extra: list[pl.Callback] = []
             if not any(isinstance(c, ModelCheckpoint) for c in callbacks) and trainer_cfg.get("enable_checkpointing") is not False:
-                extra.append(ModelCheckpoint(dirpath=root / "checkpoints", save_last=True))
+                extra.append(ModelCheckpoint(dirpath=root / "checkpoints", save_last="link"))
             if not any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks) and trainer_cfg.get("enable_progress_bar") is not False:
                 extra.append(RichProgressBar(leave=True))
             if self.subcommand == "predict":
@@ -109,14 +113,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def main(args: list[str] | None = None) -> Any:
-    """Entry point of the ``lightning-ft`` console script."""
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-ft`` console script (``args``: the command line, for calls from Python)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
     os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(args) if args is not None else sys.argv[1:]
+    if argv and argv[0] in POSTHOC_COMMANDS:
+        from lightning_ft.merging.cli import main as posthoc_main
+
+        posthoc_main(argv)
+        return
     cli_class = _cli_class()
-    return cli_class(
+    cli_class(
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},
         args=args,

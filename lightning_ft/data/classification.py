@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_ft.assets import load_dataset_records
 from lightning_ft.data.collate import pad_right
 from lightning_ft.data.instruction import resolve_tokenizer
+from lightning_ft.data.sampling import EpochShuffleSampler, ResumableDataLoader, batches_done_this_epoch, current_epoch
 
 __all__ = ["ClassificationDataModule"]
 
@@ -119,14 +120,20 @@ class ClassificationDataModule(L.LightningDataModule):
         tok = self.tokenizer
         return [{"input_ids": tok(str(r[h.control_field]), truncation=True, max_length=h.max_length)["input_ids"]} for r in records]
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         pad = self.tokenizer.pad_token_id or 0
         size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
         name = "target" if split in ("val", "test") else split
-        return DataLoader(self._encoded[split], batch_size=size, shuffle=shuffle, collate_fn=_Collator(pad, name))
+        return DataLoader(self._encoded[split], batch_size=size, collate_fn=_Collator(pad, name))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return ResumableDataLoader(
+            self._encoded["train"],
+            batch_size=self.hparams.batch_size,
+            sampler=EpochShuffleSampler(len(self._encoded["train"]), seed=self.hparams.split_seed, epoch=current_epoch(self.trainer)),
+            collate_fn=_Collator(self.tokenizer.pad_token_id or 0, "train"),
+            skip_batches=batches_done_this_epoch(self.trainer),
+        )
 
     def control_dataloader(self) -> DataLoader | None:
         """The control-text loader, or ``None``."""

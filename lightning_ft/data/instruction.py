@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_ft.assets import load_dataset_records
+from lightning_ft.data.sampling import EpochShuffleSampler, ResumableDataLoader, batches_done_this_epoch, current_epoch
 from lightning_ft.data.collate import (
     ChoiceCollator,
     LMCollator,
@@ -263,13 +264,13 @@ class InstructionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        return DataLoader(
+        return ResumableDataLoader(
             self._encoded["train"],
             batch_size=h.batch_size,
-            shuffle=True,
+            sampler=EpochShuffleSampler(len(self._encoded["train"]), seed=h.split_seed, epoch=current_epoch(self.trainer)),
             collate_fn=LMCollator(self.pad_token_id),
             num_workers=h.num_workers,
-            drop_last=False,
+            skip_batches=batches_done_this_epoch(self.trainer),
         )
 
     def val_dataloader(self) -> Sequence[DataLoader]:

@@ -1,0 +1,244 @@
+"""Method benchmark: fine-tuning methods side by side on the bundled SmolLM2-135M and Rotten Tomatoes.
+
+Every row runs with the same data, data order, seed and step budget, each in its own subprocess (so peak
+memory is its own), and is scored on held-out reviews (target accuracy, answer NLL) and on control text the
+task never trains on (HumanEval perplexity: the forgetting signal). Step time is reported relative to the
+full fine-tuning row of the same invocation. Results go to ``benchmarks/results/<name>.md`` (+ ``.json``,
+``.png``: target accuracy against forgetting).
+
+    python benchmarks/methods.py --name foundation             # default budget (< 1 h on 2 cores)
+    python benchmarks/methods.py --name smoke --quick          # a few minutes
+    python benchmarks/methods.py --methods full_ft lora --seeds 0 1 --steps 120
+
+A method issue adds its row to ``METHODS``: module arguments plus callbacks (``class_path`` dicts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+# name -> {"module": CausalLMModule kwargs, "callbacks": [{"class_path": ..., "init_args": {...}}], "label": str}
+METHODS: dict[str, dict[str, Any]] = {
+    "full_ft": {"label": "full fine-tuning", "module": {"learning_rate": 2e-4}},
+    "lora": {
+        "label": "LoRA r=8 (all linear)",
+        "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+    },
+}
+
+DEFAULTS = {"steps": 120, "batch_size": 8, "max_length": 96, "warmup_steps": 10, "val_size": 400, "control_size": 64}
+QUICK = {"steps": 20, "val_size": 100, "control_size": 16, "warmup_steps": 2}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train and evaluate one (method, seed) in this process; return its measurements."""
+    import lightning as L
+    import torch
+    from jsonargparse import ArgumentParser  # noqa: F401  (import cost kept out of the timings)
+    from lightning.pytorch.cli import instantiate_class
+
+    from lightning_ft.data import InstructionDataModule
+    from lightning_ft.modules import CausalLMModule
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    cfg, method = spec["settings"], METHODS.get(spec["method"], {})
+    L.seed_everything(spec["seed"])
+    module_kwargs = {"warmup_steps": cfg["warmup_steps"], "output_dir": "", **method.get("module", {})}
+    module = CausalLMModule(model="smollm2-135m", **module_kwargs)
+    dm = InstructionDataModule(
+        label_options=["positive", "negative"], val_size=cfg["val_size"], test_size=0, batch_size=cfg["batch_size"],
+        eval_batch_size=25, max_length=cfg["max_length"], control="humaneval", control_size=cfg["control_size"],
+        control_max_length=128, split_seed=1234,
+    )
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    loaders = list(dm.val_dataloader())
+    rss_loaded = _rss_mb()
+    if spec["method"] == "zero_shot":
+        return {"after": module.evaluate(loaders), "trainable": 0, "optimizer_bytes": 0}
+    timer = _StepTimer()
+    callbacks = [instantiate_class((), c) for c in method.get("callbacks", [])] + [timer]
+    trainer = L.Trainer(
+        max_steps=cfg["steps"], accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
+        callbacks=callbacks, default_root_dir=str(HERE / "runs"),
+    )
+    trainer.fit(module, dm)
+    after = module.evaluate(loaders)
+    return {
+        "after": after,
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "optimizer_bytes": timer.optimizer_bytes,
+        "step_time": statistics.median(timer.times[2:] or timer.times),
+        "peak_rss_increase_mb": _peak_rss_mb() - rss_loaded,
+    }
+
+
+class _StepTimer:
+    """Wall time per optimizer step and optimizer-state bytes (counted directly from the optimizer state)."""
+
+    def __new__(cls) -> Any:
+        import lightning as L
+
+        class Timer(L.Callback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+                self.optimizer_bytes = 0
+                self._start = 0.0
+
+            def on_train_batch_start(self, *args: Any) -> None:
+                self._start = time.perf_counter()
+
+            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+                self.times.append(time.perf_counter() - self._start)
+                total = 0
+                for opt in trainer.optimizers:
+                    for state in opt.state.values():
+                        total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
+                self.optimizer_bytes = max(self.optimizer_bytes, total)
+
+        return Timer()
+
+
+def _spawn(method: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    spec = json.dumps({"method": method, "seed": seed, "settings": settings})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(method=method, seed=seed, wall_s=time.perf_counter() - start)
+    print(f"  {method} seed {seed}: {json.dumps(result['after'])} ({result['wall_s']:.0f} s)", flush=True)
+    return result
+
+
+def _mean(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def summarise(results: list[dict[str, Any]], zero: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per method: means over seeds (± half the range), changes against zero-shot."""
+    rows = []
+    full_step = [r["step_time"] for r in results if r["method"] == "full_ft"]
+    for method in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == method]
+        acc = _mean([r["after"]["target_acc"] for r in runs])
+        nll = _mean([r["after"]["target_loss"] for r in runs])
+        ctrl = _mean([(r["after"]["control_ppl"] / zero["control_ppl"] - 1) * 100 for r in runs])
+        step = statistics.mean(r["step_time"] for r in runs)
+        rows.append({
+            "method": method, "label": METHODS[method]["label"], "seeds": [r["seed"] for r in runs],
+            "target_acc": acc, "target_nll": nll, "control_change_pct": ctrl,
+            "trainable": runs[0]["trainable"], "optimizer_mb": runs[0]["optimizer_bytes"] / 2**20,
+            "peak_rss_increase_mb": statistics.mean(r["peak_rss_increase_mb"] for r in runs),
+            "step_time_s": step, "step_time_rel": step / statistics.mean(full_step) if full_step else float("nan"),
+        })
+    return rows
+
+
+def write_report(name: str, rows: list[dict[str, Any]], zero: dict[str, float], settings: dict[str, Any], command: str) -> Path:
+    """Write ``results/<name>.md``, ``.json`` and the accuracy-vs-forgetting plot."""
+    out = HERE / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"# Method benchmark: {name}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Model: bundled SmolLM2-135M-Instruct (fp32, CPU). Task: Rotten Tomatoes as instruction data, held-out "
+        f"{settings['val_size']} reviews. Control: HumanEval prompt+solution perplexity ({settings['control_size']} texts, "
+        f"128 tokens). Budget: {settings['steps']} steps, batch {settings['batch_size']}, max length {settings['max_length']}, "
+        f"AdamW (wd 0), {settings['warmup_steps']} warmup steps then linear decay, clip 1.0. "
+        "Values are means over seeds, ± half the range.",
+        "",
+        f"Zero-shot: target accuracy {zero['target_acc']:.3f}, answer NLL {zero['target_loss']:.3f}, "
+        f"control perplexity {zero['control_ppl']:.3f}.",
+        "",
+        "| method | seeds | target acc | answer NLL | control ppl change | trainable params | optimizer state | "
+        "peak RSS increase | step time | rel. to full FT |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {','.join(map(str, r['seeds']))} | {r['target_acc'][0]:.3f} ± {r['target_acc'][1]:.3f} | "
+            f"{r['target_nll'][0]:.3f} | {r['control_change_pct'][0]:+.2f}% ± {r['control_change_pct'][1]:.2f} | "
+            f"{r['trainable']:,} | {r['optimizer_mb']:.1f} MB | {r['peak_rss_increase_mb']:.0f} MB | "
+            f"{r['step_time_s']:.2f} s | {r['step_time_rel']:.2f} |"
+        )
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n\n![accuracy vs forgetting](" + f"{name}.png)\n")
+    (out / f"{name}.json").write_text(json.dumps({"zero_shot": zero, "rows": rows, "settings": settings}, indent=2))
+    _plot(out / f"{name}.png", rows, zero)
+    return out / f"{name}.md"
+
+
+def _plot(path: Path, rows: list[dict[str, Any]], zero: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([0.0], [zero["target_acc"]], marker="x", color="gray")
+    ax.annotate("zero-shot", (0.0, zero["target_acc"]))
+    for r in rows:
+        ax.errorbar(r["control_change_pct"][0], r["target_acc"][0], xerr=r["control_change_pct"][1],
+                    yerr=r["target_acc"][1], fmt="o", capsize=3)
+        ax.annotate(r["label"], (r["control_change_pct"][0], r["target_acc"][0]))
+    ax.set_xlabel("control (HumanEval) perplexity change vs zero-shot, % (forgetting →)")
+    ax.set_ylabel("held-out target accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="methods", help="results file name under benchmarks/results/")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help=f"few minutes: {QUICK}, one seed")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_one(json.loads(args.worker))))
+        return
+    settings = {**DEFAULTS, **(QUICK if args.quick else {})}
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    methods = ["full_ft"] + [m for m in args.methods if m != "full_ft"]  # full FT is the time baseline
+    command = "python benchmarks/methods.py " + " ".join(sys.argv[1:])
+    print(f"zero-shot ({settings})", flush=True)
+    zero = _spawn("zero_shot", 0, settings)["after"]
+    results = [_spawn(m, s, settings) for m in methods for s in seeds]
+    path = write_report(args.name, summarise(results, zero), zero, settings, command)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

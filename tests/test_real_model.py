@@ -1,0 +1,111 @@
+"""Behaviour on the bundled real models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) and real review data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_ft.data import ClassificationDataModule, InstructionDataModule
+from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
+
+pytestmark = pytest.mark.slow
+
+
+def _trainer(tmp_path: Path, steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
+        default_root_dir=str(tmp_path),
+    )
+
+
+def _reviews(**kwargs: Any) -> InstructionDataModule:
+    opts: dict[str, Any] = dict(label_options=["positive", "negative"], val_size=200, test_size=0, control_size=16,
+                                batch_size=8, eval_batch_size=25, max_length=96)
+    opts.update(kwargs)
+    return InstructionDataModule(**opts)
+
+
+def _eval(module: Any, dm: Any) -> dict[str, float]:
+    return module.evaluate(list(dm.val_dataloader()))
+
+
+def test_quickstart_raises_heldout_accuracy_and_exports_identical_model(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The README's quickstart config, end to end through the CLI (only the run folder is redirected)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lightning_ft.cli import main
+
+    main(["fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), "--run_name", "qs",
+          "--wandb", "disabled"])
+    run = tmp_path / "qs"
+    report = json.loads((run / "report.json").read_text())
+    before, after = report["before"], report["after"]
+    # 200 held-out reviews never trained on: the answer becomes far likelier and accuracy rises above zero-shot
+    assert after["target_loss"] < 0.25 * before["target_loss"], report
+    assert after["target_acc"] >= before["target_acc"] + 0.03, report
+    assert 0.5 * before["control_ppl"] < after["control_ppl"] < 2.0 * before["control_ppl"], report
+
+    exported = AutoModelForCausalLM.from_pretrained(run / "hf_model").eval()
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    trained = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    trained.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]) + 1000
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+
+def test_lora_on_smollm2_trains_and_reloads_with_peft(smollm2_dir: Path, tmp_path: Path) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    module = CausalLMModule(
+        model="smollm2-135m", peft={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+        learning_rate=1e-3, warmup_steps=0, output_dir=str(tmp_path / "adapter"),
+    )
+    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert n_trainable == 30 * 2 * 8 * (576 + 576) - 30 * 8 * (576 - 192)  # q: 576->576, v: 576->192
+    dm = _reviews(val_size=50, control_size=8)
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    before = _eval(module, dm)["target_loss"]
+    _trainer(tmp_path, 8).fit(module, dm)
+    assert _eval(module, dm)["target_loss"] < before
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    ids = module.tokenizer("Review: a gripping, lovely film\nSentiment:", return_tensors="pt")["input_ids"]
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, module(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_qlora_on_smollm2_trains_on_cpu(smollm2_dir: Path, tmp_path: Path) -> None:
+    module = CausalLMModule(
+        model="smollm2-135m", quantization="nf4", peft={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+        learning_rate=1e-3, warmup_steps=0, output_dir="",
+    )
+    assert sum(type(m).__name__ == "Linear4bit" for m in module.modules()) == 30 * 7
+    adapters = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    dm = _reviews(val_size=8, control=None, train_size=64)
+    _trainer(tmp_path, 3).fit(module, dm)
+    changed = [n for n, p in module.named_parameters() if n in adapters and not torch.equal(adapters[n], p)]
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_minilm_classification_learns_sentiment(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    module = SequenceClassificationModule(model="minilm-l6", learning_rate=1e-4, warmup_steps=5, output_dir=str(tmp_path / "clf"))
+    dm = ClassificationDataModule(val_size=300, test_size=0, control_size=32, batch_size=16)
+    trainer = _trainer(tmp_path, 60)
+    trainer.fit(module, dm)
+    after = module.evaluate(list(dm.val_dataloader()))
+    assert after["target_acc"] > 0.72, after  # majority class is 0.58; the frozen-feature probe reaches ~0.77
+    assert 0.0 < after["control_drift"] < 0.5
+    from transformers import AutoModelForSequenceClassification
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf").eval()
+    assert reloaded.config.num_labels == 2
