@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LightningFTCLI", "POSTHOC_COMMANDS", "main", "wandb_mode"]
+__all__ = ["POSTHOC_COMMANDS", "main", "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
 
 # Post-hoc weight commands, dispatched before LightningCLI (they run no Trainer).
 POSTHOC_COMMANDS = ("merge", "compress", "decompress")

@@ -1,6 +1,16 @@
 """Callbacks: one file per method family. Importing this module registers their short names for YAML."""
 
+from lightning_ft.callbacks.half import HalfFineTuning
+from lightning_ft.callbacks.layerwise import LayerFreezing, LayerwiseSampling
+from lightning_ft.callbacks.lines import LiNeS
 from lightning_ft.callbacks.predictions import JsonlPredictionWriter
 from lightning_ft.callbacks.report import ForgettingReport
 
-__all__ = ["ForgettingReport", "JsonlPredictionWriter"]
+__all__ = [
+    "ForgettingReport",
+    "HalfFineTuning",
+    "JsonlPredictionWriter",
+    "LayerFreezing",
+    "LayerwiseSampling",
+    "LiNeS",
+]

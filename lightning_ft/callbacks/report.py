@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
@@ -28,12 +29,19 @@ _ROWS = (
 )
 
 
+def _fingerprint(module: L.LightningModule) -> float:
+    """A cheap checksum of all parameters, to tell whether weights changed since the last validation."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum() for p in module.parameters()))
+
+
 class ForgettingReport(L.Callback):
     """Before/after table of target metrics and control perplexity.
 
     The "before" column is measured at the start of training with the module's ``evaluate`` over the
-    DataModule's validation loaders; the "after" column at the end of ``fit`` (reusing the last validation
-    run when it happened at the final step). The table is printed, logged (``report/before/*``,
+    DataModule's validation loaders; the "after" column at the end of ``fit``, after every callback's
+    ``on_train_end`` edit (reusing the last validation run only when it happened at the final step and no
+    weight changed since). The table is printed, logged (``report/before/*``,
     ``report/after/*``) and written as ``report.json`` and ``report.md`` into the run folder.
 
     Args:
@@ -47,6 +55,7 @@ class ForgettingReport(L.Callback):
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
         self._last_val: tuple[int, dict[str, float]] | None = None
+        self._last_val_weights: float | None = None
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -61,11 +70,18 @@ class ForgettingReport(L.Callback):
             k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
         }
         self._last_val = (trainer.global_step, values)
+        self._last_val_weights = _fingerprint(pl_module)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last_val is not None and self._last_val[0] == trainer.global_step and self._last_val[1]:
-            self.after = self._last_val[1]
+        reusable = (
+            self._last_val is not None
+            and self._last_val[0] == trainer.global_step
+            and self._last_val[1]
+            and self._last_val_weights == _fingerprint(pl_module)  # no callback edited weights since (e.g. LiNeS)
+        )
+        if reusable:
+            self.after = self._last_val[1]  # type: ignore[index]
         else:
             self.after = self._evaluate(trainer, pl_module)
         metrics = {f"report/before/{k}": v for k, v in self.before.items()}

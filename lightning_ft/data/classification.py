@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from lightning_ft.assets import load_dataset_records
 from lightning_ft.data.collate import pad_right
 from lightning_ft.data.instruction import resolve_tokenizer
-from lightning_ft.data.sampling import EpochShuffleSampler, ResumableDataLoader, batches_done_this_epoch, current_epoch
+from lightning_ft.data.sampling import train_loader
 
 __all__ = ["ClassificationDataModule"]
 
@@ -127,12 +127,9 @@ class ClassificationDataModule(L.LightningDataModule):
         return DataLoader(self._encoded[split], batch_size=size, collate_fn=_Collator(pad, name))
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(
-            self._encoded["train"],
-            batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(self._encoded["train"]), seed=self.hparams.split_seed, epoch=current_epoch(self.trainer)),
+        return train_loader(
+            self._encoded["train"], self.hparams.batch_size, self.hparams.split_seed, self.trainer,
             collate_fn=_Collator(self.tokenizer.pad_token_id or 0, "train"),
-            skip_batches=batches_done_this_epoch(self.trainer),
         )
 
     def control_dataloader(self) -> DataLoader | None:

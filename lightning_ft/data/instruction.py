@@ -9,7 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_ft.assets import load_dataset_records
-from lightning_ft.data.sampling import EpochShuffleSampler, ResumableDataLoader, batches_done_this_epoch, current_epoch
+from lightning_ft.data.sampling import train_loader
 from lightning_ft.data.collate import (
     ChoiceCollator,
     LMCollator,
@@ -264,13 +264,9 @@ class InstructionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        return ResumableDataLoader(
-            self._encoded["train"],
-            batch_size=h.batch_size,
-            sampler=EpochShuffleSampler(len(self._encoded["train"]), seed=h.split_seed, epoch=current_epoch(self.trainer)),
-            collate_fn=LMCollator(self.pad_token_id),
-            num_workers=h.num_workers,
-            skip_batches=batches_done_this_epoch(self.trainer),
+        return train_loader(
+            self._encoded["train"], h.batch_size, h.split_seed, self.trainer,
+            collate_fn=LMCollator(self.pad_token_id), num_workers=h.num_workers,
         )
 
     def val_dataloader(self) -> Sequence[DataLoader]:

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["EpochShuffleSampler", "ResumableDataLoader", "batches_done_this_epoch", "current_epoch"]
+__all__ = ["EpochShuffleSampler", "ResumableDataLoader", "resume_position", "train_loader"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -34,7 +34,7 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader that skips the first ``skip_batches`` batches of its first iteration (mid-epoch resume).
 
     It also exposes ``state_dict``/``load_state_dict`` so that Lightning treats it as resumable; the
-    position itself comes from the Trainer's restored progress (see :func:`batches_done_this_epoch`).
+    position itself comes from the Trainer's restored progress (see :func:`resume_position`).
     """
 
     def __init__(self, dataset: Dataset, *args: Any, skip_batches: int = 0, **kwargs: Any) -> None:
@@ -55,19 +55,29 @@ class ResumableDataLoader(DataLoader):
         return None
 
 
-def current_epoch(trainer: L.Trainer | None) -> int:
-    """The Trainer's epoch (restored on resume), or 0 without a Trainer."""
-    return int(trainer.current_epoch) if trainer is not None else 0
+def resume_position(trainer: L.Trainer | None, batches_per_epoch: int) -> tuple[int, int]:
+    """``(epoch, batches to skip)`` for the next training iteration, from the Trainer's restored progress.
 
-
-def batches_done_this_epoch(trainer: L.Trainer | None) -> int:
-    """Training batches already consumed in the current epoch when the Trainer resumes mid-epoch, else 0."""
+    A fresh run starts at ``(current_epoch, 0)``. A run resumed mid-epoch skips the batches the epoch
+    already processed; one resumed from a checkpoint written on the epoch's last batch starts the next epoch.
+    """
     if trainer is None:
-        return 0
+        return 0, 0
+    epoch = int(trainer.current_epoch)
     try:
         loop = trainer.fit_loop
-        if not loop.restarting:
-            return 0
-        return int(loop.epoch_loop.batch_progress.current.processed)
+        done = int(loop.epoch_loop.batch_progress.current.processed) if loop.restarting else 0
     except (AttributeError, RuntimeError):
-        return 0
+        done = 0
+    if batches_per_epoch > 0 and done >= batches_per_epoch:
+        return epoch + 1, 0
+    return epoch, done
+
+
+def train_loader(data: Any, batch_size: int, seed: int, trainer: L.Trainer | None, **kwargs: Any) -> ResumableDataLoader:
+    """A seeded, resumable training DataLoader over ``data`` (see :func:`resume_position`)."""
+    batches = -(-len(data) // batch_size)
+    epoch, skip = resume_position(trainer, batches)
+    return ResumableDataLoader(
+        data, batch_size=batch_size, sampler=EpochShuffleSampler(len(data), seed=seed, epoch=epoch), skip_batches=skip, **kwargs
+    )

@@ -94,7 +94,7 @@ def test_local_file_and_chat_template(tiny_tokenizer_dir: Path, sentiment_jsonl:
     ex = dm._encoded["train"][0]
     text = dm.tokenizer.decode(ex["input_ids"])
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_end|>")
-    labelled = [t for t, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
+    labelled = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]
     assert dm.tokenizer.decode(labelled).strip() in ("positive<|im_end|>", "negative<|im_end|>")
 
 

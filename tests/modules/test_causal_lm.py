@@ -167,7 +167,8 @@ class _CrashAt(L.Callback):
             raise _Crash(f"simulated crash at step {self.step}")
 
 
-def test_resumed_run_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("crash", [13, 11], ids=["mid-epoch", "epoch-end"])
+def test_resumed_run_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path, crash: int) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(root: Path, ckpt: str | None = None, crash: int | None = None) -> CausalLMModule:
@@ -182,7 +183,7 @@ def test_resumed_run_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path) 
 
     full = run(tmp_path / "a")
     with pytest.raises(_Crash):
-        run(tmp_path / "b", crash=13)
+        run(tmp_path / "b", crash=crash)  # last.ckpt is written one step before the crash (checkpointing runs last)
     resumed = run(tmp_path / "c", ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)

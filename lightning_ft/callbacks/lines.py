@@ -1,0 +1,275 @@
+r"""
+LiNeS: post-training layer scaling
+^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+
+At the end of training the update ``tau = theta_ft - theta_0`` of block ``i`` (of ``L``) is scaled by
+``alpha + beta * i / (L - 1)`` and everything outside the blocks by ``alpha`` (Wang et al., ICLR 2025,
+https://arxiv.org/abs/2410.17146). Shallow layers move back towards the pretrained weights, deep layers
+keep their update: forgetting drops at little cost on the target task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer
+from lightning_ft.core.snapshot import PretrainedSnapshot
+from lightning_ft.merging.ops import NonBlockScale, lines_factor, lines_scale
+
+__all__ = ["LiNeS"]
+
+ALPHA_GRID = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))  # official: np.arange(0, 1.1, 0.1)[::-1]
+_SKIPPED_ADAPTERS = frozenset({"lora_A", "lora_embedding_A"})  # the low-rank update is scaled through B
+_QUANTIZED = frozenset({"Params4bit", "Int8Params"})
+
+
+class LiNeS(L.Callback):
+    """Scale the fine-tuning update linearly with depth at the end of training.
+
+    The edit happens in ``on_train_end`` on every rank, before ``ModelCheckpoint``'s end-of-training save
+    and before the module's ``on_fit_end`` (which writes the HF folder), so the checkpoint ``last.ckpt``
+    (re-saved after the edit), the HF output folder and any following ``validate`` see the edited
+    weights. theta_0 is the shared :class:`~lightning_ft.core.snapshot.PretrainedSnapshot`, captured in
+    ``setup`` (before a checkpoint is restored), so resumed runs and other callbacks use the same one.
+    For LoRA the factor multiplies each layer's low-rank update (``lora_B``; ``lora_A`` is left alone).
+    Tied weights are scaled once.
+
+    With ``alpha="auto"`` every alpha of ``alphas`` is tried (``beta = 1 - alpha`` unless ``beta`` is
+    given) and scored on the validation loaders with the module's ``evaluate``:
+    ``target_weight * target / target_ft + control_ppl_0 / control_ppl`` (target = ``target_acc``, else
+    ``1 / target_loss``; ``_ft`` is the fine-tuned model, ``_0`` the pretrained one). The best alpha is
+    applied; the sweep is logged (``lines/*`` metrics, a W&B table and plot) and written as
+    ``lines_sweep.{json,md,png}`` into ``default_root_dir``.
+
+    Args:
+        alpha: Factor of the first block and of the parameters outside the blocks, or ``"auto"``.
+        beta: Depth slope; default ``1 - alpha`` (the last block keeps its full update).
+        alphas: The grid for ``alpha="auto"`` (default 1.0, 0.9, ..., 0.0 as in the official code).
+        target_weight: Weight of the normalised target metric in the selection rule (official: 2).
+        non_block_scale: Factor outside the blocks: ``"alpha"`` (official), ``"one"`` or ``"last"``.
+        module: Dotted attribute path to the transformers model inside the LightningModule.
+        resave_checkpoint: Re-save each ``ModelCheckpoint``'s ``last_model_path`` after the edit.
+    """
+
+    def __init__(
+        self,
+        alpha: float | Literal["auto"] = "auto",
+        beta: float | None = None,
+        alphas: list[float] | None = None,
+        target_weight: float = 2.0,
+        non_block_scale: NonBlockScale = "alpha",
+        module: str | None = None,
+        resave_checkpoint: bool = True,
+    ) -> None:
+        if alpha != "auto" and not isinstance(alpha, (int, float)):
+            raise ValueError(f"LiNeS alpha={alpha!r} must be a number or 'auto'.")
+        if non_block_scale not in ("alpha", "one", "last"):
+            raise ValueError(f"LiNeS non_block_scale={non_block_scale!r} must be 'alpha', 'one' or 'last'.")
+        self.alpha, self.beta = alpha, beta
+        self.alphas = list(alphas) if alphas is not None else list(ALPHA_GRID)
+        self.target_weight, self.non_block_scale = target_weight, non_block_scale
+        self.module, self.resave_checkpoint = module, resave_checkpoint
+        self.chosen_alpha: float | None = None
+        self.applied_step: int | None = None
+        self.sweep: list[dict[str, float]] = []
+        self._snapshot: PretrainedSnapshot | None = None
+        self._model: torch.nn.Module | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return f"LiNeS[alpha={self.alpha}, beta={self.beta}]"
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._model = find_transformer(pl_module, self.module)
+        self._snapshot = PretrainedSnapshot.of(self._model)
+        dora = next((i.name for i in self._snapshot.layer_map if i.adapter == "lora_magnitude_vector"), None)
+        if dora is not None:
+            raise ValueError(f"LiNeS cannot scale DoRA adapters ({dora}) linearly: use plain LoRA or full fine-tuning.")
+        if self._snapshot.layer_map.num_blocks == 0:
+            raise ValueError(
+                "LiNeS found no transformer blocks (layers.<i>, h.<i>, ...) in the model: pass `module=` the path "
+                "to a transformers model."
+            )
+        if self.alpha == "auto" and not callable(getattr(pl_module, "evaluate", None)):
+            raise ValueError(
+                f"LiNeS(alpha='auto') scores alphas with `evaluate(loaders)`, which {type(pl_module).__name__} "
+                "lacks: give a fixed alpha (e.g. alpha=0.2) or use CausalLMModule."
+            )
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.applied_step == trainer.global_step:
+            return  # restored from a checkpoint written after the edit: the weights are already edited
+        assert self._model is not None and self._snapshot is not None
+        infos = self._edited(self._model, self._snapshot)
+        if self.alpha == "auto":
+            alpha = self._sweep(trainer, pl_module, infos)
+        else:
+            alpha = float(self.alpha)
+        alpha = float(trainer.strategy.broadcast(alpha, src=0))
+        self.apply(alpha, infos)
+        self.chosen_alpha, self.applied_step = alpha, trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics({"lines/alpha": alpha, "lines/beta": self._beta(alpha)}, step=trainer.global_step)
+        if self.resave_checkpoint:
+            for callback in trainer.checkpoint_callbacks:
+                path = getattr(callback, "last_model_path", "")
+                if path:
+                    trainer.save_checkpoint(path)
+
+    # ------------------------------------------------------------------ the edit
+    def _beta(self, alpha: float) -> float:
+        return float(self.beta) if self.beta is not None else 1.0 - alpha
+
+    def factors(self, alpha: float, layer_map: LayerMap | None = None) -> dict[str, float]:
+        """Factor of every parameter (canonical name) for ``alpha`` and the configured beta."""
+        layer_map = layer_map or (self._snapshot.layer_map if self._snapshot is not None else None)
+        if layer_map is None:
+            raise RuntimeError("LiNeS has no model yet: it is set up when fit starts.")
+        beta, n = self._beta(alpha), layer_map.num_blocks
+        return {i.name: lines_factor(i.block, n, alpha, beta, self.non_block_scale) for i in layer_map}
+
+    def _edited(self, model: torch.nn.Module, snapshot: PretrainedSnapshot) -> list[ParamInfo]:
+        """Parameters whose value moved away from theta_0 (adapter A factors and quantized weights excluded)."""
+        chosen = []
+        for info in snapshot.layer_map:
+            param = model.get_parameter(info.name)
+            if info.adapter in _SKIPPED_ADAPTERS or type(param).__name__ in _QUANTIZED:
+                continue
+            if not param.is_floating_point():
+                continue
+            if not torch.equal(param.detach(), snapshot.get(info.name, device=param.device, dtype=param.dtype)):
+                chosen.append(info)
+        return chosen
+
+    @torch.no_grad()
+    def apply(
+        self, alpha: float, infos: list[ParamInfo] | None = None, finetuned: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write ``theta_0 + lambda * (theta - theta_0)`` into the model, in place.
+
+        Args:
+            alpha: The alpha to apply (beta from the configuration).
+            infos: Parameters to edit; by default those that moved.
+            finetuned: Fine-tuned values to start from (used by the sweep), else the live parameters.
+        """
+        assert self._model is not None and self._snapshot is not None
+        infos = self._edited(self._model, self._snapshot) if infos is None else infos
+        factors = self.factors(alpha)
+        for info in infos:
+            param = self._model.get_parameter(info.name)
+            theta = finetuned[info.name].to(param.device) if finetuned is not None else param.detach()
+            theta0 = self._snapshot.get(info.name, device=param.device, dtype=torch.float32)
+            param.copy_(lines_scale(theta0, theta, factors[info.name]))
+
+    # ------------------------------------------------------------------ alpha="auto"
+    def _sweep(self, trainer: L.Trainer, pl_module: L.LightningModule, infos: list[ParamInfo]) -> float:
+        assert self._model is not None
+        loaders = _val_loaders(trainer)
+        finetuned = {i.name: self._model.get_parameter(i.name).detach().to("cpu", copy=True) for i in infos}
+        evaluate = pl_module.evaluate  # type: ignore[operator]
+        try:
+            ft = evaluate(loaders)
+            self._snapshot_restore(infos)  # theta_0: the zero-shot control reference
+            zero = evaluate(loaders)
+            rows = []
+            for alpha in self.alphas:
+                self.apply(alpha, infos, finetuned)
+                rows.append(self._row(alpha, evaluate(loaders), ft, zero))
+        finally:
+            with torch.no_grad():
+                for info in infos:
+                    self._model.get_parameter(info.name).copy_(finetuned[info.name])
+        self.sweep = rows
+        best = max(rows, key=lambda r: r["score"])
+        self._emit(trainer, rows, float(best["alpha"]))
+        return float(best["alpha"])
+
+    def _snapshot_restore(self, infos: list[ParamInfo]) -> None:
+        assert self._model is not None and self._snapshot is not None
+        self._snapshot.restore(self._model, [i.name for i in infos])
+
+    def _row(self, alpha: float, m: dict[str, float], ft: dict[str, float], zero: dict[str, float]) -> dict[str, float]:
+        if "target_acc" in m:
+            target = m["target_acc"] / max(ft["target_acc"], 1e-12)
+        else:
+            target = ft["target_loss"] / max(m["target_loss"], 1e-12)
+        control = zero["control_ppl"] / m["control_ppl"] if "control_ppl" in m else 0.0
+        row = {"alpha": alpha, "beta": self._beta(alpha), **m, "target_norm": target, "control_norm": control}
+        row["score"] = self.target_weight * target + control
+        return row
+
+    @rank_zero_only
+    def _emit(self, trainer: L.Trainer, rows: list[dict[str, float]], best: float) -> None:
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        columns = list(rows[0])
+        (root / "lines_sweep.json").write_text(json.dumps({"chosen_alpha": best, "rows": rows}, indent=2))
+        table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        table += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
+        (root / "lines_sweep.md").write_text(f"LiNeS sweep (chosen alpha = {best})\n\n" + "\n".join(table) + "\n")
+        figure = _plot(rows, best, root / "lines_sweep.png")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table"):
+                logger.log_table(key="lines/sweep", columns=columns, data=[[r[c] for c in columns] for r in rows])
+            if figure is not None and hasattr(logger, "log_image"):
+                logger.log_image(key="lines/sweep_plot", images=[str(figure)])
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen_alpha": self.chosen_alpha, "applied_step": self.applied_step, "sweep": list(self.sweep)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.chosen_alpha = state_dict.get("chosen_alpha")
+        self.applied_step = state_dict.get("applied_step")
+        self.sweep = list(state_dict.get("sweep", []))
+
+
+def _val_loaders(trainer: L.Trainer) -> list[Any]:
+    datamodule = trainer.datamodule
+    found = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+    if found is None:
+        raise ValueError(
+            "LiNeS(alpha='auto') needs validation data: give the Trainer a val_dataloader or a fixed alpha."
+        )
+    return list(found) if isinstance(found, (list, tuple)) else [found]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+def _plot(rows: list[dict[str, float]], best: float, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    alphas = [r["alpha"] for r in rows]
+    for key in ("target_norm", "control_norm", "score"):
+        ax.plot(alphas, [r[key] for r in rows], marker="o", label=key)
+    ax.axvline(best, color="grey", linestyle="--", label=f"chosen alpha={best}")
+    ax.set_xlabel("alpha (beta = 1 - alpha)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

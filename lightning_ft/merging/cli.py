@@ -1,0 +1,184 @@
+"""``lightning-ft merge | compress | decompress``: post-hoc weight commands.
+
+    lightning-ft merge --config configs/merge_recipe.yaml
+    lightning-ft merge --base smollm2-135m --models runs/a/hf_model runs/b/hf_model --method ties \\
+        --param density=0.2 --lines-beta 0.5 --output merged/
+    lightning-ft compress --base smollm2-135m --model runs/a/hf_model --density 0.1 --output a.compeft.safetensors
+    lightning-ft decompress --base smollm2-135m --artifact a.compeft.safetensors --output a_restored/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_ft.merging.compeft import compress
+from lightning_ft.merging.engine import MergePlan, ScoreFn, merge, save_hf_folder
+from lightning_ft.merging.registry import MERGE_METHODS
+
+__all__ = ["build_score", "main"]
+
+
+def _methods_epilog() -> str:
+    rows = [
+        f"  {m.name:<16} {m.pretty_name} ({m.reference_url}); parameters {m.defaults}" for m in MERGE_METHODS.values()
+    ]
+    return "merge methods:\n" + "\n".join(rows)
+
+
+def _merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lightning-ft merge",
+        description="Merge a base model and N fine-tuned results (HF folders, Lightning .ckpt, LoRA adapter folders, "
+        "ComPEFT artifacts) into one HF-loadable folder with a short report (merge_report.md). Command-line "
+        "options override the recipe.",
+        epilog=_methods_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="merge recipe YAML: base, models, method, parameters, lines, eval, metric, output")
+    p.add_argument("--base", help="the pretrained model: HF folder or bundled alias (smollm2-135m)")
+    p.add_argument("--models", nargs="+", help="the fine-tuned results to merge")
+    p.add_argument("--method", choices=sorted(MERGE_METHODS), help="merge method")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter")
+    p.add_argument("--lines-beta", help="apply LiNeS for merging with this beta, or 'sweep' (needs eval data)")
+    p.add_argument("--non-block-scale", choices=["alpha", "one", "last"], help="LiNeS factor outside the blocks")
+    p.add_argument("--metric", help="eval metric to maximise (default target_acc; *_loss/*_ppl are minimised)")
+    p.add_argument("--output", help="output folder")
+    return p
+
+
+def _compress_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lightning-ft compress",
+        description="ComPEFT: keep the top-k magnitudes of a task vector, LoRA adapter (A and B) or ComPEFT-able "
+        "update, ternarise them with one scale per tensor (alpha * std of the update), and store signs and "
+        "positions packed in one .safetensors file. Prints the compression ratio.",
+    )
+    p.add_argument("--base", required=True, help="the pretrained model: HF folder or bundled alias")
+    p.add_argument("--model", required=True, help="fine-tuned HF folder, Lightning .ckpt or LoRA adapter folder")
+    p.add_argument("--output", required=True, help="artifact path (.safetensors)")
+    p.add_argument("--density", type=float, default=0.1, help="fraction of entries kept (default 0.1)")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale multiplier of std(tau) (default 1.0)")
+    p.add_argument("--scope", choices=["global", "tensor"], default="global", help="top-k and std over the whole "
+                   "update (official, default) or per tensor")  # fmt: skip
+    return p
+
+
+def _decompress_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lightning-ft decompress",
+        description="Apply a ComPEFT artifact back to its base and save an HF-loadable folder.",
+    )
+    p.add_argument("--base", required=True, help="the pretrained model: HF folder or bundled alias")
+    p.add_argument("--artifact", required=True, help="the .safetensors artifact written by `compress`")
+    p.add_argument("--output", required=True, help="output folder")
+    return p
+
+
+def _value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _recipe(args: argparse.Namespace) -> dict[str, Any]:
+    recipe: dict[str, Any] = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    recipe = dict(recipe or {})
+    for key in ("base", "models", "method", "metric", "output"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    params = dict(recipe.get("parameters") or {})
+    for item in args.param:
+        if "=" not in item:
+            raise SystemExit(f"--param {item!r} must be KEY=VALUE, e.g. --param density=0.2.")
+        key, text = item.split("=", 1)
+        params[key] = _value(text)
+    recipe["parameters"] = params
+    lines = dict(recipe.get("lines") or {}) if recipe.get("lines") not in (None, False) else None
+    if args.lines_beta is not None:
+        lines = {**(lines or {}), "beta": _value(args.lines_beta)}
+    if args.non_block_scale is not None:
+        lines = {**(lines or {}), "non_block_scale": args.non_block_scale}
+    recipe["lines"] = lines
+    for key in ("base", "models", "method", "output"):
+        if not recipe.get(key):
+            raise SystemExit(f"lightning-ft merge needs `{key}` (in the recipe or as --{key}).")
+    models = recipe["models"]
+    recipe["models"] = [m["path"] if isinstance(m, dict) else m for m in models]
+    return recipe
+
+
+def build_score(base: str, eval_configs: list[dict[str, Any]], metric: str = "target_acc") -> ScoreFn:
+    """A validation score of a candidate state dict: the mean over eval tasks of ``metric``.
+
+    Each entry of ``eval_configs`` holds ``InstructionDataModule`` arguments. Metrics ending in ``_loss``
+    or ``_ppl`` are negated so that higher is better.
+    """
+    from lightning_ft.data import InstructionDataModule
+    from lightning_ft.modules import CausalLMModule
+
+    module = CausalLMModule(model=base, output_dir="")
+    loaders = []
+    for config in eval_configs:
+        dm = InstructionDataModule(**config)
+        dm.tokenizer = module.tokenizer
+        dm.setup("validate")
+        found = dm.val_dataloader()
+        loaders.append(list(found) if isinstance(found, (list, tuple)) else [found])
+    sign = -1.0 if metric.endswith(("_loss", "_ppl")) else 1.0
+
+    def score(state: dict[str, Any]) -> float:
+        result = module.backbone.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"The merged state has tensor {result.unexpected_keys[0]!r} that the model lacks.")
+        values = []
+        for task in loaders:
+            metrics = module.evaluate(task)
+            if metric not in metrics:
+                raise ValueError(f"metric={metric!r} is not among the eval metrics {sorted(metrics)}.")
+            values.append(sign * metrics[metric])
+        return sum(values) / len(values)
+
+    return score
+
+
+def run_merge(argv: list[str]) -> dict[str, Any]:
+    """Parse ``merge`` arguments, run the merge, save the folder; returns the report."""
+    recipe = _recipe(_merge_parser().parse_args(argv))
+    lines = recipe["lines"]
+    plan = MergePlan.build(
+        str(recipe["base"]), recipe["models"], recipe["method"], recipe["parameters"],
+        lines=lines is not None, non_block_scale=(lines or {}).get("non_block_scale", "alpha"),
+    )  # fmt: skip
+    needs_eval = plan.method.needs_eval or (lines or {}).get("beta") == "sweep"
+    score = None
+    if needs_eval and recipe.get("eval"):
+        score = build_score(str(recipe["base"]), list(recipe["eval"]), recipe.get("metric") or "target_acc")
+    result = merge(plan, (lines or {}).get("beta"), score)
+    out = save_hf_folder(result.state, str(recipe["base"]), recipe["output"], result.report)
+    print((out / "merge_report.md").read_text())
+    return result.report
+
+
+def main(argv: list[str]) -> None:
+    """Dispatch ``merge``, ``compress`` or ``decompress`` (``argv[0]`` is the subcommand)."""
+    if not argv or argv[0] not in ("merge", "compress", "decompress"):
+        raise SystemExit("usage: lightning-ft {merge,compress,decompress} [--help]")
+    command, rest = argv[0], argv[1:]
+    if command == "merge":
+        run_merge(rest)
+    elif command == "compress":
+        args = _compress_parser().parse_args(rest)
+        report = compress(args.base, args.model, args.output, args.density, args.alpha, args.scope)
+        print(report.markdown())
+    else:
+        args = _decompress_parser().parse_args(rest)
+        plan = MergePlan.build(args.base, [args.artifact], "task_arithmetic", {"scaling": 1.0})
+        result = merge(plan)
+        save_hf_folder(result.state, args.base, args.output, result.report)
+        print(json.dumps({"output": args.output, "ingredients": result.report["ingredients"]}))

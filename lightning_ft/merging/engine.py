@@ -1,0 +1,278 @@
+"""The streaming merge engine: base + N ingredients -> one HF-loadable folder.
+
+Tensors are processed one at a time in the base's order: the base tensor and one task-vector tensor per
+ingredient are read, merged by the registered method (optionally scaled by LiNeS for merging) and the
+result kept in the output state dict. Peak memory is about base tensor + output + one tensor per
+ingredient. Dtypes follow the base. Incompatible ingredients are refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lightning_ft.core.layer_map import classify
+from lightning_ft.merging.ops import NonBlockScale, lines_alpha_from_norms, lines_factor
+from lightning_ft.merging.registry import MergeMethod, get_method
+from lightning_ft.merging.sources import SafetensorsReader, TensorSource, open_source, resolve_path
+
+ScoreFn = Callable[[dict[str, torch.Tensor]], float]
+
+__all__ = ["MergePlan", "MergeResult", "check_compatible", "merge", "save_hf_folder"]
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_compatible(base: SafetensorsReader, sources: Sequence[TensorSource]) -> None:
+    """Refuse, naming the first mismatching tensor, any ingredient that does not fit the base."""
+    base_keys = base.keys()
+    known = set(base_keys)
+    for source in sources:
+        keys = source.keys()
+        have = set(keys)
+        if source.full:
+            missing = next((k for k in base_keys if k not in have), None)
+            if missing is not None:
+                raise ValueError(
+                    f"{source.name} has no tensor {missing!r} that the base has: merge only fine-tunes of the same "
+                    "architecture."
+                )
+        extra = next((k for k in keys if k not in known), None)
+        if extra is not None:
+            raise ValueError(
+                f"{source.name} has tensor {extra!r} that the base lacks: merge only fine-tunes of the same architecture."
+            )
+        for key in (k for k in base_keys if k in have):
+            if tuple(source.shape(key)) != base.shape(key):
+                raise ValueError(
+                    f"{source.name} does not match the base at tensor {key!r}: shape {tuple(source.shape(key))} vs "
+                    f"{base.shape(key)}; merge only fine-tunes of the same base model."
+                )
+
+
+@dataclass
+class MergePlan:
+    """What to merge and how.
+
+    Attributes:
+        base: The pretrained model.
+        sources: The ingredients.
+        method: The registered merge method.
+        params: The method's resolved parameters.
+        lines: Apply LiNeS for merging to the merged task vector.
+        non_block_scale: LiNeS factor rule outside the blocks.
+        lines_alpha: ``alpha`` from the norm ratio (set by :meth:`compute_lines_alpha`).
+    """
+
+    base: SafetensorsReader
+    sources: list[TensorSource]
+    method: MergeMethod
+    params: dict[str, Any]
+    lines: bool = False
+    non_block_scale: NonBlockScale = "alpha"
+    lines_alpha: float | None = None
+    _blocks: dict[str, int | None] = field(default_factory=dict)
+    _keysets: dict[int, set[str]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        base: str,
+        models: Sequence[str],
+        method: str,
+        params: dict[str, Any] | None = None,
+        lines: bool = False,
+        non_block_scale: NonBlockScale = "alpha",
+    ) -> MergePlan:
+        """Open the base and ingredients, resolve the method and check compatibility."""
+        if not models:
+            raise ValueError("Give at least one fine-tuned model to merge.")
+        reader = SafetensorsReader(resolve_path(base))
+        sources = [open_source(m, reader.keys()) for m in models]
+        check_compatible(reader, sources)
+        chosen = get_method(method)
+        resolved = chosen.resolve(params)
+        if lines and chosen.scaling_param in resolved:
+            resolved[chosen.scaling_param] = 1.0  # LiNeS's alpha/beta take over the global scale
+        plan = cls(reader, sources, chosen, resolved, lines, non_block_scale)
+        plan._blocks = {k: classify(k)[0] for k in reader.keys()}
+        return plan
+
+    @property
+    def num_blocks(self) -> int:
+        """Residual blocks of the base (from its tensor names)."""
+        blocks = [b for b in self._blocks.values() if b is not None]
+        return max(blocks) + 1 if blocks else 0
+
+    def deltas(self, key: str, base: torch.Tensor, sources: Sequence[TensorSource]) -> list[torch.Tensor] | None:
+        """One fp32 task vector per ingredient (zeros where an adapter leaves the tensor alone)."""
+        if not base.is_floating_point():
+            return None
+        found = [s.delta(key, base) if key in self._keyset(s) else None for s in sources]
+        if all(d is None for d in found):
+            return None
+        return [d if d is not None else torch.zeros(base.shape, dtype=torch.float32) for d in found]
+
+    def _keyset(self, source: TensorSource) -> set[str]:
+        if id(source) not in self._keysets:
+            self._keysets[id(source)] = set(source.keys())
+        return self._keysets[id(source)]
+
+    def compute_lines_alpha(self) -> float:
+        """LiNeS-for-merging ``alpha = (||sum tau_t||_1 / ||tau_MTL||_1) / T``, streamed over tensors."""
+        summed = merged = 0.0
+        for key in self.base.keys():
+            base = self.base.get(key)
+            deltas = self.deltas(key, base, self.sources)
+            if deltas is None:
+                continue
+            summed += float(torch.stack(deltas).sum(0).abs().sum(dtype=torch.float64))
+            merged += float(self.method(deltas, **self.params).abs().sum(dtype=torch.float64))
+        self.lines_alpha = lines_alpha_from_norms(summed, merged, len(self.sources))
+        return self.lines_alpha
+
+    def state_dict(self, beta: float | None = None, sources: Sequence[TensorSource] | None = None) -> dict[str, Any]:
+        """Stream the merge into an output state dict (base dtypes).
+
+        Args:
+            beta: LiNeS ``beta`` (required when ``lines``).
+            sources: A subset of the ingredients (greedy soup candidates); all by default.
+        """
+        chosen = list(self.sources if sources is None else sources)
+        if self.lines and (beta is None or self.lines_alpha is None):
+            raise ValueError("LiNeS for merging needs beta and the norm-ratio alpha; call compute_lines_alpha first.")
+        out: dict[str, torch.Tensor] = {}
+        for key in self.base.keys():
+            base = self.base.get(key)
+            deltas = self.deltas(key, base, chosen)
+            if deltas is None:
+                out[key] = base
+                continue
+            merged = self.method(deltas, **self.params)
+            if self.lines:
+                assert beta is not None and self.lines_alpha is not None
+                merged = merged * lines_factor(
+                    self._blocks[key], self.num_blocks, self.lines_alpha, beta, self.non_block_scale
+                )
+            out[key] = (base.float() + merged).to(base.dtype)
+        return out
+
+
+@dataclass
+class MergeResult:
+    """The merged state dict and what happened (for the report)."""
+
+    state: dict[str, torch.Tensor]
+    report: dict[str, Any]
+
+
+def _argmax(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    return max(rows, key=lambda r: r[key])
+
+
+def merge(
+    plan: MergePlan,
+    beta: float | str | None = None,
+    score: ScoreFn | None = None,
+) -> MergeResult:
+    """Run a merge plan, with greedy ingredient selection and/or a LiNeS ``beta`` sweep when asked.
+
+    Args:
+        plan: The plan.
+        beta: LiNeS ``beta``: a number, ``"sweep"`` (the method's grid, scored by ``score``), or ``None``
+            (only allowed without LiNeS).
+        score: Validation score of a candidate state dict (higher is better); required by greedy soup
+            and by ``beta="sweep"``.
+
+    Returns:
+        The merged state dict and a report dict.
+    """
+    start = time.perf_counter()
+    report: dict[str, Any] = {
+        "method": plan.method.name, "pretty_name": plan.method.pretty_name, "reference": plan.method.reference_url,
+        "params": plan.params, "ingredients": [{"path": s.name, "kind": s.kind} for s in plan.sources],
+    }  # fmt: skip
+    needs_score = plan.method.needs_eval or beta == "sweep"
+    if needs_score and score is None:
+        raise ValueError(
+            f"{'Greedy soup' if plan.method.needs_eval else 'beta: sweep'} scores candidates on validation data: "
+            "give eval data (recipe `eval:`) or a fixed LiNeS beta."
+        )
+    if plan.lines and beta is None:
+        raise ValueError("LiNeS for merging needs beta: a number or 'sweep'.")
+    sources = plan.sources
+    if plan.lines:
+        report["lines"] = {"alpha": plan.compute_lines_alpha(), "non_block_scale": plan.non_block_scale}
+    first_beta = plan.method.beta_grid[-1] if beta == "sweep" else beta
+    if plan.method.needs_eval:
+        assert score is not None
+        sources, report["greedy"] = _greedy(plan, score, first_beta)
+    if beta == "sweep":
+        assert score is not None
+        rows = [{"beta": b, "score": score(plan.state_dict(b, sources))} for b in plan.method.beta_grid]
+        best = _argmax(rows, "score")
+        report["lines"].update(beta=best["beta"], sweep=rows)
+        beta = best["beta"]
+    elif plan.lines:
+        report["lines"]["beta"] = beta
+    state = plan.state_dict(beta if plan.lines else None, sources)  # type: ignore[arg-type]
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    return MergeResult(state, report)
+
+
+def _greedy(plan: MergePlan, score: ScoreFn, beta: Any) -> tuple[list[TensorSource], dict[str, Any]]:
+    """Greedy soup: rank ingredients by their own score, add each while the soup's score does not drop."""
+    singles = [score(plan.state_dict(beta, [s])) for s in plan.sources]
+    order = sorted(range(len(plan.sources)), key=lambda i: -singles[i])
+    chosen, best = [plan.sources[order[0]]], singles[order[0]]
+    steps = [{"add": plan.sources[order[0]].name, "score": best, "kept": True}]
+    for i in order[1:]:
+        candidate = chosen + [plan.sources[i]]
+        value = score(plan.state_dict(beta, candidate))
+        kept = value >= best
+        steps.append({"add": plan.sources[i].name, "score": value, "kept": kept})
+        if kept:
+            chosen, best = candidate, value
+    return chosen, {"single_scores": {s.name: v for s, v in zip(plan.sources, singles)}, "steps": steps}
+
+
+def save_hf_folder(
+    state: dict[str, torch.Tensor], base: str, output: str, report: dict[str, Any] | None = None
+) -> Path:
+    """Write ``state`` as ``model.safetensors`` next to the base's config and tokenizer files (+ report)."""
+    src, out = resolve_path(base), Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        for item in src.iterdir():
+            if item.is_file() and not item.name.endswith(_WEIGHT_FILES) and not item.name.endswith(".index.json"):
+                shutil.copy2(item, out / item.name)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if report is not None:
+        (out / "merge_report.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / "merge_report.md").write_text(report_markdown(report))
+    return out
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """A short human report of a merge."""
+    lines = [f"# Merge: {report['pretty_name']} ({report['reference']})", "", "| ingredient | kind |", "|---|---|"]
+    lines += [f"| {i['path']} | {i['kind']} |" for i in report["ingredients"]]
+    lines += ["", f"parameters: `{json.dumps(report['params'])}`"]
+    if "greedy" in report:
+        kept = [s["add"] for s in report["greedy"]["steps"] if s["kept"]]
+        lines.append(f"greedy soup kept {len(kept)} of {len(report['ingredients'])}: {', '.join(kept)}")
+    if "lines" in report:
+        lr = report["lines"]
+        lines.append(f"LiNeS: alpha={lr['alpha']:.4f} (norm ratio), beta={lr.get('beta')}")
+        for row in lr.get("sweep", []):
+            lines.append(f"- beta={row['beta']}: score={row['score']:.4f}")
+    lines.append(f"time: {report.get('seconds', 0)} s")
+    return "\n".join(lines) + "\n"
