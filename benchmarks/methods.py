@@ -129,7 +129,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     after = module.evaluate(loaders)
     return {
         "after": after,
-        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "trainable": timer.trainable,  # peak during training (selection callbacks unfreeze all at fit end)
         "optimizer_bytes": timer.optimizer_bytes,
         "step_time": statistics.median(timer.times[2:] or timer.times),
         "peak_rss_increase_mb": _peak_rss_mb() - rss_loaded,
@@ -145,14 +145,17 @@ class _StepTimer:
         class Timer(L.Callback):
             def __init__(self) -> None:
                 self.times: list[float] = []
+                self.trainable = 0
                 self.optimizer_bytes = 0
                 self._start = 0.0
 
             def on_train_batch_start(self, *args: Any) -> None:
                 self._start = time.perf_counter()
 
-            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
                 self.times.append(time.perf_counter() - self._start)
+                trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+                self.trainable = max(self.trainable, trainable)
                 total = 0
                 for opt in trainer.optimizers:
                     for state in opt.state.values():
@@ -210,7 +213,8 @@ def write_report(name: str, rows: list[dict[str, Any]], zero: dict[str, float], 
         "",
         f"Model: bundled SmolLM2-135M-Instruct (fp32, CPU). Task: Rotten Tomatoes as instruction data, scored on "
         f"{settings['test_size']} held-out test reviews ({settings['val_size']} validation reviews are used only by "
-        "methods that select on validation data, e.g. LiNeS auto). Control: HumanEval prompt+solution perplexity ({settings['control_size']} texts, "
+        "methods that select on validation data, e.g. LiNeS auto). "
+        f"Control: HumanEval prompt+solution perplexity ({settings['control_size']} texts, "
         f"128 tokens). Budget: {settings['steps']} steps, batch {settings['batch_size']}, max length {settings['max_length']}, "
         f"AdamW (wd 0), {settings['warmup_steps']} warmup steps then linear decay, clip 1.0. "
         "Values are means over seeds, ± half the range.",
