@@ -245,13 +245,13 @@ def _plot(path: Path, rows: list[dict[str, Any]], zero: dict[str, float]) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([0.0], [zero["target_acc"]], marker="x", color="gray")
-    ax.annotate("zero-shot", (0.0, zero["target_acc"]))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([0.0], [zero["target_acc"]], marker="x", color="gray", label="zero-shot")
+    markers = "osD^vP*X<>"
+    for i, r in enumerate(rows):
         ax.errorbar(r["control_change_pct"][0], r["target_acc"][0], xerr=r["control_change_pct"][1],
-                    yerr=r["target_acc"][1], fmt="o", capsize=3)
-        ax.annotate(r["label"], (r["control_change_pct"][0], r["target_acc"][0]))
+                    yerr=r["target_acc"][1], fmt=markers[i % len(markers)], capsize=3, label=r["label"], alpha=0.85)
+    ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("control (HumanEval) perplexity change vs zero-shot, % (forgetting →)")
     ax.set_ylabel("held-out target accuracy")
     ax.grid(alpha=0.3)

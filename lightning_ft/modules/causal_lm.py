@@ -239,6 +239,7 @@ class CausalLMModule(L.LightningModule):
         path = self.output_path()
         if path is not None and self.trainer.is_global_zero:
             self.save_pretrained(path)
+        self.trainer.strategy.barrier("lightning_ft.save_pretrained")  # no rank leaves while rank 0 still writes
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
         """Save the backbone (or its adapter) and tokenizer so that ``from_pretrained`` loads them."""

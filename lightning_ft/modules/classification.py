@@ -151,10 +151,10 @@ class SequenceClassificationModule(L.LightningModule):
         return build_optimizer(self, h.learning_rate, h.weight_decay, h.warmup_steps, h.schedule)
 
     def on_fit_end(self) -> None:
-        if self.hparams.output_dir == "" or not self.trainer.is_global_zero:
-            return
-        root = self.hparams.output_dir or os.path.join(self.trainer.default_root_dir, "hf_model")
-        save_pretrained_atomic(self.backbone, self.tokenizer, Path(root))
+        if self.hparams.output_dir != "" and self.trainer.is_global_zero:
+            root = self.hparams.output_dir or os.path.join(self.trainer.default_root_dir, "hf_model")
+            save_pretrained_atomic(self.backbone, self.tokenizer, Path(root))
+        self.trainer.strategy.barrier("lightning_ft.save_pretrained")  # no rank leaves while rank 0 still writes
 
     @property
     def is_peft(self) -> bool:
