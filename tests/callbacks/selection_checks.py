@@ -4,7 +4,6 @@ callback, a recording logger and a user-style LightningModule that wraps a tiny 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,24 +12,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from lightning_ft.core.selection import SelectionCallback
-from lightning_ft.data import InstructionDataModule
-
-
-def make_trainer(tmp_path: Path, steps: int, **kwargs: Any) -> L.Trainer:
-    opts: dict[str, Any] = dict(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-    )
-    opts.update(kwargs)
-    return L.Trainer(**opts)
-
-
-def make_data(**kwargs: Any) -> InstructionDataModule:
-    opts: dict[str, Any] = dict(label_options=["positive", "negative"], train_size=40, val_size=8, test_size=0,
-                                control_size=0, batch_size=4, max_length=48)
-    opts.update(kwargs)
-    return InstructionDataModule(**opts)
+from helpers import Crash, CrashAt, make_data, make_trainer  # noqa: F401  (re-exported for the callback tests)
 
 
 class SelectionWatch(L.Callback):
@@ -92,19 +74,6 @@ class SelectionWatch(L.Callback):
             with_state = {id(p) for opt in trainer.optimizers for p in opt.state}
             assert {n for n in sel.candidates if id(sel.params[n]) in with_state} == set(sel.active)
         self.steps_checked += 1
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise Crash(f"simulated crash at step {self.step}")
 
 
 class Recorder(Logger):

@@ -16,16 +16,7 @@ from lightning_ft.callbacks.lines import LiNeS
 from lightning_ft.data import InstructionDataModule
 from lightning_ft.merging.ops import lines_factor
 from lightning_ft.modules import CausalLMModule
-
-
-def _trainer(root: Path, steps: int, **kwargs: Any) -> L.Trainer:
-    opts: dict[str, Any] = dict(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=str(root),
-    )  # fmt: skip
-    opts.update(kwargs)
-    return L.Trainer(**opts)
+from helpers import Crash, CrashAt, make_trainer
 
 
 def _data(**kwargs: Any) -> InstructionDataModule:
@@ -54,7 +45,7 @@ def test_fixed_alpha_edits_every_block_and_tied_weights_once(tiny_llama_dir: Pat
     )
     record, lines = _Record(), LiNeS(alpha=0.3)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-    _trainer(tmp_path, 3, enable_checkpointing=True, callbacks=[record, lines, ckpt]).fit(module, _data())
+    make_trainer(tmp_path, 3, enable_checkpointing=True, callbacks=[record, lines, ckpt]).fit(module, _data())
     theta0 = _pretrained(tiny_llama_dir)
     for name, param in module.named_parameters():
         block = next((int(p) for p in name.split(".") if p.isdigit()), None)
@@ -76,7 +67,7 @@ def test_fixed_alpha_edits_every_block_and_tied_weights_once(tiny_llama_dir: Pat
 def test_auto_sweeps_alpha_logs_the_table_and_applies_the_best(tiny_llama_dir: Path, tmp_path: Path) -> None:
     module = CausalLMModule(model=str(tiny_llama_dir), learning_rate=1e-2, warmup_steps=0, output_dir="")
     lines = LiNeS(alpha="auto", alphas=[1.0, 0.5, 0.0])
-    _trainer(tmp_path, 3, callbacks=[lines]).fit(module, _data())
+    make_trainer(tmp_path, 3, callbacks=[lines]).fit(module, _data())
     sweep = json.loads((tmp_path / "lines_sweep.json").read_text())
     rows = sweep["rows"]
     assert [r["alpha"] for r in rows] == [1.0, 0.5, 0.0] and rows[0]["target_norm"] == pytest.approx(1.0)
@@ -97,19 +88,6 @@ def _eval_loaders(module: CausalLMModule) -> list[Any]:
     return list(dm.val_dataloader())
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"simulated crash at step {self.step}")
-
-
 def test_resumed_run_edits_like_an_uninterrupted_one_and_never_twice(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -120,12 +98,12 @@ def test_resumed_run_edits_like_an_uninterrupted_one_and_never_twice(tiny_llama_
             LiNeS(alpha=0.2),
             ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1),
         ]
-        callbacks += [_CrashAt(crash)] if crash is not None else []
-        _trainer(root, 6, enable_checkpointing=True, callbacks=callbacks).fit(module, _data(), ckpt_path=ckpt)
+        callbacks += [CrashAt(crash)] if crash is not None else []
+        make_trainer(root, 6, enable_checkpointing=True, callbacks=callbacks).fit(module, _data(), ckpt_path=ckpt)
         return module
 
     full = run(tmp_path / "a")
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         run(tmp_path / "b", crash=4)
     resumed = run(tmp_path / "c", ckpt=str(tmp_path / "b" / "last.ckpt"))
     again = run(tmp_path / "d", ckpt=str(tmp_path / "a" / "last.ckpt"))  # saved after the edit: not edited twice
@@ -138,7 +116,7 @@ def test_lora_scales_each_layers_low_rank_update(tiny_gpt2_dir: Path, tmp_path: 
     peft = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"]}
     module = CausalLMModule(model=str(tiny_gpt2_dir), peft=peft, learning_rate=1e-2, warmup_steps=0, output_dir="")
     record, lines = _Record(), LiNeS(alpha=0.25)
-    _trainer(tmp_path, 3, callbacks=[record, lines]).fit(module, _data())
+    make_trainer(tmp_path, 3, callbacks=[record, lines]).fit(module, _data())
     moved = 0
     for name, param in module.named_parameters():
         if "lora_B" in name:
@@ -173,12 +151,12 @@ def test_user_module_alpha_zero_returns_to_theta0_and_refusals(tiny_llama_dir: P
     module = _UserModule(tiny_llama_dir)
     ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(["good film"] * 4, return_tensors="pt")["input_ids"]
     loader = torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=2)
-    _trainer(tmp_path, 2, callbacks=[LiNeS(alpha=0.0, beta=0.0)]).fit(module, loader)
+    make_trainer(tmp_path, 2, callbacks=[LiNeS(alpha=0.0, beta=0.0)]).fit(module, loader)
     theta0 = load_file(tiny_llama_dir / "model.safetensors")
     assert all(torch.equal(p.detach(), theta0[n.removeprefix("net.")]) for n, p in module.named_parameters()
                if n.removeprefix("net.") in theta0)  # fmt: skip
     with pytest.raises(ValueError, match="lacks: give a fixed alpha") as err:
-        _trainer(tmp_path, 1, callbacks=[LiNeS(alpha="auto")]).fit(_UserModule(tiny_llama_dir), loader)
+        make_trainer(tmp_path, 1, callbacks=[LiNeS(alpha="auto")]).fit(_UserModule(tiny_llama_dir), loader)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="must be a number or 'auto'"):
         LiNeS(alpha="best")  # type: ignore[arg-type]
@@ -199,7 +177,7 @@ def test_two_process_ddp_edits_identically(tiny_llama_dir: Path, tmp_path: Path)
     module = CausalLMModule(
         model=str(tiny_llama_dir), learning_rate=1e-2, warmup_steps=0, output_dir=str(tmp_path / "hf")
     )
-    trainer = _trainer(tmp_path, 2, devices=2, strategy="ddp_spawn",
+    trainer = make_trainer(tmp_path, 2, devices=2, strategy="ddp_spawn",
                        callbacks=[LiNeS(alpha="auto", alphas=[1.0, 0.0]), _CheckSameOnRanks()])  # fmt: skip
     trainer.fit(module, _data())
     assert json.loads((tmp_path / "lines_sweep.json").read_text())["chosen_alpha"] in (1.0, 0.0)
@@ -228,7 +206,7 @@ def test_lines_lowers_the_control_perplexity_increase_on_smollm2(smollm2_dir: Pa
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
     measure = _Measure(list(dm.val_dataloader()))
-    _trainer(tmp_path, 30, callbacks=[measure, LiNeS(alpha=0.2)]).fit(module, dm)  # lr 3e-4 over-drives full FT
+    make_trainer(tmp_path, 30, callbacks=[measure, LiNeS(alpha=0.2)]).fit(module, dm)  # lr 3e-4 over-drives full FT
     after = module.evaluate(measure.loaders)
     rise_ft = measure.ft["control_ppl"] - measure.zero["control_ppl"]
     rise_lines = after["control_ppl"] - measure.zero["control_ppl"]

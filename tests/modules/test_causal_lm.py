@@ -14,17 +14,8 @@ import torch
 from lightning_ft.data import InstructionDataModule
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules import CausalLMModule
+from helpers import Crash, CrashAt, make_trainer
 from lightning_ft.modules.metrics import option_logprobs, token_nll, weighted_lm_loss
-
-
-def _trainer(tmp_path: Path, steps: int, **kwargs: Any) -> L.Trainer:
-    opts: dict[str, Any] = dict(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-    )
-    opts.update(kwargs)
-    return L.Trainer(**opts)
 
 
 def _data(**kwargs: Any) -> InstructionDataModule:
@@ -96,7 +87,7 @@ def test_fit_trains_saves_and_reloads_identically(fixture: str, request: pytest.
     path = request.getfixturevalue(fixture)
     module = CausalLMModule(model=str(path), learning_rate=1e-2, warmup_steps=0, output_dir=str(tmp_path / "out"))
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    _trainer(tmp_path, 4).fit(module, _data())
+    make_trainer(tmp_path, 4).fit(module, _data())
     assert any(not torch.equal(before[n], p) for n, p in module.named_parameters())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = torch.tensor([[3, 17, 42, 99, 7]])
@@ -114,7 +105,7 @@ def test_lora_trains_only_adapters_and_saves_a_peft_folder(tiny_gpt2_dir: Path, 
     base = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    _trainer(tmp_path, 3).fit(module, _data())
+    make_trainer(tmp_path, 3).fit(module, _data())
     assert all(torch.equal(base[n], p) for n, p in module.named_parameters() if n in base)
     assert (tmp_path / "out" / "adapter_config.json").is_file() and (tmp_path / "out" / "merged" / "config.json").is_file()
     reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -130,7 +121,7 @@ def test_nf4_backbone_with_lora_trains_on_cpu(tiny_llama_dir: Path, tmp_path: Pa
     )
     assert any(type(m).__name__ == "Linear4bit" for m in module.modules())
     lora = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    _trainer(tmp_path, 3).fit(module, _data())
+    make_trainer(tmp_path, 3).fit(module, _data())
     assert any(not torch.equal(lora[n], p) for n, p in module.named_parameters() if n in lora)
 
 
@@ -154,19 +145,6 @@ def test_unknown_model_is_one_sentence() -> None:
         CausalLMModule(model="someone/unknown-model")
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"simulated crash at step {self.step}")
-
-
 @pytest.mark.parametrize("crash", [13, 11], ids=["mid-epoch", "epoch-end"])
 def test_resumed_run_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path, crash: int) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -176,13 +154,13 @@ def test_resumed_run_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path, 
         module = CausalLMModule(model=str(tiny_llama_dir), learning_rate=5e-3, warmup_steps=2, output_dir="")
         callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=1)]
         if crash is not None:
-            callbacks.append(_CrashAt(crash))
-        trainer = _trainer(root, 20, enable_checkpointing=True, callbacks=callbacks)
+            callbacks.append(CrashAt(crash))
+        trainer = make_trainer(root, 20, enable_checkpointing=True, callbacks=callbacks)
         trainer.fit(module, _data(train_size=40, batch_size=4), ckpt_path=ckpt)  # 10 batches/epoch: crosses an epoch
         return module
 
     full = run(tmp_path / "a")
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         run(tmp_path / "b", crash=crash)  # last.ckpt is written one step before the crash (checkpointing runs last)
     resumed = run(tmp_path / "c", ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
@@ -191,7 +169,7 @@ def test_resumed_run_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path, 
 
 def test_predict_generates_text(tiny_llama_dir: Path, tmp_path: Path) -> None:
     module = CausalLMModule(model=str(tiny_llama_dir), max_new_tokens=4, output_dir="")
-    out = _trainer(tmp_path, 1, limit_predict_batches=1).predict(module, _data(eval_batch_size=3))
+    out = make_trainer(tmp_path, 1, limit_predict_batches=1).predict(module, _data(eval_batch_size=3))
     assert len(out[0]) == 3 and all(isinstance(r["completion"], str) and r["prompt"] for r in out[0])
 
 
