@@ -60,6 +60,33 @@ METHODS: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    "lt_sft": {
+        "label": "LT-SFT (60 dense + 60 sparse steps, LoRA's count)",
+        "module": {"learning_rate": 2e-4},
+        "callbacks": [
+            {
+                "class_path": "lightning_ft.callbacks.SparseFineTuning",
+                "init_args": {
+                    "rule": {"class_path": "lightning_ft.sparse.LotteryTicket", "init_args": {"dense_steps": 60}},
+                    "count": 2442240, "save_path": "",
+                },
+            }
+        ],
+    },
+    "lift": {
+        "label": "LIFT (rank-8 budget = LoRA's count, filter rank 32, reselect every 40)",
+        "module": {"learning_rate": 5e-4},
+        "callbacks": [
+            {
+                "class_path": "lightning_ft.callbacks.SparseFineTuning",
+                "init_args": {
+                    "rule": {"class_path": "lightning_ft.sparse.PrincipalWeights",
+                             "init_args": {"filter_rank": 32, "reselect_every": 40}},
+                    "rank": 8, "save_path": "",
+                },
+            }
+        ],
+    },
     "full_ft_lines": {
         "label": "full FT + LiNeS auto",
         "module": {"learning_rate": 2e-4},
@@ -131,6 +158,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "after": after,
         "trainable": timer.trainable,  # peak during training (selection callbacks unfreeze all at fit end)
         "optimizer_bytes": timer.optimizer_bytes,
+        "sparse_optimizer_bytes": timer.sparse_bytes,
+        "selected": timer.selected,
         "step_time": statistics.median(timer.times[2:] or timer.times),
         "peak_rss_increase_mb": _peak_rss_mb() - rss_loaded,
     }
@@ -147,6 +176,8 @@ class _StepTimer:
                 self.times: list[float] = []
                 self.trainable = 0
                 self.optimizer_bytes = 0
+                self.sparse_bytes = 0  # optimizer state while only the selected entries train (sparse FT)
+                self.selected = 0
                 self._start = 0.0
 
             def on_train_batch_start(self, *args: Any) -> None:
@@ -154,13 +185,20 @@ class _StepTimer:
 
             def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
                 self.times.append(time.perf_counter() - self._start)
-                trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+                sparse = [c for c in trainer.callbacks if hasattr(c, "state_bytes") and getattr(c, "phase", "") == "sparse"]
+                if sparse:  # trainable = selected entries; their compact state (indices + moments) is optimizer state
+                    trainable = sum(s.numel for c in sparse for s in c.states.values())
+                else:
+                    trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
                 self.trainable = max(self.trainable, trainable)
-                total = 0
+                total = sum(c.state_bytes for c in sparse)
                 for opt in trainer.optimizers:
                     for state in opt.state.values():
                         total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
                 self.optimizer_bytes = max(self.optimizer_bytes, total)
+                if sparse:
+                    self.sparse_bytes = max(self.sparse_bytes, total)
+                    self.selected = max(self.selected, trainable)
 
         return Timer()
 
@@ -198,6 +236,7 @@ def summarise(results: list[dict[str, Any]], zero: dict[str, float]) -> list[dic
             "trainable": runs[0]["trainable"], "optimizer_mb": runs[0]["optimizer_bytes"] / 2**20,
             "peak_rss_increase_mb": statistics.mean(r["peak_rss_increase_mb"] for r in runs),
             "step_time_s": step, "step_time_rel": step / statistics.mean(full_step) if full_step else float("nan"),
+            "selected": runs[0].get("selected", 0), "sparse_optimizer_mb": runs[0].get("sparse_optimizer_bytes", 0) / 2**20,
         })
     return rows
 
@@ -233,6 +272,12 @@ def write_report(name: str, rows: list[dict[str, Any]], zero: dict[str, float], 
             f"{r['trainable']:,} | {r['optimizer_mb']:.1f} MB | {r['peak_rss_increase_mb']:.0f} MB | "
             f"{r['step_time_s']:.2f} s | {r['step_time_rel']:.2f} |"
         )
+    sparse = [r for r in rows if r.get("selected")]
+    if sparse:
+        lines += ["", "Sparse fine-tuning rows: trainable = selected entries; optimizer state = compact state (int32 "
+                  "indices + two fp32 moments per selected entry) plus the module optimizer's state; the peak includes "
+                  "LT-SFT's dense phase. While only the selected entries train:"]
+        lines += [f"- {r['label']}: {r['selected']:,} entries, optimizer state {r['sparse_optimizer_mb']:.1f} MB" for r in sparse]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n\n![accuracy vs forgetting](" + f"{name}.png)\n")
     (out / f"{name}.json").write_text(json.dumps({"zero_shot": zero, "rows": rows, "settings": settings}, indent=2))
     _plot(out / f"{name}.png", rows, zero)

@@ -5,6 +5,8 @@ from lightning_ft.callbacks.layerwise import LayerFreezing, LayerwiseSampling
 from lightning_ft.callbacks.lines import LiNeS
 from lightning_ft.callbacks.predictions import JsonlPredictionWriter
 from lightning_ft.callbacks.report import ForgettingReport
+from lightning_ft.callbacks.sparse import SparseFineTuning
+from lightning_ft.sparse.rules import LotteryTicket, Magnitude, PrincipalWeights, Random, Sensitivity
 
 __all__ = [
     "ForgettingReport",
@@ -13,4 +15,10 @@ __all__ = [
     "LayerFreezing",
     "LayerwiseSampling",
     "LiNeS",
+    "LotteryTicket",
+    "Magnitude",
+    "PrincipalWeights",
+    "Random",
+    "Sensitivity",
+    "SparseFineTuning",
 ]

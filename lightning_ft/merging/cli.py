@@ -5,6 +5,7 @@
         --param density=0.2 --lines-beta 0.5 --output merged/
     lightning-ft compress --base smollm2-135m --model runs/a/hf_model --density 0.1 --output a.compeft.safetensors
     lightning-ft decompress --base smollm2-135m --artifact a.compeft.safetensors --output a_restored/
+    lightning-ft sparse-apply --base smollm2-135m --sft lang.safetensors task.safetensors --output composed/
 """
 
 from __future__ import annotations
@@ -165,12 +166,32 @@ def run_merge(argv: list[str]) -> dict[str, Any]:
     return result.report
 
 
+def _sparse_apply_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lightning-ft sparse-apply",
+        description="Add sparse fine-tunings (sparse_delta.safetensors written by SparseFineTuning) to a base model, "
+        "composing them by addition (e.g. language + task, as in Composable SFT), and write an HF-loadable folder.",
+    )
+    p.add_argument("--base", required=True, help="the pretrained model: HF folder or bundled alias (smollm2-135m)")
+    p.add_argument("--sft", nargs="+", required=True, help="sparse fine-tuning artifacts, applied in order")
+    p.add_argument("--scale", nargs="+", type=float, help="one multiplier per artifact (default 1.0 each)")
+    p.add_argument("--no-dense", action="store_true", help="skip densely trained tensors (e.g. another task's head)")
+    p.add_argument("--output", required=True, help="output folder")
+    return p
+
+
 def main(argv: list[str]) -> None:
-    """Dispatch ``merge``, ``compress`` or ``decompress`` (``argv[0]`` is the subcommand)."""
-    if not argv or argv[0] not in ("merge", "compress", "decompress"):
-        raise SystemExit("usage: lightning-ft {merge,compress,decompress} [--help]")
+    """Dispatch ``merge``, ``compress``, ``decompress`` or ``sparse-apply`` (``argv[0]`` is the subcommand)."""
+    if not argv or argv[0] not in ("merge", "compress", "decompress", "sparse-apply"):
+        raise SystemExit("usage: lightning-ft {merge,compress,decompress,sparse-apply} [--help]")
     command, rest = argv[0], argv[1:]
-    if command == "merge":
+    if command == "sparse-apply":
+        from lightning_ft.sparse.artifact import apply_sparse
+
+        args = _sparse_apply_parser().parse_args(rest)
+        out = apply_sparse(args.base, args.sft, args.output, args.scale, with_dense=not args.no_dense)
+        print(json.dumps({"output": str(out), "applied": args.sft}))
+    elif command == "merge":
         run_merge(rest)
     elif command == "compress":
         args = _compress_parser().parse_args(rest)

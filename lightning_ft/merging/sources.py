@@ -26,7 +26,6 @@ _DTYPES = {
 }  # fmt: skip
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_(?:embedding_)?[AB])\.weight$")
 _SAVED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.modules_to_save\.(?P<leaf>\w+)$")
-_NOT_DEFINED = "the sparse fine-tuning (LT-SFT) artifact format is not defined yet"
 
 
 def resolve_path(name: str | os.PathLike[str]) -> Path:
@@ -248,7 +247,8 @@ def open_source(path: str | os.PathLike[str], base_keys: list[str]) -> TensorSou
     """Open one merge ingredient, recognising its format from the path.
 
     Args:
-        path: An HF folder, a peft adapter folder, a Lightning ``.ckpt`` or a ComPEFT ``.safetensors`` artifact.
+        path: An HF folder, a peft adapter folder, a Lightning ``.ckpt``, a ComPEFT or a sparse fine-tuning
+            ``.safetensors`` artifact.
         base_keys: Tensor names of the base model (to match checkpoint prefixes).
 
     Returns:
@@ -269,7 +269,11 @@ def open_source(path: str | os.PathLike[str], base_keys: list[str]) -> TensorSou
 
         if is_compeft_artifact(p):
             return open_artifact(p)
+        from lightning_ft.sparse.artifact import SparseSource, is_sparse_artifact
+
+        if is_sparse_artifact(p):
+            return SparseSource(p)
     raise ValueError(
-        f"{p} is not an HF folder (model.safetensors), a peft adapter folder, a Lightning .ckpt or a ComPEFT "
-        f"artifact; {_NOT_DEFINED}."
+        f"{p} is not an HF folder (model.safetensors), a peft adapter folder, a Lightning .ckpt, a ComPEFT "
+        "artifact or a sparse fine-tuning artifact (sparse_delta.safetensors)."
     )

@@ -102,10 +102,14 @@ class SequenceClassificationModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss of a batch (cross-entropy over the labels)."""
         logits = self(batch["input_ids"], batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def eval_update(self, batch: dict[str, Any], batch_idx: int = 0) -> None:

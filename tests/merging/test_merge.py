@@ -111,7 +111,7 @@ def test_mismatches_are_refused_naming_the_first_tensor(
         ValueError, match=r"at tensor 'model.layers.1.mlp.up_proj.weight': shape \(10, 32\) vs \(64, 32\)"
     ):
         MergePlan.build(str(tiny["base"]), [str(tiny["a"]), str(bad)], "task_arithmetic")
-    with pytest.raises(ValueError, match="sparse fine-tuning .* not defined yet"):
+    with pytest.raises(ValueError, match="is not an HF folder .* or a sparse fine-tuning artifact"):
         MergePlan.build(str(tiny["base"]), [str(tmp_path)], "ties")
     plan = MergePlan.build(str(tiny["base"]), [str(tiny["a"])], "task_arithmetic", lines=True)
     with pytest.raises(ValueError, match="give eval data"):
