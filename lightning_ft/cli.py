@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["POSTHOC_COMMANDS", "main", "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
 
 # Post-hoc weight commands, dispatched before LightningCLI (they run no Trainer).
-POSTHOC_COMMANDS = ("merge", "compress", "decompress")
+POSTHOC_COMMANDS = ("merge", "compress", "decompress", "sparse-apply")
 
 
 def wandb_mode() -> str:
@@ -46,6 +46,7 @@ def _cli_class() -> type:
     import lightning_ft.callbacks  # noqa: F401  (registers short class names for YAML)
     import lightning_ft.data  # noqa: F401
     import lightning_ft.modules  # noqa: F401
+    import lightning_ft.objectives  # noqa: F401
 
     class LightningFTCLI(LightningCLI):
         """LightningCLI with lightning-ft's defaults (see the module docstring)."""

@@ -77,7 +77,10 @@ def _lengths_mask(sequences: Sequence[Sequence[int]], width: int, left: bool = F
 
 
 class LMCollator:
-    """Pads ``input_ids``/``labels`` examples into a causal-LM batch (used for training and control text)."""
+    """Pads ``input_ids``/``labels`` examples into a causal-LM batch (used for training and control text).
+
+    Optional per-example fields pass through: ``loss_weights`` (per token, zero-padded) and ``task_id``.
+    """
 
     def __init__(self, pad_token_id: int, split: str = "train") -> None:
         self.pad_token_id = pad_token_id
@@ -98,6 +101,8 @@ class LMCollator:
             batch["loss_weights"] = torch.stack(
                 [torch.nn.functional.pad(torch.tensor(w, dtype=torch.float), (0, width - len(w))) for w in weights]
             )
+        if "task_id" in items[0]:  # multi-task mixtures tag each example with its task
+            batch["task_id"] = torch.tensor([int(it["task_id"]) for it in items], dtype=torch.long)
         return batch
 
 

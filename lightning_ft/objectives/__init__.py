@@ -1,0 +1,57 @@
+"""Objective-shaping mixins for :class:`~lightning_ft.modules.CausalLMModule` and the data they need.
+
+Mixins combine by inheritance, outermost first, e.g.
+``class M(MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin, CausalLMModule)``. The ready-made
+classes below are usable from YAML as ``model: class_path: lightning_ft.objectives.CAFTCausalLM`` (or the
+short name ``CAFTCausalLM`` with the ``lightning-ft`` CLI).
+"""
+
+from lightning_ft.modules.causal_lm import CausalLMModule
+from lightning_ft.objectives.heads import MultiTokenHeadsMixin, chunked_unembedding_ce, heads_schedule
+from lightning_ft.objectives.masked_thought import MaskedThoughtMixin, mask_response_tokens, masked_thought_rate
+from lightning_ft.objectives.multitask import (
+    MultiTaskDataModule,
+    TaskBalancedLossMixin,
+    mix_counts,
+    task_balanced_loss,
+)
+from lightning_ft.objectives.weights import (
+    DiffWeights,
+    KeyTokenWeights,
+    SpanWeights,
+    TokenWeightedDataModule,
+    TokenWeighting,
+)
+
+__all__ = [
+    "CAFTCausalLM",
+    "DiffWeights",
+    "KeyTokenWeights",
+    "MaskedThoughtCausalLM",
+    "MaskedThoughtMixin",
+    "MultiTaskDataModule",
+    "MultiTokenHeadsMixin",
+    "SpanWeights",
+    "TaskBalancedCausalLM",
+    "TaskBalancedLossMixin",
+    "TokenWeightedDataModule",
+    "TokenWeighting",
+    "chunked_unembedding_ce",
+    "heads_schedule",
+    "mask_response_tokens",
+    "masked_thought_rate",
+    "mix_counts",
+    "task_balanced_loss",
+]
+
+
+class CAFTCausalLM(MultiTokenHeadsMixin, CausalLMModule):
+    """:class:`~lightning_ft.modules.CausalLMModule` with CAFT multi-token heads (see :class:`MultiTokenHeadsMixin`)."""
+
+
+class MaskedThoughtCausalLM(MaskedThoughtMixin, CausalLMModule):
+    """:class:`~lightning_ft.modules.CausalLMModule` with Masked Thought (see :class:`MaskedThoughtMixin`)."""
+
+
+class TaskBalancedCausalLM(TaskBalancedLossMixin, CausalLMModule):
+    """:class:`~lightning_ft.modules.CausalLMModule` with the task-balanced loss (:class:`TaskBalancedLossMixin`)."""

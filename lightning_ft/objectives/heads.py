@@ -1,0 +1,479 @@
+r"""
+Concept-aware multi-token heads (CAFT)
+^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+
+CAFT (Chen, Zhang, Huang, Tao, "Concept-Aware Fine-Tuning", arXiv 2506.07833): ``n - 1`` auxiliary heads, each a
+decoder layer of the backbone's own family that shares the unembedding, predict the tokens ``t+2 .. t+n``. The
+heads are pre-trained once on general text with the trunk frozen; task fine-tuning then adds their
+cross-entropies with small, decaying weights so that the trunk learns multi-token "concepts". The heads are
+discarded at inference: the exported model is the plain backbone.
+
+Three defects of the official code are not reproduced: the heads read the same input in both stages (the
+residual stream entering the last decoder layer), a decoder layer's output is taken correctly whether it is a
+tensor or a tuple, and the heads always attend through an explicit causal mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchmetrics import MeanMetric
+
+from lightning_ft.core.layer_map import _split_peft_name
+from lightning_ft.data.collate import IGNORE_INDEX
+from lightning_ft.modules.backbone import is_peft_model
+from lightning_ft.objectives._common import log_train, training_progress
+
+__all__ = ["HeadSchedule", "MultiTokenHeadsMixin", "chunked_unembedding_ce", "heads_schedule"]
+
+HeadSchedule = Literal["rsine", "sine", "linear", "constant"]
+Stage = Literal["heads", "finetune"]
+_QUANTIZED = frozenset({"Params4bit", "Int8Params"})
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def heads_schedule(name: str, step: int, total: int, ratio: float = 1.0) -> float:
+    """The CAFT weight schedule ``s(t)`` in ``[0, 1]`` at optimizer step ``step`` of ``total``.
+
+    ``rsine`` (default): ``sin((T - t) / T * pi / 2)``, 1 at the start and 0 at the end; ``sine``:
+    ``sin(min(1, t / (ratio * T)) * pi / 2)`` (warm-up until ``t / T = ratio``); ``linear``: ``t / T``;
+    ``constant``: 1. With an unknown total (``total <= 0``) every schedule is 1.
+    """
+    if name == "constant" or total <= 0:
+        return 1.0
+    x = min(1.0, max(0.0, step / total))
+    if name == "rsine":
+        return math.sin((1.0 - x) * math.pi / 2)
+    if name == "sine":
+        return math.sin(min(1.0, x / ratio) * math.pi / 2)
+    if name == "linear":
+        return x
+    raise ValueError(f"heads_schedule={name!r} is not a schedule: use 'rsine', 'sine', 'linear' or 'constant'.")
+
+
+def _ce_sum(unembed: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(unembed(rows).float(), targets, reduction="sum")
+
+
+def chunked_unembedding_ce(
+    rows: torch.Tensor, targets: torch.Tensor, unembed: Callable[[torch.Tensor], torch.Tensor], chunk_size: int
+) -> torch.Tensor:
+    """Summed cross-entropy of ``unembed(rows)`` against ``targets`` without holding all logits at once.
+
+    The rows go through the unembedding ``chunk_size`` at a time; under autograd each chunk is
+    recomputed in the backward pass (activation checkpointing), so at most ``chunk_size x vocab``
+    logits exist at any moment, in the forward and in the backward pass.
+
+    Args:
+        rows: ``[N, H]`` hidden states at the positions that carry a target.
+        targets: ``[N]`` token ids.
+        unembed: hidden states -> logits (final norm and LM head).
+        chunk_size: rows per chunk.
+
+    Returns:
+        The fp32 sum of the ``N`` cross-entropies (a zero connected to ``rows`` when ``N == 0``).
+    """
+    total = rows.sum().float() * 0.0
+    fn = functools.partial(_ce_sum, unembed)
+    for start in range(0, rows.shape[0], chunk_size):
+        part_rows, part_targets = rows[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and (part_rows.requires_grad or any(p.requires_grad for p in _params(unembed))):
+            total = total + checkpoint(fn, part_rows, part_targets, use_reentrant=False)
+        else:
+            total = total + fn(part_rows, part_targets)
+    return total
+
+
+def _params(fn: Callable[..., Any]) -> Iterator[nn.Parameter]:
+    owner = getattr(fn, "__self__", fn)
+    return owner.parameters() if isinstance(owner, nn.Module) else iter(())
+
+
+class _Unembedding(nn.Module):
+    """Final norm (optional) then the LM head, applied row-wise; a view of the backbone's own modules."""
+
+    def __init__(self, norm: nn.Module | None, head: nn.Module) -> None:
+        super().__init__()
+        self.parts = [m for m in (norm, head) if m is not None]  # plain list: not registered, not saved twice
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            rows = part(rows)
+        return rows
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:  # type: ignore[override]
+        for part in self.parts:
+            yield from part.parameters(recurse)
+
+
+def _decoder_parts(backbone: nn.Module) -> tuple[nn.ModuleList, nn.Module | None, nn.Module, Any]:
+    """``(decoder layers, final norm, LM head, config)`` of a (peft-wrapped) causal LM."""
+    base = backbone.get_base_model() if is_peft_model(backbone) else backbone
+    inner = getattr(base, "base_model", base)
+    layers = next(
+        (getattr(inner, n) for n in ("layers", "h", "blocks") if isinstance(getattr(inner, n, None), nn.ModuleList)),
+        None,
+    )
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if layers is None or head is None or len(layers) < 2:
+        raise ValueError(
+            f"MultiTokenHeadsMixin needs a decoder with `layers`/`h` (2 or more) and an LM head, which "
+            f"{type(base).__name__} does not expose: use a Llama/Mistral/Qwen2/GPT-2-style AutoModelForCausalLM."
+        )
+    norm = next(
+        (
+            getattr(inner, n)
+            for n in ("norm", "ln_f", "final_layer_norm")
+            if isinstance(getattr(inner, n, None), nn.Module)
+        ),
+        None,
+    )
+    return layers, norm, head, base.config
+
+
+def _plain_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's state dict with peft wrappers removed and adapter tensors dropped."""
+    for name, param in layer.named_parameters():
+        if type(param).__name__ in _QUANTIZED:
+            raise ValueError(
+                f"MultiTokenHeadsMixin cannot copy the quantized layer weight {name!r} into a head: pre-train the "
+                "heads on the unquantized model (stage: heads) and pass their file as heads_path."
+            )
+    state = {}
+    for name, value in layer.state_dict().items():
+        base, _, adapter = _split_peft_name(name)
+        if adapter is None:
+            state[base] = value.detach().clone()
+    return state
+
+
+def _new_layer(template: nn.Module, config: Any, index: int) -> nn.Module:
+    try:
+        return type(template)(config, layer_idx=index)
+    except TypeError:
+        return type(template)(config)
+
+
+class MultiTokenHeadsMixin:
+    """CAFT: auxiliary heads predicting tokens ``t+2 .. t+n`` whose losses shape the trunk during fine-tuning.
+
+    Mix into :class:`~lightning_ft.modules.CausalLMModule` (``class M(MultiTokenHeadsMixin, CausalLMModule)``,
+    ready made as :class:`~lightning_ft.objectives.CAFTCausalLM`). Head ``k`` (``1..num_heads``) is
+    ``layers_per_head`` decoder layers of the backbone's family, initialised as copies of decoder layer
+    ``init_layer``; it reads the residual stream entering the last decoder layer (with that layer's causal
+    mask and position embeddings) and its output goes through the final norm (``final_norm``) and the shared
+    LM head. At position ``t`` head ``k`` predicts ``labels[t + 1 + k]`` (the main head, ``k = 0``,
+    predicts ``labels[t + 1]``).
+
+    Two stages, each a plain ``fit``:
+
+    * ``stage="heads"``: head pre-training on general text. The backbone is frozen, the heads train,
+      and the loss is ``sum_k decay^k CE_k``.
+    * ``stage="finetune"``: task fine-tuning with ``L = CE_0 + sum_k CE_k * decay^k * heads_coefficient *
+      s(t)``, ``s`` = ``heads_schedule``; heads frozen unless ``train_heads``. Load the heads of the first
+      stage with ``heads_path``.
+
+    The auxiliary cross-entropies are computed only at positions that carry a target, ``ce_chunk_size``
+    rows at a time with recomputation in backward, so no head's full-vocabulary logits are ever held.
+    ``train/head_<k>_loss`` is logged each step and, for language-modelling validation batches (free-form
+    targets, control text), ``val/head_<k>_loss``. At the end of
+    ``fit`` the heads are written to ``heads_output`` (a safetensors file beside, never inside, the
+    exported HF folder); they are also part of Lightning checkpoints (except frozen heads of peft runs,
+    which are rebuilt from ``heads_path``). Paper: https://arxiv.org/abs/2506.07833
+
+    Args:
+        num_heads: Auxiliary heads (``n - 1``; the paper uses 4, predicting ``t+2 .. t+5``).
+        layers_per_head: Decoder layers per head (paper: 1).
+        stage: ``heads`` (pre-train the heads, trunk frozen) or ``finetune`` (CAFT loss on the task).
+        heads_path: Safetensors file written by a ``stage: heads`` run (``<run>/aux_heads.safetensors``);
+            ``None`` starts from copies of ``init_layer``.
+        train_heads: Whether the heads train; default: in ``stage="heads"`` only (frozen heads are not given
+            to the optimizer).
+        init_layer: Decoder layer the heads are copied from (paper: ``-2``, the second to last).
+        decay: ``gamma``, the per-head decay of the auxiliary weights (paper: 0.8).
+        heads_coefficient: ``alpha``, the auxiliary weight in fine-tuning (paper: 0.01); 0 gives the plain loss.
+        heads_schedule: ``s(t)``: ``rsine`` (paper default, 1 -> 0), ``sine`` (0 -> 1 by ``schedule_ratio``),
+            ``linear`` (0 -> 1) or ``constant``.
+        schedule_ratio: Fraction of training over which ``sine`` rises to 1.
+        final_norm: Pass the head outputs through the backbone's final norm before the LM head, as the
+            last layer's output is (the heads run parallel to it); the official code skips the norm.
+        ce_chunk_size: Rows per chunk of the auxiliary cross-entropies.
+        heads_output: Where ``on_fit_end`` writes the heads; default ``<default_root_dir>/aux_heads.safetensors``;
+            ``""`` disables.
+        **kwargs: Arguments of the LightningModule it is mixed into (``model``, ``peft``, ``learning_rate``...).
+    """
+
+    backbone: nn.Module
+    aux_heads: nn.ModuleList
+
+    def __init__(
+        self,
+        *,
+        num_heads: int = 4,
+        layers_per_head: int = 1,
+        stage: Stage = "finetune",
+        heads_path: str | None = None,
+        train_heads: bool | None = None,
+        init_layer: int = -2,
+        decay: float = 0.8,
+        heads_coefficient: float = 0.01,
+        heads_schedule: HeadSchedule = "rsine",
+        schedule_ratio: float = 1.0,
+        final_norm: bool = True,
+        ce_chunk_size: int = 1024,
+        heads_output: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        checks = [
+            (num_heads >= 1, f"num_heads={num_heads} must be at least 1."),
+            (layers_per_head >= 1, f"layers_per_head={layers_per_head} must be at least 1."),
+            (stage in ("heads", "finetune"), f"stage={stage!r} is not a stage: use 'heads' or 'finetune'."),
+            (0 < decay <= 1, f"decay={decay} must be in (0, 1]: the paper uses 0.8."),
+            (heads_coefficient >= 0, f"heads_coefficient={heads_coefficient} must be zero or positive."),
+            (heads_schedule in ("rsine", "sine", "linear", "constant"),
+             f"heads_schedule={heads_schedule!r} is not a schedule: use 'rsine', 'sine', 'linear' or 'constant'."),
+            (0 < schedule_ratio <= 1, f"schedule_ratio={schedule_ratio} must be in (0, 1]."),
+            (ce_chunk_size >= 1, f"ce_chunk_size={ce_chunk_size} must be at least 1."),
+            (not (stage == "heads" and train_heads is False),
+             "stage='heads' with train_heads=false trains nothing: drop train_heads or use stage: finetune."),
+            (not (stage == "heads" and kwargs.get("peft")),
+             "stage='heads' freezes the whole backbone, so peft would train nothing: set peft to null for this stage."),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        super().__init__(**kwargs)
+        self.caft = dict(
+            num_heads=num_heads, layers_per_head=layers_per_head, stage=stage, decay=decay,
+            coefficient=heads_coefficient, schedule=heads_schedule, ratio=schedule_ratio, final_norm=final_norm,
+            chunk=ce_chunk_size, output=heads_output,
+        )  # fmt: skip
+        layers, _, _, config = _decoder_parts(self.backbone)
+        if not -len(layers) <= init_layer < len(layers):
+            raise ValueError(f"init_layer={init_layer} is outside the backbone's {len(layers)} decoder layers.")
+        self.aux_heads = self._build_heads(layers, config, init_layer)
+        if heads_path:
+            self.load_heads(heads_path)
+        if stage == "heads":
+            for param in self.backbone.parameters():
+                param.requires_grad_(False)
+        train = stage == "heads" if train_heads is None else train_heads
+        self.aux_heads.requires_grad_(train)
+        self.head_metrics = nn.ModuleList(MeanMetric() for _ in range(num_heads))
+
+    # ------------------------------------------------------------------ heads
+    def _build_heads(self, layers: nn.ModuleList, config: Any, init_layer: int) -> nn.ModuleList:
+        template = layers[init_layer]
+        state = _plain_state(template)
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        heads = nn.ModuleList()
+        with torch.random.fork_rng(devices=[]):  # building the layers must not shift the user's seed stream
+            for k in range(self.caft["num_heads"]):
+                head = nn.ModuleList()
+                for j in range(self.caft["layers_per_head"]):
+                    layer = _new_layer(template, config, len(layers) + k * self.caft["layers_per_head"] + j)
+                    layer.load_state_dict(state, strict=True)
+                    head.append(layer.to(dtype))
+                heads.append(head)
+        return heads
+
+    def save_heads(self, path: str | Path) -> Path:
+        """Write the heads (and their shape) to a safetensors file that ``heads_path`` loads."""
+        from safetensors.torch import save_file
+
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.aux_heads.state_dict().items()}
+        save_file(tensors, str(target), metadata={"caft": json.dumps(self._heads_signature())})
+        return target
+
+    def load_heads(self, path: str | Path) -> None:
+        """Load heads written by :meth:`save_heads`; a file of another shape fails with one sentence."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise ValueError(
+                f"heads_path={str(path)!r} is not a file: run the head pre-training stage first "
+                "(configs/caft_heads.yaml writes <run>/aux_heads.safetensors) or fix the path."
+            )
+        with safe_open(str(path), framework="pt") as f:
+            found = json.loads((f.metadata() or {}).get("caft", "{}"))
+        expected = self._heads_signature()
+        if found != expected:
+            raise ValueError(
+                f"heads_path={str(path)!r} holds heads {found or 'of unknown shape'}, but this model needs {expected}: "
+                "set num_heads/layers_per_head to match the file or pre-train heads for this backbone."
+            )
+        self.aux_heads.load_state_dict(load_file(str(path)), strict=True)
+
+    def _heads_signature(self) -> dict[str, Any]:
+        config = _decoder_parts(self.backbone)[3]
+        return {"num_heads": self.caft["num_heads"], "layers_per_head": self.caft["layers_per_head"],
+                "layer": type(self.aux_heads[0][0]).__name__, "hidden_size": int(config.hidden_size)}  # fmt: skip
+
+    def heads_output_path(self) -> Path | None:
+        """Where ``on_fit_end`` writes the heads, or ``None`` when disabled."""
+        out = self.caft["output"]
+        if out == "":
+            return None
+        if out:
+            return Path(out)
+        trainer = getattr(self, "_trainer", None)
+        root = trainer.default_root_dir if trainer is not None else "."
+        return Path(root) / "aux_heads.safetensors"
+
+    # ------------------------------------------------------------------ forward
+    @contextmanager
+    def _capture_last_layer_input(self) -> Iterator[dict[str, Any]]:
+        """Record the arguments of the last decoder layer's call while the context is open."""
+        layers = _decoder_parts(self.backbone)[0]
+        store: dict[str, Any] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            store["bound"] = inspect.signature(module.forward).bind(*args, **kwargs)
+
+        handle = layers[-1].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield store
+        finally:
+            handle.remove()
+
+    def _head_inputs(self, store: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The hidden states and the other arguments the heads are called with (no cache, explicit mask)."""
+        from transformers.cache_utils import Cache
+
+        bound = store["bound"]
+        names = list(bound.signature.parameters)
+        arguments = dict(bound.arguments)
+        hidden = arguments.pop(names[0])
+        for name, param in bound.signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+        rest = {k: (None if isinstance(v, Cache) or k in _CACHE_ARGS else v) for k, v in arguments.items()}
+        if "use_cache" in rest:
+            rest["use_cache"] = False
+        impl = getattr(_decoder_parts(self.backbone)[3], "_attn_implementation", "sdpa")
+        if "attention_mask" in names and rest.get("attention_mask") is None and impl in ("sdpa", "eager"):
+            # The trunk may leave causality implicit (SDPA's is_causal); the heads always get it explicitly.
+            length = hidden.shape[1]
+            mask = torch.full((length, length), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device)
+            rest["attention_mask"] = mask.triu(1)[None, None].expand(hidden.shape[0], 1, length, length)
+        return hidden, rest
+
+    def head_hidden_states(self, store: dict[str, Any]) -> list[torch.Tensor]:
+        """The output of each head ``[B, T, H]`` (before the final norm) from a captured trunk forward."""
+        hidden, rest = self._head_inputs(store)
+        outputs = []
+        for head in self.aux_heads:
+            out = hidden
+            for layer in head:
+                result = layer(out, **rest)
+                out = result[0] if isinstance(result, tuple) else result  # tuple in older transformers
+            outputs.append(out)
+        return outputs
+
+    def head_ce_sums(self, store: dict[str, Any], labels: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """``(summed CE, target count)`` per auxiliary head; head ``k`` at ``t`` predicts ``labels[t + 1 + k]``."""
+        _, norm, lm_head, _ = _decoder_parts(self.backbone)
+        unembed = _Unembedding(norm if self.caft["final_norm"] else None, lm_head)
+        sums = []
+        for k, out in enumerate(self.head_hidden_states(store), start=1):
+            targets = labels[:, 1 + k :]
+            keep = targets != IGNORE_INDEX
+            rows = out[:, : targets.shape[1]][keep]
+            sums.append((chunked_unembedding_ce(rows, targets[keep], unembed, self.caft["chunk"]), int(keep.sum())))
+        return sums
+
+    def head_weights(self) -> list[float]:
+        """The current weight of each auxiliary CE (``decay^k`` in stage heads, ``decay^k alpha s(t)`` after)."""
+        gammas = [self.caft["decay"] ** k for k in range(1, self.caft["num_heads"] + 1)]
+        if self.caft["stage"] == "heads":
+            return gammas
+        step, total = training_progress(self)  # type: ignore[arg-type]
+        scale = self.caft["coefficient"] * heads_schedule(self.caft["schedule"], step, total, self.caft["ratio"])
+        return [g * scale for g in gammas]
+
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Main CE plus the weighted auxiliary CEs (stage ``finetune``), or the auxiliary CEs alone (``heads``)."""
+        with self._capture_last_layer_input() as store:
+            if self.caft["stage"] == "heads":
+                with torch.no_grad():
+                    self._trunk_forward(batch)
+                main = None
+            else:
+                main = super().compute_loss(batch)  # type: ignore[misc]
+        weights = self.head_weights()
+        aux_needed = any(w > 0 for w in weights)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and aux_needed):
+            ces = [s / max(n, 1) for s, n in self.head_ce_sums(store, batch["labels"])]
+        size = batch["input_ids"].shape[0]
+        for k, ce in enumerate(ces, start=1):
+            log_train(self, f"train/head_{k}_loss", ce.detach(), size)  # type: ignore[arg-type]
+        if main is not None:
+            log_train(self, "train/main_loss", main.detach(), size)  # type: ignore[arg-type]
+            log_train(self, "train/heads_weight", weights[0] / self.caft["decay"], size)  # type: ignore[arg-type]
+            if not aux_needed:
+                return main  # weight 0: exactly the plain loss
+        aux = sum(w * ce for w, ce in zip(weights, ces))
+        return aux if main is None else main + aux
+
+    def _trunk_forward(self, batch: dict[str, Any]) -> None:
+        extra = {"logits_to_keep": 1} if getattr(self, "_keeps_logits", False) else {}
+        self(batch["input_ids"], batch.get("attention_mask"), **extra)  # type: ignore[operator]
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_update(self, batch: dict[str, Any]) -> None:
+        """The module's metrics, plus per-head CE on language-modelling batches (not on option scoring)."""
+        if "labels" not in batch or "label_index" in batch:
+            super().eval_update(batch)  # type: ignore[misc]
+            return
+        with self._capture_last_layer_input() as store:
+            super().eval_update(batch)  # type: ignore[misc]
+        if "bound" not in store:
+            return
+        with torch.no_grad():
+            for k, (total, count) in enumerate(self.head_ce_sums(store, batch["labels"]), start=1):
+                if count:
+                    self.head_metrics[k - 1].update(total / count, weight=count)
+
+    def _head_metrics_and_reset(self) -> dict[str, float]:
+        out = {}
+        for k, metric in enumerate(self.head_metrics, start=1):
+            if getattr(metric, "_update_count", 0):
+                out[f"head_{k}_loss"] = float(metric.compute())
+            metric.reset()
+        return out
+
+    def _log_eval(self, prefix: str) -> None:
+        super()._log_eval(prefix)  # type: ignore[misc]
+        for key, value in self._head_metrics_and_reset().items():
+            self.log(f"{prefix}/{key}", value)  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def evaluate(self, dataloaders: list[Any]) -> dict[str, float]:
+        """The module's evaluation outside the Trainer, plus ``head_<k>_loss`` on language-modelling batches."""
+        self._head_metrics_and_reset()
+        out = super().evaluate(dataloaders)  # type: ignore[misc]
+        return {**out, **self._head_metrics_and_reset()}
+
+    # ------------------------------------------------------------------ saving
+    def on_fit_end(self) -> None:
+        """Export the backbone (without heads) as the module does, then write the heads file beside it."""
+        super().on_fit_end()  # type: ignore[misc]
+        path = self.heads_output_path()
+        trainer = self.trainer  # type: ignore[attr-defined]
+        if path is not None and trainer.is_global_zero:
+            self.save_heads(path)
+        trainer.strategy.barrier("lightning_ft.save_heads")
