@@ -24,7 +24,6 @@ __all__ = ["HalfFineTuning", "hft_frozen"]
 
 Redraw = Literal["fit", "epoch", "steps", "task"]
 _CATEGORIES = ("attention", "mlp", "norm")
-_QUANTIZED = frozenset({"Params4bit", "Int8Params"})
 
 
 def _unit(layer_map: LayerMap, name: str) -> tuple[str, str] | None:
@@ -151,11 +150,6 @@ class HalfFineTuning(SelectionCallback):
     @override
     def check(self, trainer: L.Trainer, model: torch.nn.Module, layer_map: LayerMap) -> None:
         params = layer_map.parameters(model, layer_map.select(kinds=["matrices", "norm"]))
-        if any(type(p).__name__ in _QUANTIZED for p in params.values()):
-            raise ValueError(
-                "HalfFineTuning trains whole base weights and cannot train a quantized backbone: "
-                "load the model unquantized (quantization: null)."
-            )
         if not any(p.requires_grad for p in params.values()):
             raise ValueError(
                 f"HalfFineTuning trains half of the base weights, but every base weight of {type(model).__name__} "

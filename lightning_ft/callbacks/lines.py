@@ -23,6 +23,7 @@ from typing_extensions import override
 from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.merging.ops import NonBlockScale, lines_factor, lines_scale
+from lightning_ft.support import check_support
 
 __all__ = ["LiNeS"]
 
@@ -94,6 +95,7 @@ class LiNeS(L.Callback):
         if stage != "fit":
             return
         self._model = find_transformer(pl_module, self.module)
+        check_support("LiNeS", trainer, self._model)
         self._snapshot = PretrainedSnapshot.of(self._model)
         dora = next((i.name for i in self._snapshot.layer_map if i.adapter == "lora_magnitude_vector"), None)
         if dora is not None:

@@ -5,11 +5,14 @@ Mechanics (Lightning hook order: backward -> ``on_before_optimizer_step`` -> gra
 * ``setup``: eligible tensors (default: the attention and MLP matrices) and ``dense`` tensors keep
   ``requires_grad``; every other tensor of the model is frozen, so the module's optimizer never holds them.
 * ``on_fit_start``: the rule selects (or, for :class:`~lightning_ft.sparse.LotteryTicket`, a dense phase
-  starts). Rank 0's selection is broadcast, so every DDP rank trains the same entries.
+  starts). Rank 0's selection is broadcast, so every DDP rank trains the same entries. Under DDP the
+  sparse communication hook (:mod:`lightning_ft.strategies.sparse_ddp`) is installed: only the selected
+  entries' gradients are all-reduced.
 * ``on_before_optimizer_step``: the gradient of each eligible tensor is zeroed outside its mask, so clipping
   sees only the selected entries (and the optional L1 pull toward theta_0 is added).
 * The optimizer's ``step`` is wrapped: after the closure and clipping, the selected entries get an AdamW step on
-  compact state (:func:`~lightning_ft.sparse.compact.sparse_adamw_`, with the lr, betas, eps and weight decay
+  compact state (:func:`lightning_ft.cuda_ext.sparse_adamw_`: the fused kernel on CUDA, else its reference
+  :func:`~lightning_ft.sparse.compact.sparse_adamw_`, with the lr, betas, eps and weight decay
   of the param group the tensor sits in, so schedulers apply), then the tensor's ``grad`` is set to ``None`` and
   the module's own optimizer steps the remaining (dense) tensors. It never holds state for eligible tensors:
   optimizer memory follows the mask.
@@ -37,14 +40,16 @@ from typing_extensions import override
 from lightning_ft.core.layer_map import KIND_GROUPS, LayerMap, ParamInfo, ParamKind, find_transformer
 from lightning_ft.core.selection import SelectionCallback
 from lightning_ft.core.snapshot import PretrainedSnapshot
+from lightning_ft.cuda_ext import sparse_adamw_
 from lightning_ft.sparse.artifact import SparseDelta
-from lightning_ft.sparse.compact import CompactState, mask_gradient_, sparse_adamw_
+from lightning_ft.sparse.compact import CompactState, mask_gradient_
 from lightning_ft.sparse.rules import LotteryTicket, SelectionContext, SelectionRule
 from lightning_ft.sparse.topk import allocate, global_topk, tensor_topk
+from lightning_ft.strategies.sparse_ddp import SparseCommState, sparse_allreduce_hook
+from lightning_ft.support import check_support, used_features
 
 __all__ = ["SparseFineTuning"]
 
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 _KIND_NAMES = {k.value for k in ParamKind} | set(KIND_GROUPS)
 ARTIFACT_NAME = "sparse_delta.safetensors"
 
@@ -86,6 +91,8 @@ class SparseFineTuning(L.Callback):
             checkpoint folder (or ``default_root_dir`` without checkpointing); ``""`` disables it.
         reset_schedule: At LotteryTicket's switch, restart the learning-rate schedule from its first step (as the
             official code does with a fresh scheduler); ``False`` continues it.
+        sparse_ddp: Under DDP, all-reduce only the selected entries' gradients (a communication hook; bytes
+            follow the mask). ``False`` keeps DDP's dense all-reduce.
 
     Without a budget the rule's default is used (``density=0.01``; ``rank=8`` for ``PrincipalWeights``).
     """
@@ -103,6 +110,7 @@ class SparseFineTuning(L.Callback):
         seed: int = 0,
         save_path: str | None = None,
         reset_schedule: bool = True,
+        sparse_ddp: bool = True,
     ) -> None:
         if not isinstance(rule, SelectionRule):
             raise ValueError(
@@ -131,6 +139,8 @@ class SparseFineTuning(L.Callback):
         self.seed = seed
         self.save_path = save_path
         self.reset_schedule = reset_schedule
+        self.sparse_ddp = sparse_ddp
+        self.comm_state: SparseCommState | None = None  # the DDP hook's state (masks, bytes sent) while fitting
         # run state
         self.phase: Literal["setup", "dense", "sparse"] = "setup"
         self.events: list[dict[str, Any]] = []
@@ -178,12 +188,6 @@ class SparseFineTuning(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDED_STRATEGIES:
-            raise ValueError(
-                f"SparseFineTuning keeps masks over whole tensors, which {strategy} shards: use strategy='ddp' "
-                "(or a single device)."
-            )
         others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (SelectionCallback, SparseFineTuning))
                   and c is not self]  # fmt: skip
         if others:
@@ -191,7 +195,7 @@ class SparseFineTuning(L.Callback):
                 f"SparseFineTuning and {others[0]} both decide which weights train: use one of them per fit."
             )
         model = find_transformer(pl_module, self.module)
-        _refuse_wrapped(model)
+        check_support("SparseFineTuning", trainer, model)
         layer_map = LayerMap.from_model(model)
         eligible = _select_infos(layer_map, self.targets, "targets")
         if not eligible:
@@ -228,16 +232,40 @@ class SparseFineTuning(L.Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._bind(trainer)
+        self._install_comm_hook(trainer)
         if self._restored is not None:
             self._load(self._restored)
             self._restored = None
-            return
-        self._initial = self._schedule_state(trainer)
-        if self.rule.dense_steps > 0:
-            self.phase = "dense"
-            self._log_event(trainer, "dense_phase", {})
         else:
-            self._select(trainer, pl_module, remap=False)
+            self._initial = self._schedule_state(trainer)
+            if self.rule.dense_steps > 0:
+                self.phase = "dense"
+                self._log_event(trainer, "dense_phase", {})
+            else:
+                self._select(trainer, pl_module, remap=False)
+        self._sync_comm_masks()
+
+    def _install_comm_hook(self, trainer: L.Trainer) -> None:
+        """Under DDP, register the sparse all-reduce hook on the wrapped model (unless ``sparse_ddp=False``)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.comm_state = None
+        wrapped = getattr(trainer.strategy, "model", None)
+        if not (self.sparse_ddp and "ddp" in used_features(trainer) and isinstance(wrapped, DistributedDataParallel)):
+            return
+        if getattr(trainer.strategy, "_ddp_comm_hook", None) is not None:
+            raise ValueError(
+                "SparseFineTuning installs its sparse all-reduce hook under DDP, but the strategy already has a "
+                "ddp_comm_hook: drop that hook or pass sparse_ddp=False."
+            )
+        self.comm_state = SparseCommState(process_group=wrapped.process_group)
+        wrapped.register_comm_hook(self.comm_state, sparse_allreduce_hook)
+
+    def _sync_comm_masks(self) -> None:
+        """Point the DDP hook at the current masks (none outside the sparse phase: everything is averaged)."""
+        if self.comm_state is not None:
+            sparse = self.phase == "sparse"
+            self.comm_state.masks = {id(self._params[n]): s.indices for n, s in self.states.items()} if sparse else {}
 
     # ------------------------------------------------------------------ per step
     @override
@@ -326,6 +354,7 @@ class SparseFineTuning(L.Callback):
         self.phase = "sparse"
         self._last_selection_step = trainer.global_step
         self._cache_theta0()
+        self._sync_comm_masks()
         self._log_event(trainer, "select", self._densities())
 
     def choose(self, ctx: SelectionContext) -> dict[str, torch.Tensor]:
@@ -386,6 +415,7 @@ class SparseFineTuning(L.Callback):
         self._snapshot.restore(self._model, [*self._params, *self._dense_params])
         self.states = {n: CompactState.create(self._params[n].detach(), s.indices) for n, s in self.states.items()}
         self._ever = {n: s.indices.long().cpu() for n, s in self.states.items()}
+        self._sync_comm_masks()
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
         if self.reset_schedule and self._initial is not None:
@@ -537,20 +567,3 @@ class SparseFineTuning(L.Callback):
         self._ever = dict(state.get("ever", {}))
         if self.states:
             self._cache_theta0()
-
-
-def _refuse_wrapped(model: torch.nn.Module) -> None:
-    """One sentence for LoRA-wrapped or quantized backbones."""
-    from lightning_ft.modules.backbone import is_peft_model
-
-    if is_peft_model(model):
-        raise ValueError(
-            "SparseFineTuning trains the backbone's own weights, but this backbone is LoRA-wrapped (peft): drop "
-            "`peft` from the module (sparse fine-tuning already keeps optimizer state for the selected entries only)."
-        )
-    quantized = getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
-    if quantized or any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
-        raise ValueError(
-            "SparseFineTuning adds fp32 differences to the weights, which a quantized backbone cannot hold: load the "
-            "model without `quantization` (bf16 weights work)."
-        )

@@ -27,10 +27,9 @@ from typing_extensions import override
 
 from lightning_ft.core.layer_map import LayerMap, find_transformer
 from lightning_ft.core.snapshot import PretrainedSnapshot
+from lightning_ft.support import check_support
 
 __all__ = ["ParameterSelection", "SelectionCallback", "draw_rng"]
-
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
 def draw_rng(seed: int, index: int) -> random.Random:
@@ -207,18 +206,13 @@ class SelectionCallback(L.Callback):
         if stage != "fit":
             return
         name = type(self).__name__
-        strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDED_STRATEGIES:
-            raise ValueError(
-                f"{name} freezes whole tensors, which {strategy} cannot do with flat sharded parameters: "
-                "use strategy='ddp' (or a single device)."
-            )
+        model = find_transformer(pl_module, self.module)
+        check_support(name, trainer, model)  # the declared support matrix (lightning_ft.support)
         if self.dynamic and _is_ddp(trainer) and not trainer.strategy._ddp_kwargs.get("find_unused_parameters"):
             raise ValueError(
                 f"{name} changes the trainable set during training, which DDP allows only with unused-parameter "
                 "detection: use strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true')."
             )
-        model = find_transformer(pl_module, self.module)
         layer_map = LayerMap.from_model(model)
         self.check(trainer, model, layer_map)
         if self.selection is not None and self.selection.model is model:
