@@ -3,6 +3,7 @@ every method with and without LiNeS, and score every merge on every task (and th
 
     python benchmarks/merging.py --name merging                      # default budget
     python benchmarks/merging.py --name smoke --quick                # a few minutes
+    python benchmarks/merging.py --name merging --val-size 100       # cheaper LiNeS beta sweeps
 
 Writes ``benchmarks/results/<name>.md`` and ``.json``. Fine-tunes are cached under ``benchmarks/runs/`` and
 reused unless ``--retrain``. LiNeS rows use the paper's recipe: alpha from the norm ratio, beta swept on the
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--quick", action="store_true", help="20 steps, small eval splits")
+    parser.add_argument("--val-size", type=int, help="cap every task's validation split (the LiNeS beta sweep's cost)")
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     import torch
@@ -108,6 +110,9 @@ def main() -> None:
         args.steps = 20
         for spec in TASKS.values():
             spec["val_size"], spec["test_size"] = min(spec["val_size"], 40), min(spec["test_size"], 60)
+    if args.val_size is not None:
+        for spec in TASKS.values():
+            spec["val_size"] = min(spec["val_size"], args.val_size)
     runs = HERE / "runs" / "merging"
     folders = {}
     for task in args.tasks:

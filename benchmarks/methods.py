@@ -146,7 +146,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["method"] == "zero_shot":
         return {"after": module.evaluate(loaders), "trainable": 0, "optimizer_bytes": 0}
     timer = _StepTimer()
-    callbacks = [instantiate_class((), c) for c in method.get("callbacks", [])] + [timer]
+    def build(value: Any) -> Any:  # nested class_path dicts (a callback's rule) are instantiated too
+        if isinstance(value, dict) and "class_path" in value:
+            return instantiate_class((), {**value, "init_args": build(value.get("init_args", {}))})
+        if isinstance(value, dict):
+            return {k: build(v) for k, v in value.items()}
+        return value
+
+    callbacks = [build(c) for c in method.get("callbacks", [])] + [timer]
     trainer = L.Trainer(
         max_steps=cfg["steps"], accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,

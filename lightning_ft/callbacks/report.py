@@ -58,6 +58,18 @@ class ForgettingReport(L.Callback):
         self._last_val_weights: float | None = None
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not callable(getattr(pl_module, "evaluate", None)):
+            raise ValueError(
+                f"ForgettingReport measures with `evaluate(loaders) -> metrics`, which {type(pl_module).__name__} "
+                "lacks: add that method (CausalLMModule and SequenceClassificationModule have it) or drop the callback."
+            )
+        if trainer.datamodule is None:
+            raise ValueError("ForgettingReport evaluates the DataModule's validation loaders: pass `datamodule=` to fit.")
+
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.before:  # a resumed run keeps the before-values from its checkpoint
             self.before = self._evaluate(trainer, pl_module)

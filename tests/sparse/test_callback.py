@@ -334,3 +334,33 @@ def test_refusals_are_one_sentence(tiny_llama_dir: Path, tmp_path: Path) -> None
     plain.configure_optimizers = lambda: torch.optim.SGD([p for p in plain.parameters() if p.requires_grad], lr=0.1)  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="use Adam or AdamW in configure_optimizers"):
         sgd.fit(plain, make_data())
+
+
+def test_gpt2_conv1d_weights_train_sparsely(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    sft = SparseFineTuning(Magnitude(), targets=["attention", "mlp"], density=0.05, save_path="")
+    watch = Watch(sft)
+    module = _module(tiny_gpt2_dir)
+    make_trainer(tmp_path, 4, callbacks=[sft, watch]).fit(module, make_data())
+    assert any("c_attn" in n for n in sft._params) and any("c_fc" in n for n in sft._params)
+    _assert_sparse(module, sft, watch.union, _theta0(tiny_gpt2_dir))
+
+
+@pytest.mark.slow
+def test_encoder_classifier_trains_a_new_head_densely_and_the_encoder_sparsely(tmp_path: Path) -> None:
+    from lightning_ft.data import ClassificationDataModule
+    from lightning_ft.modules import SequenceClassificationModule
+
+    L.seed_everything(0)
+    module = SequenceClassificationModule(model="minilm-l6", num_labels=2, learning_rate=1e-3, warmup_steps=2, output_dir="")
+    sft = SparseFineTuning(Sensitivity(batches=2), density=0.01, dense="head", save_path="")
+    dm = ClassificationDataModule(train_size=64, val_size=16, test_size=0, control_size=0, batch_size=8)
+    before = {n: p.detach().clone() for n, p in module.backbone.named_parameters()}
+    make_trainer(tmp_path, 4, callbacks=[sft]).fit(module, dm)
+    live = dict(module.backbone.named_parameters())
+    assert any("classifier" in n for n in sft._dense_params)
+    for name in sft._dense_params:  # the new head (and anything else the layer map calls head) trains densely
+        assert not torch.equal(live[name], before[name]), name
+    moved = sum(int((live[n] != before[n]).sum()) for n in sft._params)
+    assert 0 < moved <= sum(s.numel for s in sft.states.values())
+    frozen = [n for n in live if n not in sft._params and n not in sft._dense_params]
+    assert frozen and all(torch.equal(live[n], before[n]) for n in frozen)  # embeddings, norms, biases
