@@ -235,6 +235,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--head-steps", type=int, default=None, help="CAFT head pre-training steps")
     parser.add_argument("--quick", action="store_true", help=f"a few minutes: {QUICK}, one seed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,6 +245,8 @@ def main() -> None:
     settings = {**DEFAULTS, **(QUICK if args.quick else {})}
     if args.steps is not None:
         settings["steps"] = args.steps
+    if args.head_steps is not None:
+        settings["head_steps"] = args.head_steps
     seeds = args.seeds[:1] if args.quick else args.seeds
     rows = ["sft"] + [r for r in args.rows if r != "sft"]  # plain SFT is the time baseline
     command = "python benchmarks/objectives.py " + " ".join(sys.argv[1:])

@@ -351,7 +351,9 @@ def test_encoder_classifier_trains_a_new_head_densely_and_the_encoder_sparsely(t
     from lightning_ft.modules import SequenceClassificationModule
 
     L.seed_everything(0)
-    module = SequenceClassificationModule(model="minilm-l6", num_labels=2, learning_rate=1e-3, warmup_steps=2, output_dir="")
+    module = SequenceClassificationModule(
+        model="minilm-l6", num_labels=2, learning_rate=1e-3, warmup_steps=2, output_dir=""
+    )
     sft = SparseFineTuning(Sensitivity(batches=2), density=0.01, dense="head", save_path="")
     dm = ClassificationDataModule(train_size=64, val_size=16, test_size=0, control_size=0, batch_size=8)
     before = {n: p.detach().clone() for n, p in module.backbone.named_parameters()}
@@ -364,3 +366,23 @@ def test_encoder_classifier_trains_a_new_head_densely_and_the_encoder_sparsely(t
     assert 0 < moved <= sum(s.numel for s in sft.states.values())
     frozen = [n for n in live if n not in sft._params and n not in sft._dense_params]
     assert frozen and all(torch.equal(live[n], before[n]) for n in frozen)  # embeddings, norms, biases
+
+
+def test_drops_into_a_user_lightning_module(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from callbacks.selection_checks import UserModule, token_batches
+
+    module = UserModule(str(tiny_llama_dir))
+    lm = module.nets["lm"]
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    sft = SparseFineTuning(Random(), density=0.02, save_path="")
+    make_trainer(tmp_path, 4, callbacks=[sft]).fit(module, token_batches())
+    assert sft._model is lm
+    for name, param in lm.named_parameters():
+        changed = (param.detach() != before[name]).reshape(-1).nonzero().squeeze(1)
+        allowed = set(sft.selected[name].tolist()) if name in sft.selected else set()
+        assert set(changed.tolist()) <= allowed, name
+    assert sum(s.numel for s in sft.states.values()) == round(0.02 * sft.eligible_numel)
+    with pytest.raises(ValueError, match="needs UserModule.compute_loss"):
+        make_trainer(tmp_path, 1, callbacks=[SparseFineTuning(Sensitivity(), save_path="")]).fit(
+            UserModule(str(tiny_llama_dir)), token_batches()
+        )
