@@ -28,7 +28,7 @@ of the checkpoint, so a resumed run equals an uninterrupted one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -319,7 +319,8 @@ class SparseFineTuning(L.Callback):
         assert self._model is not None and self._snapshot is not None and self._layer_map is not None
         lm, snap = self._layer_map, self._snapshot
         current = {lm[n].base_name: p for n, p in self._params.items()}
-        reference = {lm[n].base_name: snap.get(n, dtype=torch.float32) for n in self._ever}
+        names = {lm[n].base_name: n for n in self._ever}
+        reference = _LazyTheta0(snap, names)  # one theta_0 tensor at a time, not a second copy of the model
         selected = {lm[n].base_name: idx for n, idx in self._ever.items()}  # every entry that may have moved
         dense = {lm[n].base_name: p for n, p in self._dense_params.items()}
         base = str(getattr(getattr(self._model, "config", None), "_name_or_path", ""))
@@ -567,3 +568,19 @@ class SparseFineTuning(L.Callback):
         self._ever = dict(state.get("ever", {}))
         if self.states:
             self._cache_theta0()
+
+
+class _LazyTheta0(Mapping[str, torch.Tensor]):
+    """Base key -> theta_0 (fp32), read from the shared snapshot only when asked for."""
+
+    def __init__(self, snapshot: PretrainedSnapshot, names: dict[str, str]) -> None:
+        self.snapshot, self.names = snapshot, names
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.snapshot.get(self.names[key], dtype=torch.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
