@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -47,9 +49,7 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
 
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=compute_dtype
-    )
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=compute_dtype)
 
 
 def build_peft_config(spec: dict[str, Any], task_type: str) -> Any:
@@ -130,13 +130,21 @@ def is_peft_model(module: nn.Module) -> bool:
 
 def save_pretrained_atomic(backbone: nn.Module, tokenizer: Any, output_dir: str | os.PathLike[str]) -> Path:
     """Save model (or peft adapter) and tokenizer into ``output_dir``, replacing it only once complete."""
+    with atomic_dir(output_dir) as tmp:
+        backbone.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(output_dir)
+
+
+@contextlib.contextmanager
+def atomic_dir(output_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``output_dir`` that replaces it only when the block completes."""
     target = Path(output_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        backbone.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}-old")
@@ -147,4 +155,3 @@ def save_pretrained_atomic(backbone: nn.Module, tokenizer: Any, output_dir: str 
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target

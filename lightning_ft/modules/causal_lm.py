@@ -22,11 +22,20 @@ Schedule = Literal["linear", "cosine", "constant"]
 
 
 def build_optimizer(
-    module: L.LightningModule, learning_rate: float, weight_decay: float, warmup_steps: int, schedule: str
+    module: L.LightningModule,
+    learning_rate: float,
+    weight_decay: float,
+    warmup_steps: int,
+    schedule: str,
+    parameters: list[tuple[str, nn.Parameter]] | None = None,
 ) -> dict[str, Any]:
-    """AdamW over the trainable parameters (no decay on biases and norms) with a step-wise warmup schedule."""
+    """AdamW over the trainable parameters (no decay on biases and norms) with a step-wise warmup schedule.
+
+    ``parameters`` (named) restricts it to a subset, e.g. one of two models stepped by hand; default: all of
+    ``module``'s.
+    """
     decay, no_decay = [], []
-    for _, param in module.named_parameters():
+    for _, param in parameters if parameters is not None else module.named_parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     if not decay and not no_decay:

@@ -2,8 +2,8 @@
 reference on random and edge-case inputs (empty mask, all selected, non-contiguous, bf16/fp16 weights, int64
 indices), then the speed ratio and peak memory of kernel versus reference in the same run.
 
-    python benchmarks/kernels.py                 # writes benchmarks/results/kernels.md (card name in the title)
-    python benchmarks/kernels.py --quick         # smaller shapes, fewer repeats
+    python benchmarks/cuda_kernels.py                 # writes benchmarks/results/kernels.md (card name in the title)
+    python benchmarks/cuda_kernels.py --quick         # smaller shapes, fewer repeats
 
 Exits with status 1 and a one-line message on a machine without CUDA, and with status 1 if any check fails
 (the table is still written). It builds the kernels just in time (nvcc must be on PATH or under CUDA_HOME).
@@ -226,7 +226,7 @@ def write(path: Path, card: str, checks: list[Row], speeds: list[Row], seconds: 
         f"# cuda_ext kernels on {card}",
         "",
         f"torch {torch.__version__}, nvcc {_nvcc_version()}, {platform.node()}; run took {seconds:.0f} s "
-        "(`python benchmarks/kernels.py`).",
+        "(`python benchmarks/cuda_kernels.py`).",
         "",
         "## Kernel against reference",
         "",
@@ -252,7 +252,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=HERE / "results" / "kernels.md")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); the CPU checks are in "
+        print("benchmarks/cuda_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); the CPU checks are in "
               "tests/cuda_ext.", file=sys.stderr)  # fmt: skip
         return 1
     os.environ.pop(cuda_ext.FORCE_REFERENCE_ENV, None)
