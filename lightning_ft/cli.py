@@ -46,6 +46,7 @@ def _cli_class() -> type:
     import lightning_ft.callbacks  # noqa: F401  (registers short class names for YAML)
     import lightning_ft.data  # noqa: F401
     import lightning_ft.modules  # noqa: F401
+    import lightning_ft.copilot  # noqa: F401
     import lightning_ft.objectives  # noqa: F401
 
     class LightningFTCLI(LightningCLI):

@@ -95,6 +95,15 @@ SUPPORT: dict[str, MethodSupport] = {
         {"fsdp": _sharded("rescales whole tensors at the end of fit")},
         "With a LoRA or quantized backbone it scales the adapters (not DoRA).",
     ),
+    "CopilotMixin": MethodSupport(
+        frozenset({"ddp", "quantized", "lora", "mixed"}),
+        {
+            "fsdp": "{name} steps the Pilot and the Copilot by hand with two optimizers, which {strategy} would shard "
+            "together: " + _USE_DDP + "."
+        },
+        "Pilot and Copilot may both be LoRA; a quantized Pilot needs copilot_model (unquantized) for the Copilot's "
+        "initial layers; 16-mixed is refused (one loss scaler, two optimizers).",
+    ),
 }
 
 

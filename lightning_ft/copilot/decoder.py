@@ -1,0 +1,302 @@
+"""The Copilot decoder: alternating causal self-attention and masked cross-attention to the Pilot's states.
+
+Layer ``1, 3, 5, ...`` (1-based, the paper's odd layers) self-attend causally over the Copilot's own stream with
+rotary positions; layers ``2, 4, ...`` replace self-attention by cross-attention whose keys and values come from
+``[X ; pool(h)]``: the Pilot's input embeddings and its hidden states averaged over layers, concatenated along the
+sequence. Every attention is masked so that the output at position ``t`` reads only positions ``<= t`` of the
+Pilot's states (what the Pilot has computed when it predicts token ``t + 1``) and only the Copilot inputs up to
+``t``, which carry the errors of positions ``< t``. The layers are Llama-style (RMSNorm, SwiGLU) so that their
+weights can be copied from a pretrained decoder of that family. The decoder runs over a whole sequence (training)
+or a few new positions at a time with a cache (fused decoding); both give the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CopilotConfig", "CopilotDecoder", "CopilotLayer", "DecoderCache"]
+
+_LLAMA_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+@dataclass
+class CopilotConfig:
+    """Shape of a Copilot decoder.
+
+    Attributes:
+        vocab_size: Size of the error vectors it reads and the rectification it writes (the Pilot's vocabulary).
+        hidden_size: Copilot width.
+        pilot_hidden_size: Width of the Pilot states it cross-attends to (aligned by a linear map when different).
+        embed_size: Width of the frozen embedding matrix errors are read through (default ``pilot_hidden_size``:
+            the Pilot's own embeddings).
+        num_layers: Decoder layers (alternating self / cross, starting with self-attention).
+        num_heads: Query heads.
+        num_kv_heads: Key/value heads (grouped-query attention when fewer than ``num_heads``).
+        intermediate_size: SwiGLU width.
+        rms_norm_eps: RMSNorm epsilon.
+        rope_theta: Rotary base of the self-attention layers.
+        attention_bias: Biases on q/k/v (Qwen2-style layers).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    pilot_hidden_size: int
+    embed_size: int = 0
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    intermediate_size: int = 1024
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+
+    def __post_init__(self) -> None:
+        self.embed_size = self.embed_size or self.pilot_hidden_size
+        if self.num_layers < 2:
+            raise ValueError(
+                f"copilot num_layers={self.num_layers} must be at least 2 (one self-, one cross-attention)."
+            )
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"copilot hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}: "
+                "hidden_size must divide by num_heads and num_heads by num_kv_heads."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in fp32 (Llama's)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: CopilotConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, cfg: CopilotConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of ``x [B, H, n, hd]`` at integer ``positions [B, n]`` (Llama's rotate-half form)."""
+    hd = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+    angles = positions.float()[..., None] * inv  # [B, n, hd/2]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, n, hd]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    half = hd // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class DecoderCache:
+    """Keys/values of every position seen so far, per layer, for decoding a few positions at a time."""
+
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+    key_valid: torch.Tensor | None = None  # [B, t] bool, validity of the positions seen so far
+    length: int = 0
+
+    def select(self, rows: torch.Tensor) -> DecoderCache:
+        """The cache of the given rows (beam search reorders its hypotheses)."""
+        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+        return DecoderCache([pick(k) for k in self.keys], [pick(v) for v in self.values], pick(self.key_valid),
+                            self.length)  # fmt: skip
+
+
+class CopilotLayer(nn.Module):
+    """One pre-norm decoder layer: (self- or cross-) attention then SwiGLU, each with a residual connection.
+
+    Parameter names follow Llama's decoder layer (``self_attn.q_proj`` ..., ``mlp.gate_proj`` ...,
+    ``input_layernorm``, ``post_attention_layernorm``) so a pretrained layer's state dict loads directly; a
+    cross-attention layer also normalises the memory it reads (``memory_norm``).
+    """
+
+    def __init__(self, cfg: CopilotConfig, cross: bool) -> None:
+        super().__init__()
+        self.cfg, self.cross = cfg, cross
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = _Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = _MLP(cfg)
+        self.memory_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cross else None
+
+    def _heads(self, x: torch.Tensor, proj: nn.Linear, heads: int) -> torch.Tensor:
+        return proj(x).view(x.shape[0], x.shape[1], heads, self.cfg.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        memory: torch.Tensor | None,
+        cache: DecoderCache | None,
+        index: int,
+    ) -> torch.Tensor:
+        """``x [B, n, d]`` new positions; ``mask [B, 1, n, t]`` over all positions so far (True attends);
+        ``memory [B, 2, n, d]`` (cross layers): ``X`` and ``pool(h)`` at the new positions; ``cache`` keeps
+        this layer's keys/values (``[B, kv, t, hd]``, or ``[B, kv, 2, t, hd]`` for cross layers)."""
+        cfg = self.cfg
+        b, n = x.shape[:2]
+        h = self.input_layernorm(x)
+        q = self.self_attn.q_proj(h).view(b, n, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        if self.cross:
+            source = self.memory_norm(memory)  # type: ignore[misc]
+            k = self.self_attn.k_proj(source).view(b, 2, n, cfg.num_kv_heads, cfg.head_dim).permute(0, 3, 1, 2, 4)
+            v = self.self_attn.v_proj(source).view(b, 2, n, cfg.num_kv_heads, cfg.head_dim).permute(0, 3, 1, 2, 4)
+        else:
+            k = self.self_attn.k_proj(h).view(b, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = self.self_attn.v_proj(h).view(b, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            q, k = _rotate(q, positions, cfg.rope_theta), _rotate(k, positions, cfg.rope_theta)
+        if cache is not None:
+            old_k, old_v = cache.keys[index], cache.values[index]
+            if old_k is not None:
+                k, v = torch.cat((old_k, k), dim=-2), torch.cat((old_v, v), dim=-2)  # type: ignore[arg-type]
+            cache.keys[index], cache.values[index] = k, v
+        if self.cross:  # keys [X_0..X_t | h_0..h_t]; the mask is repeated over the two blocks
+            k, v = k.flatten(2, 3), v.flatten(2, 3)
+            mask = torch.cat((mask, mask), dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=cfg.num_kv_heads != cfg.num_heads)
+        x = x + self.self_attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CopilotDecoder(nn.Module):
+    """Reads error vectors over the vocabulary and the Pilot's states; writes a rectification over the vocabulary.
+
+    * ``embed``: the error (or, when decoding, the Copilot's own previous output) of position ``t - 1`` enters
+      position ``t`` through a frozen ``[vocab, embed_size]`` matrix (a copy of the Pilot's, or the Copilot
+      model's, input embeddings, so an error ``onehot(y) - p`` reads as ``e_y - E^T p``) and a trainable map to
+      the Copilot's width (identity at start when the widths agree).
+    * ``memory_proj``: aligns the Pilot's width to the Copilot's (identity when equal).
+    * ``lm_out``: the output projection to the vocabulary, zero at start by default, so an untrained Copilot
+      changes nothing.
+    """
+
+    def __init__(self, cfg: CopilotConfig, zero_init_output: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.embed_size), requires_grad=False)
+        self.input_proj = nn.Linear(cfg.embed_size, cfg.hidden_size, bias=False)
+        self.memory_proj: nn.Module = (
+            nn.Identity()
+            if cfg.pilot_hidden_size == cfg.hidden_size
+            else nn.Linear(cfg.pilot_hidden_size, cfg.hidden_size, bias=False)
+        )
+        self.layers = nn.ModuleList(CopilotLayer(cfg, cross=i % 2 == 1) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.embed_size == cfg.hidden_size:
+            with torch.no_grad():
+                self.input_proj.weight.copy_(torch.eye(cfg.hidden_size))
+        if zero_init_output:
+            nn.init.zeros_(self.lm_out.weight)
+
+    # ------------------------------------------------------------------ initialisation
+    def load_pilot_layers(self, layers: list[dict[str, torch.Tensor]]) -> None:
+        """Copy pretrained Llama-style decoder layers (plain state dicts, lowest first) into the Copilot's layers.
+
+        Cross-attention layers take the pretrained self-attention projections as their starting point; their
+        ``memory_norm`` starts at one. The final norm stays at one: the pretrained final norm scales hidden states
+        for logits of magnitude 10 and more, the Copilot writes errors of magnitude 1 and less (and the larger scale
+        makes the first optimizer steps overshoot). Fails in one sentence when a layer does not have Llama's
+        parameter names.
+        """
+        for i, (layer, state) in enumerate(zip(self.layers, layers)):
+            missing = [k for k in _LLAMA_KEYS if f"{k}.weight" not in state]
+            if missing:
+                raise ValueError(
+                    f"copilot layer {i}: the pretrained layer has no {missing[0]}.weight (not a Llama/Mistral/Qwen2-style "
+                    "decoder layer): set copilot_init='random' or give copilot_model a model of that family."
+                )
+            wanted = layer.state_dict()
+            load = {k: v for k, v in state.items() if k in wanted}
+            if "memory_norm.weight" in wanted:
+                load["memory_norm.weight"] = wanted["memory_norm.weight"]
+            layer.load_state_dict(load, strict=True)
+
+    # ------------------------------------------------------------------ running
+    def input_rows(self, errors: torch.Tensor) -> torch.Tensor:
+        """``[..., vocab]`` error (or rectification) vectors -> ``[..., hidden]`` Copilot inputs."""
+        return self.input_proj(errors.to(self.embed.dtype) @ self.embed)
+
+    def input_rows_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`input_rows` for vectors given by their ``k`` largest entries ``[N, k]`` (values, ids)."""
+        gathered = self.embed[indices.long()]  # [N, k, D]
+        return self.input_proj((values.to(self.embed.dtype)[..., None] * gathered).sum(1))
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        pilot_embeds: torch.Tensor,
+        pilot_hidden: torch.Tensor,
+        valid: torch.Tensor,
+        cache: DecoderCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states ``[B, n, hidden]`` (after the final norm) of ``n`` new positions.
+
+        Args:
+            inputs: ``[B, n, hidden]`` Copilot inputs (:meth:`input_rows` of the error at the previous position).
+            pilot_embeds: ``[B, n, pilot_hidden]`` the Pilot's input embeddings at these positions.
+            pilot_hidden: ``[B, n, pilot_hidden]`` the Pilot's layer-averaged hidden states at these positions.
+            valid: ``[B, n]`` which positions are real tokens (not padding).
+            cache: ``None`` for a whole sequence; a :class:`DecoderCache` (empty at first) to continue one.
+        """
+        n = inputs.shape[1]
+        start = cache.length if cache is not None else 0
+        key_valid = valid.bool()
+        if cache is not None:
+            if cache.key_valid is not None:
+                key_valid = torch.cat((cache.key_valid, key_valid), dim=1)
+            if not cache.keys:
+                cache.keys, cache.values = [None] * len(self.layers), [None] * len(self.layers)
+            cache.key_valid, cache.length = key_valid, start + n
+        q_index = torch.arange(start, start + n, device=inputs.device)[:, None]
+        k_index = torch.arange(start + n, device=inputs.device)[None, :]
+        # position t sees positions j <= t that are real tokens, and always itself (no row is empty)
+        allowed = (k_index <= q_index)[None] & (key_valid[:, None, :] | (k_index == q_index)[None])
+        positions = (key_valid.long().cumsum(1) - 1).clamp_min(0)[:, start:]
+        memory = self.memory_proj(torch.stack((pilot_embeds, pilot_hidden), dim=1).to(inputs.dtype))
+        x = inputs
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, allowed[:, None], memory if layer.cross else None, cache, i)
+        return self.norm(x)
+
+    def rectify(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Copilot hidden states -> fp32 rectification vectors over the vocabulary."""
+        return self.lm_out(hidden).float()
+
+    def trainable_summary(self) -> dict[str, Any]:
+        return {n: int(p.numel()) for n, p in self.named_parameters() if p.requires_grad}

@@ -1,0 +1,180 @@
+"""Reading the Pilot's states during a forward pass, and fusing the Copilot's rectification into its predictions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LogitsProcessor
+
+from lightning_ft.modules.backbone import is_peft_model
+
+__all__ = ["CopilotLogitsProcessor", "PilotCapture", "fuse_log_probs", "fuse_probs"]
+
+
+def fuse_probs(scores: torch.Tensor, rectification: torch.Tensor, lam: float) -> torch.Tensor:
+    """``p = softmax(scores) + lam * f``, clamped at zero and renormalised (fp32).
+
+    ``scores`` may be logits or log-probabilities (the softmax is the same). Entries an earlier logits processor
+    set to ``-inf`` stay at probability zero.
+    """
+    probs = torch.softmax(scores.float(), dim=-1)
+    fused = probs + lam * rectification.float()
+    fused = torch.where(torch.isneginf(scores), torch.zeros_like(fused), fused).clamp_min(0.0)
+    return fused / fused.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def fuse_log_probs(scores: torch.Tensor, rectification: torch.Tensor, lam: float) -> torch.Tensor:
+    """Log of :func:`fuse_probs` (``-inf`` where the fused probability is zero); ``lam == 0`` returns the Pilot's
+    own log-softmax."""
+    if lam == 0:
+        return torch.log_softmax(scores.float(), dim=-1)
+    return fuse_probs(scores, rectification, lam).log()
+
+
+def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    from lightning_ft.objectives.heads import _decoder_parts
+
+    return _decoder_parts(backbone)[0]
+
+
+class PilotCapture:
+    """Forward hooks that record, for the latest forward pass of the Pilot, its input embeddings ``X``, the mean of
+    its decoder layers' outputs ``pool(h)`` (fp32 running sum, detached) and optionally the LM head's output.
+
+    Use as a context manager; each forward pass inside overwrites the record. Nothing is kept on the autograd graph.
+    """
+
+    def __init__(self, backbone: nn.Module, logits: bool = False) -> None:
+        base = backbone.get_base_model() if is_peft_model(backbone) else backbone
+        self.embedding = base.get_input_embeddings()
+        self.layers = _decoder_layers(backbone)
+        self.head = base.get_output_embeddings() if logits else None
+        self.embeds: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self.logits: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> PilotCapture:
+        self._handles.append(self.embedding.register_forward_hook(self._on_embed))
+        self._handles += [layer.register_forward_hook(self._on_layer) for layer in self.layers]
+        if self.head is not None:
+            self._handles.append(self.head.register_forward_hook(self._on_head))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_embed(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.embeds = output.detach()
+        self._sum, self._count, self.logits = None, 0, None
+
+    def _on_layer(self, module: nn.Module, args: Any, output: Any) -> None:
+        hidden = (output[0] if isinstance(output, tuple) else output).detach().float()
+        self._sum = hidden.clone() if self._sum is None else self._sum.add_(hidden)
+        self._count += 1
+
+    def _on_head(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.logits = output.detach()
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """``[B, n, D]`` fp32 mean of the decoder layers' outputs of the latest forward pass."""
+        if self._sum is None or self._count != len(self.layers):
+            raise RuntimeError(
+                f"the Pilot forward reached {self._count} of its {len(self.layers)} decoder layers: run a full forward "
+                "inside the capture."
+            )
+        return self._sum / self._count
+
+
+class CopilotLogitsProcessor(LogitsProcessor):
+    """A transformers ``LogitsProcessor`` that fuses the Copilot into HF ``generate`` (greedy, beam or sampling).
+
+    At each step it reads the Pilot's states of the new positions (through :class:`PilotCapture`), runs the Copilot
+    on them with its cache, feeding back its own previous output, and returns the log of
+    ``clamp(p + lam * f, 0)`` renormalised: log-probabilities, as beam search expects. Beam reordering is followed
+    by matching each hypothesis to its parent's token prefix. ``lam == 0`` returns the scores untouched.
+
+    Use it as a context manager around ``generate`` so that its hooks are removed afterwards::
+
+        with CopilotLogitsProcessor(module, lam=0.8, attention_mask=mask) as fuse:
+            out = module.backbone.generate(input_ids, attention_mask=mask, logits_processor=[fuse])
+
+    Args:
+        module: A LightningModule with :class:`~lightning_ft.copilot.CopilotMixin`.
+        lam: Fusion weight; ``None`` uses the module's current ``copilot_lambda``.
+        attention_mask: The prompt's ``[B, T]`` attention mask (left padding), if any.
+    """
+
+    def __init__(self, module: Any, lam: float | None = None, attention_mask: torch.Tensor | None = None) -> None:
+        self.module = module
+        self.lam = float(module.copilot_lambda if lam is None else lam)
+        self.prompt_mask = attention_mask
+        self.capture = PilotCapture(module.backbone)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the sequences seen so far (start a new ``generate`` call)."""
+        from lightning_ft.copilot.decoder import DecoderCache
+
+        self.cache = DecoderCache()
+        self.ids: torch.Tensor | None = None
+        self.next_input: torch.Tensor | None = None
+
+    def __enter__(self) -> CopilotLogitsProcessor:
+        self.reset()
+        self.capture.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.capture.__exit__(*exc)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.lam == 0:
+            return scores
+        copilot = self.module.copilot
+        embeds, hidden = self.capture.embeds, self.capture.hidden
+        if embeds is None:
+            raise RuntimeError(
+                "CopilotLogitsProcessor saw no Pilot forward: use it as a context manager around generate."
+            )
+        rows, length = input_ids.shape
+        new = embeds.shape[1]
+        dtype = copilot.lm_out.weight.dtype
+        if self.ids is None:  # the prompt
+            valid = torch.ones(rows, new, dtype=torch.bool, device=input_ids.device)
+            if self.prompt_mask is not None:
+                mask = self.prompt_mask.to(input_ids.device).bool()
+                valid = mask.repeat_interleave(rows // mask.shape[0], dim=0)[:, -new:]
+            inputs = torch.zeros(rows, new, copilot.cfg.hidden_size, dtype=dtype, device=input_ids.device)
+        else:
+            if self.cache.length + new != length:
+                raise RuntimeError(
+                    f"CopilotLogitsProcessor tracked {self.cache.length} positions but the Pilot's forward added {new} to "
+                    f"a sequence of {length}: generate without a cache is not supported (use_cache must stay true)."
+                )
+            self._follow_reorder(input_ids[:, : self.cache.length])
+            valid = torch.ones(rows, new, dtype=torch.bool, device=input_ids.device)
+            inputs = self.next_input[:, None].to(dtype)  # type: ignore[index]
+        out = copilot(inputs, embeds.to(dtype), hidden.to(dtype), valid, self.cache)
+        rectification = copilot.rectify(out[:, -1])
+        self.next_input = copilot.input_rows(rectification)
+        self.ids = input_ids.clone()
+        return fuse_log_probs(scores, rectification, self.lam).to(scores.dtype)
+
+    def _follow_reorder(self, prefix: torch.Tensor) -> None:
+        assert self.ids is not None
+        if prefix.shape == self.ids.shape and torch.equal(prefix, self.ids):
+            return
+        same = (prefix[:, None, :] == self.ids[None, :, :]).all(-1)  # [rows, previous rows]
+        if not bool(same.any(1).all()):
+            raise RuntimeError("CopilotLogitsProcessor could not match a hypothesis to the previous step's sequences.")
+        parents = same.float().argmax(1)
+        self.cache = self.cache.select(parents)
+        self.next_input = self.next_input.index_select(0, parents)  # type: ignore[union-attr]

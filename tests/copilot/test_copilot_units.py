@@ -1,0 +1,179 @@
+"""Copilot decoder, mistake log and fusion: exact properties on small random tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_ft.copilot import (
+    CopilotConfig,
+    CopilotDecoder,
+    DecoderCache,
+    MistakeLog,
+    Round,
+    fuse_log_probs,
+    fuse_probs,
+)
+
+V, D = 50, 16
+
+
+def _decoder(layers: int = 4, kv: int = 2, seed: int = 0) -> CopilotDecoder:
+    torch.manual_seed(seed)
+    cfg = CopilotConfig(vocab_size=V, hidden_size=D, pilot_hidden_size=D, num_layers=layers, num_heads=4, num_kv_heads=kv,
+                        intermediate_size=32)  # fmt: skip
+    dec = CopilotDecoder(cfg, zero_init_output=False)
+    with torch.no_grad():
+        dec.embed.normal_()
+    return dec.eval()
+
+
+def _inputs(b: int = 2, t: int = 7, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, t, D, generator=g), torch.randn(b, t, D, generator=g), torch.randn(b, t, D, generator=g),
+            torch.ones(b, t, dtype=torch.bool))  # fmt: skip
+
+
+def test_layers_alternate_self_and_cross_attention() -> None:
+    dec = _decoder(layers=5)
+    assert [layer.cross for layer in dec.layers] == [False, True, False, True, False]
+    assert all((layer.memory_norm is not None) == layer.cross for layer in dec.layers)
+
+
+@pytest.mark.parametrize("t", range(6))
+def test_no_position_at_or_after_t_plus_one_reaches_output_t(t: int) -> None:
+    """Perturbing the inputs, the Pilot embeddings and hidden states at positions > t leaves outputs <= t unchanged."""
+    dec = _decoder()
+    x, emb, hid, valid = _inputs()
+    base = dec(x, emb, hid, valid)
+    x2, emb2, hid2 = x.clone(), emb.clone(), hid.clone()
+    for tensor in (x2, emb2, hid2):
+        tensor[:, t + 1 :] += 10 * torch.randn_like(tensor[:, t + 1 :])
+    out = dec(x2, emb2, hid2, valid)
+    torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+    if t + 1 < x.shape[1]:
+        assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])  # the perturbation does reach later positions
+
+
+def test_pilot_state_at_t_reaches_output_t() -> None:
+    """Position t reads the Pilot's states at t itself (what the Pilot has when it predicts token t+1)."""
+    dec = _decoder()
+    x, emb, hid, valid = _inputs()
+    base = dec(x, emb, hid, valid)
+    hid2 = hid.clone()
+    hid2[:, 3] += 5.0
+    out = dec(x, emb, hid2, valid)
+    torch.testing.assert_close(out[:, :3], base[:, :3], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[:, 3], base[:, 3])
+
+
+@pytest.mark.parametrize("chunks", [[7], [3, 1, 1, 1, 1], [1] * 7, [4, 3]])
+def test_cached_decoding_equals_whole_sequence(chunks: list[int]) -> None:
+    dec = _decoder()
+    x, emb, hid, valid = _inputs()
+    valid[0, :2] = False  # left padding in the first row
+    full = dec(x, emb, hid, valid)
+    cache, outs, start = DecoderCache(), [], 0
+    for n in chunks:
+        sl = slice(start, start + n)
+        outs.append(dec(x[:, sl], emb[:, sl], hid[:, sl], valid[:, sl], cache))
+        start += n
+    torch.testing.assert_close(torch.cat(outs, 1)[:, 2:], full[:, 2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(outs, 1)[1], full[1], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_is_invisible_to_real_positions() -> None:
+    dec = _decoder()
+    x, emb, hid, valid = _inputs(b=1)
+    valid[0, :3] = False
+    base = dec(x, emb, hid, valid)
+    x2, emb2, hid2 = x.clone(), emb.clone(), hid.clone()
+    for tensor in (x2, emb2, hid2):
+        tensor[:, :3] = torch.randn_like(tensor[:, :3])
+    torch.testing.assert_close(dec(x2, emb2, hid2, valid)[:, 3:], base[:, 3:], rtol=1e-5, atol=1e-6)
+
+
+def test_zero_initialised_output_writes_zero() -> None:
+    torch.manual_seed(0)
+    cfg = CopilotConfig(vocab_size=V, hidden_size=D, pilot_hidden_size=D, num_layers=2, num_heads=4, num_kv_heads=4)
+    dec = CopilotDecoder(cfg)
+    x, emb, hid, valid = _inputs()
+    assert torch.count_nonzero(dec.rectify(dec(x, emb, hid, valid))) == 0
+    assert torch.equal(dec.input_proj.weight, torch.eye(D))
+
+
+def test_input_rows_read_errors_through_the_embeddings() -> None:
+    dec = _decoder()
+    err = torch.randn(3, V)
+    torch.testing.assert_close(dec.input_rows(err), (err @ dec.embed) @ dec.input_proj.weight.T)
+    values, idx = err.abs().topk(5, dim=-1)
+    vals = err.gather(1, idx)
+    sparse = torch.zeros_like(err).scatter_(1, idx, vals)
+    torch.testing.assert_close(dec.input_rows_sparse(vals, idx), dec.input_rows(sparse), rtol=1e-5, atol=1e-5)
+    del values
+
+
+def test_fusion_formula_and_lambda_zero() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, rect = torch.randn(4, V, generator=g), 0.05 * torch.randn(4, V, generator=g)
+    p = torch.softmax(logits, -1) + 0.5 * rect
+    expected = p.clamp_min(0) / p.clamp_min(0).sum(-1, keepdim=True)
+    torch.testing.assert_close(fuse_probs(logits, rect, 0.5), expected)
+    torch.testing.assert_close(fuse_probs(torch.log_softmax(logits, -1), rect, 0.5), expected)  # log-probs in
+    assert torch.equal(fuse_log_probs(logits, rect, 0.0), torch.log_softmax(logits.float(), -1))
+    big = torch.zeros(4, V)
+    big[:, 0] = -5.0  # drives token 0 below zero: clamped, never sampled
+    assert torch.all(fuse_probs(logits, big, 1.0)[:, 0] == 0)
+    masked = logits.clone()
+    masked[:, 1] = float("-inf")  # filtered by an earlier processor: stays impossible
+    assert torch.all(fuse_probs(masked, torch.ones(4, V), 1.0)[:, 1] == 0)
+
+
+def _round(rows: int, b: int = 2, t: int = 8, d: int = D, vocab: int = V) -> Round:
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    mask.view(-1)[:rows] = True
+    return Round(torch.zeros(b, t, d, dtype=torch.bfloat16), torch.zeros(b, t, d, dtype=torch.bfloat16),
+                 torch.ones(b, t, dtype=torch.bool), mask, torch.zeros(rows, vocab, dtype=torch.bfloat16))  # fmt: skip
+
+
+def test_mistake_log_never_exceeds_its_caps() -> None:
+    one = _round(4).nbytes
+    log = MistakeLog(max_rounds=100, max_mib=3.5 * one / 2**20)
+    for i in range(20):
+        log.push(_round(4))
+        assert log.nbytes <= log.max_bytes and len(log) <= 3
+    assert log.peak_bytes <= log.max_bytes and len(log) == 3
+    rounds = MistakeLog(max_rounds=5, max_mib=100)
+    for _ in range(9):
+        rounds.push(_round(1))
+    assert len(rounds) == 5
+    with pytest.raises(ValueError, match="buffer_mib=.*error_storage='topk'"):
+        MistakeLog(max_rounds=2, max_mib=0.5 * one / 2**20).push(_round(4))
+
+
+def test_mistake_log_sampling_is_uniform_and_seeded() -> None:
+    log = MistakeLog(max_rounds=4, max_mib=100)
+    entries = [_round(1) for _ in range(4)]
+    for e in entries:
+        log.push(e)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    picks = [id(log.sample(g1)) for _ in range(400)]
+    assert picks[:20] == [id(log.sample(g2)) for _ in range(20)]
+    counts = [picks.count(id(e)) for e in entries]
+    assert min(counts) > 60  # all four rounds drawn
+
+
+def test_topk_round_rebuilds_its_entries() -> None:
+    err = torch.zeros(3, V)
+    err[:, 7], err[:, 9] = 0.75, -0.5
+    vals, idx = err.abs().topk(2, dim=-1)
+    entry = _round(3)
+    entry.errors, entry.indices = err.gather(1, idx).to(torch.bfloat16), idx.to(torch.int32)
+    assert torch.equal(entry.dense_errors(V), err)
+
+
+def test_config_refuses_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="num_layers=1"):
+        CopilotConfig(vocab_size=V, hidden_size=D, pilot_hidden_size=D, num_layers=1)
+    with pytest.raises(ValueError, match="must divide"):
+        CopilotConfig(vocab_size=V, hidden_size=D, pilot_hidden_size=D, num_heads=3, num_kv_heads=3)
