@@ -347,8 +347,10 @@ class CopilotMixin:
         return entry.to("cpu")
 
     # ------------------------------------------------------------------ the Copilot's loss
-    def copilot_step_loss(self, entry: Round) -> torch.Tensor:
-        """RMSE between the Copilot's output and the logged errors of one round (on the module's device)."""
+    def copilot_outputs(self, entry: Round) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Copilot's teacher-forced outputs at a round's error positions and the logged errors, both ``[N, V]``
+        fp32: the input at position ``t + 1`` is the error of position ``t``, so the output at ``t`` sees the errors
+        of positions ``< t`` only."""
         cp = self.copilot
         dtype = cp.lm_out.weight.dtype
         entry = entry.to(self.device)  # type: ignore[attr-defined]
@@ -356,14 +358,24 @@ class CopilotMixin:
         where = entry.error_mask.nonzero()
         inputs = torch.zeros(b, t, cp.cfg.hidden_size, dtype=dtype, device=entry.valid.device)
         if where.shape[0]:
-            rows = (cp.input_rows_sparse(entry.errors, entry.indices) if entry.indices is not None
-                    else cp.input_rows(entry.errors))  # fmt: skip
+            rows = (
+                cp.input_rows_sparse(entry.errors, entry.indices)
+                if entry.indices is not None
+                else cp.input_rows(entry.errors)
+            )
             inputs = inputs.index_put((where[:, 0], where[:, 1] + 1), rows.to(dtype))
         hidden = cp(inputs, entry.embeds.to(dtype), entry.hidden.to(dtype), entry.valid)
         if where.shape[0] == 0:  # nothing to learn from; keep every parameter in the graph (DDP)
-            return (hidden.sum() + cp.lm_out.weight.sum()) * 0.0
-        out = cp.rectify(hidden[where[:, 0], where[:, 1]])
-        diff = out - entry.dense_errors(cp.cfg.vocab_size)
+            empty = (hidden.sum() + cp.lm_out.weight.sum()).float() * 0.0
+            return empty.expand(0, cp.cfg.vocab_size), torch.zeros(0, cp.cfg.vocab_size, device=hidden.device)
+        return cp.rectify(hidden[where[:, 0], where[:, 1]]), entry.dense_errors(cp.cfg.vocab_size)
+
+    def copilot_step_loss(self, entry: Round) -> torch.Tensor:
+        """RMSE between the Copilot's output and the logged errors of one round (on the module's device)."""
+        out, target = self.copilot_outputs(entry)
+        if out.shape[0] == 0:
+            return out.sum()  # zero, connected to every parameter
+        diff = out - target
         if self.copilot_args["loss"] == "token_rmse":
             return diff.pow(2).mean(-1).add(1e-12).sqrt().mean()
         return diff.pow(2).mean().add(1e-12).sqrt()

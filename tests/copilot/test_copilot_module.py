@@ -72,6 +72,40 @@ def test_round_holds_the_exact_error_embeddings_and_pooled_states(tiny_llama_dir
     torch.testing.assert_close(entry.hidden.float(), torch.stack(seen).mean(0), rtol=1e-2, atol=1e-2)
 
 
+def test_the_error_at_t_and_later_never_reaches_the_copilot_output_at_t(tiny_llama_dir: Path) -> None:
+    """Teacher-forced training: changing the logged error (the label) of position t, or the Pilot's states after t,
+    leaves the Copilot's outputs at positions <= t unchanged and changes later ones."""
+    import dataclasses
+
+    module = _module(tiny_llama_dir).eval()
+    dm = _chat(max_length=64)
+    dm.tokenizer = module.tokenizer
+    batch = _batch(dm)
+    module._round_store = {}
+    with torch.no_grad(), PilotCapture(module.backbone) as capture:
+        module.compute_loss(batch)
+    entry = module._record_round(batch, capture)
+    module._round_store = None
+    where = entry.error_mask.nonzero()
+    row_positions = where[where[:, 0] == 0][:, 1]
+    assert row_positions.numel() >= 3
+    t = int(row_positions[row_positions.numel() // 2])
+    k = int(((where[:, 0] == 0) & (where[:, 1] == t)).nonzero()[0])
+    with torch.no_grad():
+        base, _ = module.copilot_outputs(entry)
+        errors = entry.errors.clone()
+        errors[k] = torch.roll(errors[k], 7)  # another label at t + 1
+        changed, _ = module.copilot_outputs(dataclasses.replace(entry, errors=errors))
+        states = entry.hidden.clone()
+        states[0, t + 1 :] += 3.0
+        later, _ = module.copilot_outputs(dataclasses.replace(entry, hidden=states))
+    upto = (where[:, 0] == 0) & (where[:, 1] <= t)
+    after = (where[:, 0] == 0) & (where[:, 1] > t)
+    for out in (changed, later):
+        torch.testing.assert_close(out[upto], base[upto], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[after], base[after])
+
+
 def test_pilot_trajectory_is_bit_identical_with_and_without_the_copilot(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Manual optimisation with accumulation 2, norm clipping and weight decay steps the Pilot exactly as Lightning's
     automatic mode does without a Copilot; the Copilot trains meanwhile."""

