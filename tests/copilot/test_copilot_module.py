@@ -363,3 +363,15 @@ def test_composes_with_a_weight_selecting_callback_and_an_objective_mixin(tiny_l
     changed = [n for n, p in module.backbone.named_parameters() if not torch.equal(p, pilot[n])]
     assert 0 < len(changed) < len(pilot)
     assert all(not torch.equal(p, copilot[n]) for n, p in module.copilot.named_parameters() if n in copilot)
+
+
+def test_quantized_pilot_takes_its_copilot_layers_from_an_unquantized_model(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    qlora = dict(quantization="nf4", peft={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    with pytest.raises(ValueError, match="quantized Pilot weight .* set copilot_model"):
+        _module(tiny_llama_dir, **qlora)
+    module = _module(tiny_llama_dir, copilot_model=str(tiny_llama_dir), **qlora)
+    start = module.copilot.lm_out.weight.detach().clone()
+    make_trainer(tmp_path, 2).fit(module, make_data())
+    assert not torch.equal(module.copilot.lm_out.weight, start)
