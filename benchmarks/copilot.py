@@ -13,6 +13,7 @@ accuracy of the second run must equal the first run's: the script checks it. Rep
 
     python benchmarks/copilot.py --name copilot                # default budget (about 20 min on 2 CPU cores)
     python benchmarks/copilot.py --name smoke --quick          # a few minutes: proves the script runs
+    python benchmarks/copilot.py --name copilot_timing --timing-only --steps 30   # overheads only (no scoring)
 
 Results go to ``benchmarks/results/<name>.md`` and ``.json``. Run it alone: step-time ratios from a shared
 machine are not comparable.
@@ -101,6 +102,49 @@ def _latency(module: Any, dm: Any, cfg: dict[str, Any]) -> dict[str, float]:
             "ratio": statistics.median(f / p for f, p in zip(fused, pilot))}  # fmt: skip
 
 
+def timing(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Step times of the Pilot alone and of Pilot + Copilot (lambda 1, no scoring), then the latency comparison."""
+    import lightning as L
+    import torch
+
+    from lightning_ft.copilot import CopilotCausalLM
+    from lightning_ft.modules import CausalLMModule
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    common = {"model": "smollm2-135m", "learning_rate": cfg["learning_rate"], "warmup_steps": cfg["warmup_steps"],
+              "output_dir": ""}  # fmt: skip
+    L.seed_everything(seed)
+    pilot = CausalLMModule(**common)
+    pilot_times = _fit(pilot, _data(cfg, pilot.tokenizer), cfg)
+    del pilot
+    L.seed_everything(seed)
+    joint = CopilotCausalLM(**common, copilot_layers=cfg["copilot_layers"], copilot_lambda=1.0, copilot_output="")
+    dm = _data(cfg, joint.tokenizer)
+    joint_times = _fit(joint, dm, cfg)
+    pilot_step, joint_step = statistics.median(pilot_times[2:]), statistics.median(joint_times[2:])
+    return {"settings": cfg, "seed": seed, "step_time_pilot_s": pilot_step, "step_time_joint_s": joint_step,
+            "train_overhead": joint_step / pilot_step - 1, "latency": _latency(joint, dm, cfg),
+            "buffer_peak_mib": joint.mistake_log.peak_bytes / 2**20, "buffer_rounds": len(joint.mistake_log)}  # fmt: skip
+
+
+def write_timing(name: str, r: dict[str, Any]) -> Path:
+    out = HERE / "results" / f"{name}.md"
+    (HERE / "results" / f"{name}.json").write_text(json.dumps(r, indent=2))
+    cfg, lat = r["settings"], r["latency"]
+    out.write_text("\n".join([
+        f"# Copilot overheads ({name})", "",
+        f"Bundled SmolLM2-135M, Rotten Tomatoes, batch {cfg['batch_size']}, {cfg['steps']} steps per run (median of steps "
+        f"3 on), Copilot {cfg['copilot_layers']} layers; latency: greedy decoding of {cfg['new_tokens']} tokens, "
+        f"{cfg['latency_prompts']} prompts one at a time, fused (lambda 1) and Pilot alone alternating.", "",
+        "| Pilot step | Pilot + Copilot step | train overhead | Pilot latency | fused latency | latency overhead | buffer peak |",
+        "|---|---|---|---|---|---|---|",
+        f"| {r['step_time_pilot_s']:.3f} s | {r['step_time_joint_s']:.3f} s | {r['train_overhead'] * 100:+.1f}% | "
+        f"{lat['pilot_s']:.3f} s | {lat['fused_s']:.3f} s | {(lat['ratio'] - 1) * 100:+.1f}% | "
+        f"{r['buffer_peak_mib']:.1f} MiB ({r['buffer_rounds']} rounds) |",
+    ]) + "\n")  # fmt: skip
+    return out
+
+
 def run(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     import lightning as L
     import torch
@@ -182,11 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--timing-only", action="store_true", help="step times and latency only, no scoring")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = {**DEFAULTS, **(QUICK if args.quick else {})}
     if args.steps:
         cfg["steps"] = args.steps
+    if args.timing_only:
+        print(write_timing(args.name, timing(cfg, args.seed)).read_text())
+        return
     result = run(cfg, args.seed)
     print(write_report(args.name, result).read_text())
 
