@@ -13,7 +13,6 @@ or a few new positions at a time with a cache (fused decoding); both give the sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -297,6 +296,3 @@ class CopilotDecoder(nn.Module):
     def rectify(self, hidden: torch.Tensor) -> torch.Tensor:
         """Copilot hidden states -> fp32 rectification vectors over the vocabulary."""
         return self.lm_out(hidden).float()
-
-    def trainable_summary(self) -> dict[str, Any]:
-        return {n: int(p.numel()) for n, p in self.named_parameters() if p.requires_grad}

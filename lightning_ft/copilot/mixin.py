@@ -43,7 +43,6 @@ from lightning_ft.modules.metrics import EvalMetrics
 __all__ = ["CopilotMixin", "LAMBDA_GRID"]
 
 LAMBDA_GRID = (0.1, 0.3, 0.5, 0.8, 1.0)
-_QUANTIZED = frozenset({"Params4bit", "Int8Params"})
 _FORMAT = 1
 
 
@@ -708,20 +707,13 @@ def _update_fused(metrics: EvalMetrics, parts: dict[str, Any], lam: float) -> No
 
 
 def _plain_layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
-    from lightning_ft.core.layer_map import _split_peft_name
+    from lightning_ft.objectives.heads import _plain_state
 
-    for name, param in layer.named_parameters():
-        if type(param).__name__ in _QUANTIZED:
-            raise ValueError(
-                f"CopilotMixin cannot copy the quantized Pilot weight {name!r} into the Copilot: set copilot_model to the "
-                "unquantized model (e.g. smollm2-135m) or copilot_init='random'."
-            )
-    state = {}
-    for name, value in layer.state_dict().items():
-        base, _, adapter = _split_peft_name(name)
-        if adapter is None:
-            state[base] = value.detach().float().clone()
-    return state
+    refusal = (
+        "CopilotMixin cannot copy the quantized Pilot weight {name!r} into the Copilot: set copilot_model to the "
+        "unquantized model (e.g. smollm2-135m) or copilot_init='random'."
+    )
+    return {k: v.float() for k, v in _plain_state(layer, refusal).items()}
 
 
 def _config_from(

@@ -142,14 +142,18 @@ def _decoder_parts(backbone: nn.Module) -> tuple[nn.ModuleList, nn.Module | None
     return layers, norm, head, base.config
 
 
-def _plain_state(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """The layer's state dict with peft wrappers removed and adapter tensors dropped."""
+_HEADS_REFUSAL = (
+    "MultiTokenHeadsMixin cannot copy the quantized layer weight {name!r} into a head: pre-train the heads on the "
+    "unquantized model (stage: heads) and pass their file as heads_path."
+)
+
+
+def _plain_state(layer: nn.Module, refusal: str = _HEADS_REFUSAL) -> dict[str, torch.Tensor]:
+    """The layer's state dict with peft wrappers removed and adapter tensors dropped; a quantized weight raises
+    ``refusal`` (formatted with its ``name``)."""
     for name, param in layer.named_parameters():
         if type(param).__name__ in _QUANTIZED:
-            raise ValueError(
-                f"MultiTokenHeadsMixin cannot copy the quantized layer weight {name!r} into a head: pre-train the "
-                "heads on the unquantized model (stage: heads) and pass their file as heads_path."
-            )
+            raise ValueError(refusal.format(name=name))
     state = {}
     for name, value in layer.state_dict().items():
         base, _, adapter = _split_peft_name(name)
