@@ -26,7 +26,8 @@ def _callbacks() -> list[L.Callback]:
 
 
 def test_every_weight_editing_callback_is_declared() -> None:
-    assert {type(c).__name__ for c in _callbacks()} == set(SUPPORT)
+    mixins = {"CopilotMixin"}  # module mixins declared in the same matrix (tested in tests/copilot)
+    assert {type(c).__name__ for c in _callbacks()} | mixins == set(SUPPORT)
 
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy, ModelParallelStrategy], ids=["fsdp", "model_parallel"])
