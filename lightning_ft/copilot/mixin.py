@@ -38,6 +38,7 @@ from lightning_ft.copilot.decoder import CopilotConfig, CopilotDecoder, DecoderC
 from lightning_ft.copilot.fusion import CopilotLogitsProcessor, PilotCapture, fuse_log_probs
 from lightning_ft.copilot.log import ErrorStorage, MistakeLog, Round
 from lightning_ft.data.collate import IGNORE_INDEX
+from lightning_ft.modules.backbone import atomic_dir, export_path
 from lightning_ft.modules.metrics import EvalMetrics
 
 __all__ = ["CopilotMixin", "LAMBDA_GRID"]
@@ -261,8 +262,6 @@ class CopilotMixin:
         """Write the Copilot (weights, shape and ``copilot_lambda``) to a folder that ``copilot_path`` loads."""
         from safetensors.torch import save_file
 
-        from lightning_ft.modules.backbone import atomic_dir
-
         with atomic_dir(path) as tmp:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.copilot.state_dict().items()}
             save_file(tensors, str(tmp / "copilot.safetensors"))
@@ -297,13 +296,7 @@ class CopilotMixin:
 
     def copilot_output_path(self) -> Path | None:
         """Where ``on_fit_end`` writes the Copilot, or ``None`` when disabled."""
-        out = self.copilot_args["output"]
-        if out == "":
-            return None
-        if out:
-            return Path(out)
-        trainer = getattr(self, "_trainer", None)
-        return Path(trainer.default_root_dir if trainer is not None else ".") / "copilot"
+        return export_path(self.copilot_args["output"], getattr(self, "_trainer", None), "copilot")
 
     # ------------------------------------------------------------------ the Pilot's round
     def aligned_logits(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

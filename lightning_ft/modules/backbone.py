@@ -137,6 +137,16 @@ def save_pretrained_atomic(backbone: nn.Module, tokenizer: Any, output_dir: str 
     return Path(output_dir)
 
 
+def export_path(value: str | None, trainer: Any, default_name: str) -> Path | None:
+    """Where a fit-end export goes: ``value`` as given, ``None`` when it is ``""``, else ``<default_root_dir>/<default_name>``."""
+    if value == "":
+        return None
+    if value:
+        return Path(value)
+    root = trainer.default_root_dir if trainer is not None else os.getcwd()
+    return Path(root) / default_name
+
+
 @contextlib.contextmanager
 def atomic_dir(output_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary folder beside ``output_dir`` that replaces it only when the block completes."""

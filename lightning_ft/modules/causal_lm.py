@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_ft.data.collate import IGNORE_INDEX
-from lightning_ft.modules.backbone import is_peft_model, load_backbone, save_pretrained_atomic
+from lightning_ft.modules.backbone import export_path, is_peft_model, load_backbone, save_pretrained_atomic
 from lightning_ft.modules.metrics import EvalMetrics, aligned_nll, option_logprobs, weighted_lm_loss
 
 __all__ = ["CausalLMModule", "build_optimizer"]
@@ -237,12 +237,7 @@ class CausalLMModule(L.LightningModule):
 
     def output_path(self) -> Path | None:
         """Where ``on_fit_end`` saves the HF model, or ``None`` when saving is disabled."""
-        if self.hparams.output_dir == "":
-            return None
-        if self.hparams.output_dir:
-            return Path(self.hparams.output_dir)
-        root = self._trainer.default_root_dir if self._trainer is not None else os.getcwd()
-        return Path(root) / "hf_model"
+        return export_path(self.hparams.output_dir, self._trainer, "hf_model")
 
     def on_fit_end(self) -> None:
         path = self.output_path()

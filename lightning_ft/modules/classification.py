@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_ft.modules.backbone import is_peft_model, load_backbone, save_pretrained_atomic
+from lightning_ft.modules.backbone import export_path, is_peft_model, load_backbone, save_pretrained_atomic
 from lightning_ft.modules.causal_lm import Schedule, _to_device, build_optimizer
 from lightning_ft.modules.metrics import EvalMetrics
 
@@ -155,9 +153,9 @@ class SequenceClassificationModule(L.LightningModule):
         return build_optimizer(self, h.learning_rate, h.weight_decay, h.warmup_steps, h.schedule)
 
     def on_fit_end(self) -> None:
-        if self.hparams.output_dir != "" and self.trainer.is_global_zero:
-            root = self.hparams.output_dir or os.path.join(self.trainer.default_root_dir, "hf_model")
-            save_pretrained_atomic(self.backbone, self.tokenizer, Path(root))
+        path = export_path(self.hparams.output_dir, self.trainer, "hf_model")
+        if path is not None and self.trainer.is_global_zero:
+            save_pretrained_atomic(self.backbone, self.tokenizer, path)
         self.trainer.strategy.barrier("lightning_ft.save_pretrained")  # no rank leaves while rank 0 still writes
 
     @property

@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric
 
 from lightning_ft.core.layer_map import _split_peft_name
 from lightning_ft.data.collate import IGNORE_INDEX
-from lightning_ft.modules.backbone import is_peft_model
+from lightning_ft.modules.backbone import export_path, is_peft_model
 from lightning_ft.objectives._common import log_train, training_progress
 
 __all__ = ["HeadSchedule", "MultiTokenHeadsMixin", "chunked_unembedding_ce", "heads_schedule"]
@@ -329,14 +329,7 @@ class MultiTokenHeadsMixin:
 
     def heads_output_path(self) -> Path | None:
         """Where ``on_fit_end`` writes the heads, or ``None`` when disabled."""
-        out = self.caft["output"]
-        if out == "":
-            return None
-        if out:
-            return Path(out)
-        trainer = getattr(self, "_trainer", None)
-        root = trainer.default_root_dir if trainer is not None else "."
-        return Path(root) / "aux_heads.safetensors"
+        return export_path(self.caft["output"], getattr(self, "_trainer", None), "aux_heads.safetensors")
 
     # ------------------------------------------------------------------ forward
     @contextmanager

@@ -179,3 +179,33 @@ def test_token_nll_shift() -> None:
     labels = torch.tensor([[IGNORE_INDEX, 2, IGNORE_INDEX]])
     nll = token_nll(logits, labels)
     assert nll.shape == (1, 2) and nll[0, 0] < 1e-3 and nll[0, 1] == 0
+
+
+def test_export_path_is_explicit_disabled_or_under_the_trainer_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_ft.modules.backbone import export_path
+
+    trainer = L.Trainer(default_root_dir=str(tmp_path / "root"), logger=False, accelerator="cpu")
+    assert export_path("", trainer, "hf_model") is None
+    assert export_path(str(tmp_path / "x"), trainer, "hf_model") == tmp_path / "x"
+    assert export_path(None, trainer, "copilot") == tmp_path / "root" / "copilot"
+    monkeypatch.chdir(tmp_path)
+    assert export_path(None, None, "aux_heads.safetensors") == tmp_path / "aux_heads.safetensors"
+
+
+def test_atomic_dir_replaces_only_a_completed_folder(tmp_path: Path) -> None:
+    from lightning_ft.modules.backbone import atomic_dir
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    with atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
