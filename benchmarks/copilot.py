@@ -29,28 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _timing import median_step, step_timer  # benchmarks/_timing.py (this script's folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 DEFAULTS = {"steps": 120, "batch_size": 8, "max_length": 96, "learning_rate": 2e-4, "warmup_steps": 10, "val_size": 200,
             "test_size": 400, "control_size": 64, "copilot_layers": 4, "latency_prompts": 30, "new_tokens": 16}  # fmt: skip
 QUICK = {"steps": 4, "val_size": 16, "test_size": 24, "control_size": 8, "warmup_steps": 1, "copilot_layers": 2,
          "latency_prompts": 3, "new_tokens": 4}  # fmt: skip
-
-
-def _timer() -> Any:
-    import lightning as L
-
-    class StepTimer(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._start = 0.0
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.times.append(time.perf_counter() - self._start)
-
-    return StepTimer()
 
 
 def _data(cfg: dict[str, Any], tokenizer: Any) -> Any:
@@ -69,7 +54,7 @@ def _data(cfg: dict[str, Any], tokenizer: Any) -> Any:
 def _fit(module: Any, dm: Any, cfg: dict[str, Any]) -> list[float]:
     import lightning as L
 
-    timer = _timer()
+    timer = step_timer()
     trainer = L.Trainer(
         max_steps=cfg["steps"], accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
@@ -121,7 +106,7 @@ def timing(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     joint = CopilotCausalLM(**common, copilot_layers=cfg["copilot_layers"], copilot_lambda=1.0, copilot_output="")
     dm = _data(cfg, joint.tokenizer)
     joint_times = _fit(joint, dm, cfg)
-    pilot_step, joint_step = statistics.median(pilot_times[2:]), statistics.median(joint_times[2:])
+    pilot_step, joint_step = median_step(pilot_times), median_step(joint_times)
     return {"settings": cfg, "seed": seed, "step_time_pilot_s": pilot_step, "step_time_joint_s": joint_step,
             "train_overhead": joint_step / pilot_step - 1, "latency": _latency(joint, dm, cfg),
             "buffer_peak_mib": joint.mistake_log.peak_bytes / 2**20, "buffer_rounds": len(joint.mistake_log)}  # fmt: skip
@@ -177,7 +162,7 @@ def run(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     latency = _latency(joint, dm, cfg)
     trainable = sum(p.numel() for p in joint.copilot.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in joint.copilot.parameters() if not p.requires_grad)
-    pilot_step, joint_step = statistics.median(pilot_times[2:]), statistics.median(joint_times[2:])
+    pilot_step, joint_step = median_step(pilot_times), median_step(joint_times)
     return {
         "settings": cfg, "seed": seed, "zero_shot": zero, "pilot": pilot_after, "joint": joint_after,
         "pilot_identical": same, "lambda": joint.copilot_lambda, "lambda_sweep": joint.lambda_sweep,

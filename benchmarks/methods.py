@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _timing import step_timer_class  # benchmarks/_timing.py (this script's folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 
 # name -> {"module": CausalLMModule kwargs, "callbacks": [{"class_path": ..., "init_args": {...}}], "label": str}
@@ -145,7 +147,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     rss_loaded = _rss_mb()
     if spec["method"] == "zero_shot":
         return {"after": module.evaluate(loaders), "trainable": 0, "optimizer_bytes": 0}
-    timer = _StepTimer()
+    timer = _step_timer()
     def build(value: Any) -> Any:  # nested class_path dicts (a callback's rule) are instantiated too
         if isinstance(value, dict) and "class_path" in value:
             return instantiate_class((), {**value, "init_args": build(value.get("init_args", {}))})
@@ -167,47 +169,40 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "optimizer_bytes": timer.optimizer_bytes,
         "sparse_optimizer_bytes": timer.sparse_bytes,
         "selected": timer.selected,
-        "step_time": statistics.median(timer.times[2:] or timer.times),
+        "step_time": timer.median(),
         "peak_rss_increase_mb": _peak_rss_mb() - rss_loaded,
     }
 
 
-class _StepTimer:
-    """Wall time per optimizer step and optimizer-state bytes (counted directly from the optimizer state)."""
+def _step_timer() -> Any:
+    """The shared step timer, also recording trainable entries and optimizer-state bytes (counted from the state)."""
 
-    def __new__(cls) -> Any:
-        import lightning as L
+    class Timer(step_timer_class()):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.trainable = 0
+            self.optimizer_bytes = 0
+            self.sparse_bytes = 0  # optimizer state while only the selected entries train (sparse FT)
+            self.selected = 0
 
-        class Timer(L.Callback):
-            def __init__(self) -> None:
-                self.times: list[float] = []
-                self.trainable = 0
-                self.optimizer_bytes = 0
-                self.sparse_bytes = 0  # optimizer state while only the selected entries train (sparse FT)
-                self.selected = 0
-                self._start = 0.0
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            super().on_train_batch_end()
+            sparse = [c for c in trainer.callbacks if hasattr(c, "state_bytes") and getattr(c, "phase", "") == "sparse"]
+            if sparse:  # trainable = selected entries; their compact state (indices + moments) is optimizer state
+                trainable = sum(s.numel for c in sparse for s in c.states.values())
+            else:
+                trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+            self.trainable = max(self.trainable, trainable)
+            total = sum(c.state_bytes for c in sparse)
+            for opt in trainer.optimizers:
+                for state in opt.state.values():
+                    total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
+            self.optimizer_bytes = max(self.optimizer_bytes, total)
+            if sparse:
+                self.sparse_bytes = max(self.sparse_bytes, total)
+                self.selected = max(self.selected, trainable)
 
-            def on_train_batch_start(self, *args: Any) -> None:
-                self._start = time.perf_counter()
-
-            def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-                self.times.append(time.perf_counter() - self._start)
-                sparse = [c for c in trainer.callbacks if hasattr(c, "state_bytes") and getattr(c, "phase", "") == "sparse"]
-                if sparse:  # trainable = selected entries; their compact state (indices + moments) is optimizer state
-                    trainable = sum(s.numel for c in sparse for s in c.states.values())
-                else:
-                    trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-                self.trainable = max(self.trainable, trainable)
-                total = sum(c.state_bytes for c in sparse)
-                for opt in trainer.optimizers:
-                    for state in opt.state.values():
-                        total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
-                self.optimizer_bytes = max(self.optimizer_bytes, total)
-                if sparse:
-                    self.sparse_bytes = max(self.sparse_bytes, total)
-                    self.selected = max(self.selected, trainable)
-
-        return Timer()
+    return Timer()
 
 
 def _spawn(method: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _timing import step_timer  # benchmarks/_timing.py (this script's folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 
 # name -> (class path of the module, its extra arguments, label)
@@ -57,25 +59,6 @@ QUICK = {
 }
 
 
-def _timer() -> Any:
-    import lightning as L
-
-    class StepTimer(L.Callback):
-        """Wall time of each training step (forward, backward, optimizer)."""
-
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._start = 0.0
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.times.append(time.perf_counter() - self._start)
-
-    return StepTimer()
-
-
 def _trainer(steps: int, timer: Any) -> Any:
     import lightning as L
 
@@ -84,10 +67,6 @@ def _trainer(steps: int, timer: Any) -> Any:
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
         callbacks=[timer], default_root_dir=str(HERE / "runs" / "objectives"),
     )  # fmt: skip
-
-
-def _median_step(times: list[float]) -> float:
-    return statistics.median(times[2:] or times)
 
 
 def pretrain_heads(cfg: dict[str, Any], seed: int, path: Path) -> dict[str, Any]:
@@ -120,9 +99,9 @@ def pretrain_heads(cfg: dict[str, Any], seed: int, path: Path) -> dict[str, Any]
         batch_size=cfg["batch_size"],
         max_length=cfg["max_length"],
     )
-    timer = _timer()
+    timer = step_timer()
     _trainer(cfg["head_steps"], timer).fit(module, dm)
-    return {"head_step_time": _median_step(timer.times), "head_total_s": sum(timer.times)}
+    return {"head_step_time": timer.median(), "head_total_s": sum(timer.times)}
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -156,9 +135,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     loaders = list(dm.test_dataloader())
     if name == "zero_shot":
         return {"after": module.evaluate(loaders)}
-    timer = _timer()
+    timer = step_timer()
     _trainer(cfg["steps"], timer).fit(module, dm)
-    return {"after": module.evaluate(loaders), "step_time": _median_step(timer.times), **extra}
+    return {"after": module.evaluate(loaders), "step_time": timer.median(), **extra}
 
 
 def _spawn(row: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
