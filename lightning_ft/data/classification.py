@@ -45,6 +45,7 @@ class ClassificationDataModule(L.LightningDataModule):
         val_size: held-out validation records.
         test_size: held-out test records.
         split_seed: seed of the fixed shuffle that defines the splits.
+        shuffle_seed: seed of the training-batch order; default ``split_seed``.
         max_length: tokens per text.
         batch_size: training batch size.
         eval_batch_size: evaluation batch size.
@@ -64,6 +65,7 @@ class ClassificationDataModule(L.LightningDataModule):
         val_size: int = 400,
         test_size: int = 400,
         split_seed: int = 1234,
+        shuffle_seed: int | None = None,
         max_length: int = 64,
         batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -127,8 +129,9 @@ class ClassificationDataModule(L.LightningDataModule):
         return DataLoader(self._encoded[split], batch_size=size, collate_fn=_Collator(pad, name))
 
     def train_dataloader(self) -> DataLoader:
+        h = self.hparams
         return train_loader(
-            self._encoded["train"], self.hparams.batch_size, self.hparams.split_seed, self.trainer,
+            self._encoded["train"], h.batch_size, h.split_seed if h.shuffle_seed is None else h.shuffle_seed, self.trainer,
             collate_fn=_Collator(self.tokenizer.pad_token_id or 0, "train"),
         )
 

@@ -66,6 +66,8 @@ class InstructionDataModule(L.LightningDataModule):
         val_size: number of held-out validation records.
         test_size: number of held-out test records (split after validation).
         split_seed: seed of the shuffle that defines the splits (fixed, so splits never change).
+        shuffle_seed: seed of the training-batch order; default ``split_seed``. Change it (not ``split_seed``)
+            to repeat a run on the same splits with another data order.
         chat_template: wrap the prompt in the tokenizer's chat template and end the response with EOS.
         max_length: maximum tokens per training example (prompt truncated from the left).
         mask_prompt: compute the loss on response tokens only.
@@ -92,6 +94,7 @@ class InstructionDataModule(L.LightningDataModule):
         val_size: int = 400,
         test_size: int = 400,
         split_seed: int = 1234,
+        shuffle_seed: int | None = None,
         chat_template: bool = False,
         max_length: int = 96,
         mask_prompt: bool = True,
@@ -265,7 +268,7 @@ class InstructionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
         return train_loader(
-            self._encoded["train"], h.batch_size, h.split_seed, self.trainer,
+            self._encoded["train"], h.batch_size, h.split_seed if h.shuffle_seed is None else h.shuffle_seed, self.trainer,
             collate_fn=LMCollator(self.pad_token_id), num_workers=h.num_workers,
         )
 

@@ -51,6 +51,19 @@ def test_splits_are_disjoint_deterministic_and_sized(tiny_tokenizer_dir: Path) -
     assert texts["val"] == [r["text"] for r in b._splits["val"]]
 
 
+def test_shuffle_seed_changes_the_batch_order_but_not_the_splits(tiny_tokenizer_dir: Path) -> None:
+    def first_batches(dm: InstructionDataModule) -> list[list[list[int]]]:
+        return [b["input_ids"].tolist() for b, _ in zip(dm.train_dataloader(), range(3))]
+
+    default = _dm(tiny_tokenizer_dir, train_size=40, batch_size=4)
+    same = _dm(tiny_tokenizer_dir, train_size=40, batch_size=4, shuffle_seed=1234)  # = split_seed
+    other = _dm(tiny_tokenizer_dir, train_size=40, batch_size=4, shuffle_seed=7)
+    assert first_batches(default) == first_batches(same)
+    assert first_batches(default) != first_batches(other)
+    for split in ("train", "val", "test"):
+        assert default._splits[split] == other._splits[split]
+
+
 def test_batches_have_the_expected_layout(tiny_tokenizer_dir: Path) -> None:
     dm = _dm(tiny_tokenizer_dir, train_size=16, batch_size=4, eval_batch_size=5)
     train = next(iter(dm.train_dataloader()))
