@@ -38,13 +38,13 @@ QUICK = {"steps": 4, "val_size": 16, "test_size": 24, "control_size": 8, "warmup
          "latency_prompts": 3, "new_tokens": 4}  # fmt: skip
 
 
-def _data(cfg: dict[str, Any], tokenizer: Any) -> Any:
+def _data(cfg: dict[str, Any], tokenizer: Any, seed: int) -> Any:
     from lightning_ft.data import InstructionDataModule
 
     dm = InstructionDataModule(
         label_options=["positive", "negative"], val_size=cfg["val_size"], test_size=cfg["test_size"],
         batch_size=cfg["batch_size"], eval_batch_size=25, max_length=cfg["max_length"], control="humaneval",
-        control_size=cfg["control_size"], control_max_length=128, split_seed=1234,
+        control_size=cfg["control_size"], control_max_length=128, split_seed=1234, shuffle_seed=1234 + seed,
     )  # fmt: skip
     dm.tokenizer = tokenizer
     dm.setup("fit")
@@ -87,31 +87,6 @@ def _latency(module: Any, dm: Any, cfg: dict[str, Any]) -> dict[str, float]:
             "ratio": statistics.median(f / p for f, p in zip(fused, pilot))}  # fmt: skip
 
 
-def timing(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Step times of the Pilot alone and of Pilot + Copilot (lambda 1, no scoring), then the latency comparison."""
-    import lightning as L
-    import torch
-
-    from lightning_ft.copilot import CopilotCausalLM
-    from lightning_ft.modules import CausalLMModule
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    common = {"model": "smollm2-135m", "learning_rate": cfg["learning_rate"], "warmup_steps": cfg["warmup_steps"],
-              "output_dir": ""}  # fmt: skip
-    L.seed_everything(seed)
-    pilot = CausalLMModule(**common)
-    pilot_times = _fit(pilot, _data(cfg, pilot.tokenizer), cfg)
-    del pilot
-    L.seed_everything(seed)
-    joint = CopilotCausalLM(**common, copilot_layers=cfg["copilot_layers"], copilot_lambda=1.0, copilot_output="")
-    dm = _data(cfg, joint.tokenizer)
-    joint_times = _fit(joint, dm, cfg)
-    pilot_step, joint_step = median_step(pilot_times), median_step(joint_times)
-    return {"settings": cfg, "seed": seed, "step_time_pilot_s": pilot_step, "step_time_joint_s": joint_step,
-            "train_overhead": joint_step / pilot_step - 1, "latency": _latency(joint, dm, cfg),
-            "buffer_peak_mib": joint.mistake_log.peak_bytes / 2**20, "buffer_rounds": len(joint.mistake_log)}  # fmt: skip
-
-
 def write_timing(name: str, r: dict[str, Any]) -> Path:
     out = HERE / "results" / f"{name}.md"
     (HERE / "results" / f"{name}.json").write_text(json.dumps(r, indent=2))
@@ -130,7 +105,12 @@ def write_timing(name: str, r: dict[str, Any]) -> Path:
     return out
 
 
-def run(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+def run(cfg: dict[str, Any], seed: int, score: bool = True) -> dict[str, Any]:
+    """Train the Pilot alone, then Pilot + Copilot, with the same seed and data; time both and the greedy latency.
+
+    With ``score``, also evaluate before and after (lambda chosen by ``auto``) and check that the Pilot's weights are
+    the same in both runs; without, only the overheads are measured (lambda 1).
+    """
     import lightning as L
     import torch
 
@@ -142,33 +122,36 @@ def run(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
               "output_dir": ""}  # fmt: skip
     L.seed_everything(seed)
     pilot = CausalLMModule(**common)
-    dm = _data(cfg, pilot.tokenizer)
-    test = list(dm.test_dataloader())
-    zero = pilot.evaluate(test)
-    print("zero-shot", zero, flush=True)
+    dm = _data(cfg, pilot.tokenizer, seed)
+    test = list(dm.test_dataloader()) if score else []
+    scores: dict[str, Any] = {}
+    if score:
+        scores["zero_shot"] = pilot.evaluate(test)
+        print("zero-shot", scores["zero_shot"], flush=True)
     pilot_times = _fit(pilot, dm, cfg)
-    pilot_after = pilot.evaluate(test)
-    print("pilot", pilot_after, flush=True)
+    if score:
+        scores["pilot"] = pilot.evaluate(test)
+        print("pilot", scores["pilot"], flush=True)
     pilot_state = {k: v.clone() for k, v in pilot.backbone.state_dict().items()}
     del pilot
 
     L.seed_everything(seed)
-    joint = CopilotCausalLM(**common, copilot_layers=cfg["copilot_layers"], copilot_lambda="auto", copilot_output="")
-    dm = _data(cfg, joint.tokenizer)
+    joint = CopilotCausalLM(**common, copilot_layers=cfg["copilot_layers"], copilot_lambda="auto" if score else 1.0,
+                            copilot_output="")  # fmt: skip
+    dm = _data(cfg, joint.tokenizer, seed)
     joint_times = _fit(joint, dm, cfg)
-    same = all(torch.equal(v, pilot_state[k]) for k, v in joint.backbone.state_dict().items())
-    joint_after = joint.evaluate(test)
-    print("pilot + copilot", joint_after, "lambda", joint.copilot_lambda, flush=True)
-    latency = _latency(joint, dm, cfg)
-    trainable = sum(p.numel() for p in joint.copilot.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in joint.copilot.parameters() if not p.requires_grad)
+    if score:
+        scores["joint"] = joint.evaluate(test)
+        print("pilot + copilot", scores["joint"], "lambda", joint.copilot_lambda, flush=True)
     pilot_step, joint_step = median_step(pilot_times), median_step(joint_times)
     return {
-        "settings": cfg, "seed": seed, "zero_shot": zero, "pilot": pilot_after, "joint": joint_after,
-        "pilot_identical": same, "lambda": joint.copilot_lambda, "lambda_sweep": joint.lambda_sweep,
+        "settings": cfg, "seed": seed, **scores, "lambda": joint.copilot_lambda, "lambda_sweep": joint.lambda_sweep,
+        "pilot_identical": all(torch.equal(v, pilot_state[k]) for k, v in joint.backbone.state_dict().items()),
         "step_time_pilot_s": pilot_step, "step_time_joint_s": joint_step, "train_overhead": joint_step / pilot_step - 1,
-        "latency": latency, "buffer_peak_mib": joint.mistake_log.peak_bytes / 2**20,
-        "buffer_rounds": len(joint.mistake_log), "copilot_trainable": trainable, "copilot_frozen": frozen,
+        "latency": _latency(joint, dm, cfg), "buffer_peak_mib": joint.mistake_log.peak_bytes / 2**20,
+        "buffer_rounds": len(joint.mistake_log),
+        "copilot_trainable": sum(p.numel() for p in joint.copilot.parameters() if p.requires_grad),
+        "copilot_frozen": sum(p.numel() for p in joint.copilot.parameters() if not p.requires_grad),
     }  # fmt: skip
 
 
@@ -218,10 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps:
         cfg["steps"] = args.steps
     if args.timing_only:
-        print(write_timing(args.name, timing(cfg, args.seed)).read_text())
+        print(write_timing(args.name, run(cfg, args.seed, score=False)).read_text())
         return
-    result = run(cfg, args.seed)
-    print(write_report(args.name, result).read_text())
+    print(write_report(args.name, run(cfg, args.seed)).read_text())
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 Every row runs with the same data, data order, seed and step budget, each in its own subprocess (so peak
 memory is its own), and is scored on held-out reviews (target accuracy, answer NLL) and on control text the
 task never trains on (HumanEval perplexity: the forgetting signal). Step time is reported relative to the
-full fine-tuning row of the same invocation. Results go to ``benchmarks/results/<name>.md`` (+ ``.json``,
-``.png``: target accuracy against forgetting).
+full fine-tuning row of the same invocation. A seed sets the training-data order (shuffle seed ``1234 + seed``,
+so seed 0 is the DataModule's default order), the global seed and the callbacks' own ``seed``. Results go to
+``benchmarks/results/<name>.md`` (+ ``.json``, ``.png``: target accuracy against forgetting).
 
     python benchmarks/methods.py --name foundation             # default budget (< 1 h on 2 cores)
     python benchmarks/methods.py --name smoke --quick          # a few minutes
@@ -139,7 +140,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         label_options=["positive", "negative"], val_size=cfg["val_size"], test_size=cfg["test_size"],
         batch_size=cfg["batch_size"],
         eval_batch_size=25, max_length=cfg["max_length"], control="humaneval", control_size=cfg["control_size"],
-        control_max_length=128, split_seed=1234,
+        control_max_length=128, split_seed=1234, shuffle_seed=1234 + spec["seed"],
     )
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
@@ -152,7 +153,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict) and "class_path" in value:
             return instantiate_class((), {**value, "init_args": build(value.get("init_args", {}))})
         if isinstance(value, dict):
-            return {k: build(v) for k, v in value.items()}
+            return {k: spec["seed"] if k == "seed" else build(v) for k, v in value.items()}  # callbacks' draws too
         return value
 
     callbacks = [build(c) for c in method.get("callbacks", [])] + [timer]

@@ -6,7 +6,9 @@ perplexity: the forgetting signal). Step time is the median per training step, r
 measured in the same invocation. CAFT first pre-trains its 4 auxiliary heads on bundled general text (Chit-Chat,
 trunk frozen, ``head_steps`` steps; its time is reported separately) and then fine-tunes with them on the task.
 Responses end with EOS (``" positive<eos>"``) in every row, so that CAFT's first head has a target.
-Results go to ``benchmarks/results/<name>.md`` (+ ``.json``).
+A seed sets the training-data order (shuffle seed ``1234 + seed``, so seed 0 is the DataModules' default order),
+the global seed and Masked Thought's draws; the splits never change. Results go to ``benchmarks/results/<name>.md``
+(+ ``.json``).
 
     python benchmarks/objectives.py --name objectives            # default budget
     python benchmarks/objectives.py --name smoke --quick         # a few minutes: proves the script runs
@@ -40,7 +42,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "masked_thought": {
         "label": "Masked Thought (p_max 0.4, w 2/3, random tokens)",
         "class": "lightning_ft.objectives.MaskedThoughtCausalLM",
-        "args": {"max_rate": 0.4, "warmup": 2 / 3, "replacement": "random"},
+        "args": {"max_rate": 0.4, "warmup": 2 / 3, "replacement": "random", "seed": 0},
     },
 }
 
@@ -93,6 +95,7 @@ def pretrain_heads(cfg: dict[str, Any], seed: int, path: Path) -> dict[str, Any]
         label_options=None,
         mask_prompt=False,
         train_size=cfg["head_train_size"],
+        shuffle_seed=1234 + seed,
         val_size=0,
         test_size=0,
         control=None,
@@ -122,13 +125,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     row = ROWS.get(name, ROWS["sft"])
     args = {"model": "smollm2-135m", "learning_rate": cfg["learning_rate"], "warmup_steps": cfg["warmup_steps"],
             "output_dir": "", **row["args"]}  # fmt: skip
+    if "seed" in row["args"]:  # the row's own random draws follow the run's seed too
+        args["seed"] = seed
     if name == "caft":
         args["heads_path"] = str(path)
     module = instantiate_class((), {"class_path": row["class"], "init_args": args})
     dm = InstructionDataModule(
         label_options=["positive", "negative"], append_eos=True, val_size=cfg["val_size"], test_size=cfg["test_size"],
         batch_size=cfg["batch_size"], eval_batch_size=25, max_length=cfg["max_length"], control="humaneval",
-        control_size=cfg["control_size"], control_max_length=128, split_seed=1234,
+        control_size=cfg["control_size"], control_max_length=128, split_seed=1234, shuffle_seed=1234 + seed,
     )  # fmt: skip
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
