@@ -15,6 +15,7 @@ from torch import nn
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules.backbone import export_path, is_peft_model, load_backbone, save_pretrained_atomic
 from lightning_ft.modules.metrics import EvalMetrics, aligned_nll, option_logprobs, weighted_lm_loss
+from lightning_ft.strategies.process_group import destroy_process_group_at_exit
 
 __all__ = ["CausalLMModule", "build_optimizer"]
 
@@ -133,6 +134,9 @@ class CausalLMModule(L.LightningModule):
         if is_peft_model(self.backbone):
             # Checkpoints then hold only the trainable (adapter) tensors; the frozen base is reloaded.
             self.strict_loading = False
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning_ft.modules.backbone import export_path, is_peft_model, load_backbone, save_pretrained_atomic
 from lightning_ft.modules.causal_lm import Schedule, _to_device, build_optimizer
 from lightning_ft.modules.metrics import EvalMetrics
+from lightning_ft.strategies.process_group import destroy_process_group_at_exit
 
 __all__ = ["SequenceClassificationModule"]
 
@@ -75,6 +76,7 @@ class SequenceClassificationModule(L.LightningModule):
         self.hparams.num_labels = num_labels
 
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if self.backbone is None:
             n = getattr(datamodule, "num_labels", 0) if datamodule is not None else 0

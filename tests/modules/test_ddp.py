@@ -1,4 +1,5 @@
-"""A 2-process DDP run on CPU (gloo): both ranks train on different shards and end with identical weights."""
+"""A 2-process DDP run on CPU (gloo): both ranks train on different shards and end with identical weights, and each
+rank has registered destroying its process group at exit."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ class _CheckSync(L.Callback):
         assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
         first_batch = pl_module.all_gather(torch.tensor(float(trainer.global_step)))
         assert first_batch.tolist() == [4.0, 4.0]
+        from lightning_ft.strategies import process_group
+
+        assert process_group._registered, "setup() did not register destroying the gloo group at exit"
 
 
 def test_two_process_ddp_trains_in_sync(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,37 @@
+"""Destroying the default process group when a distributed process exits.
+
+Lightning registers ``torch.distributed.destroy_process_group`` at exit only for NCCL. A gloo (CPU) process that
+exits with its group still alive lets the interpreter's teardown destroy gloo's threads in no fixed order, and now
+and then a rank dies with ``terminate called without an active exception`` (SIGABRT) after a run that finished:
+``ddp_spawn`` then raises ``ProcessExitedException`` in the main process. Destroying the group before the
+interpreter's teardown removes that race for every backend.
+"""
+
+from __future__ import annotations
+
+import atexit
+
+import torch.distributed as dist
+
+__all__ = ["destroy_process_group_at_exit"]
+
+_registered = False
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def destroy_process_group_at_exit() -> None:
+    """Make this process destroy its default process group, if it still has one, when the interpreter exits.
+
+    Idempotent and cheap; :class:`~lightning_ft.modules.CausalLMModule` and
+    :class:`~lightning_ft.modules.SequenceClassificationModule` call it in ``setup()``, so every rank of a
+    Lightning DDP run (``ddp`` or ``ddp_spawn``) registers it. Call it from your own module's ``setup()`` when you
+    run DDP on CPU without them.
+    """
+    global _registered
+    if not _registered:
+        atexit.register(_destroy)
+        _registered = True
