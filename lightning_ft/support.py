@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+
 __all__ = ["FEATURES", "GENERIC", "SUPPORT", "MethodSupport", "check_support", "render_table", "used_features"]
 
 Feature = Literal["ddp", "fsdp", "quantized", "lora", "mixed"]
@@ -142,6 +144,10 @@ def used_features(trainer: Any, model: torch.nn.Module | None = None) -> list[Fe
 def check_support(method: str, trainer: Any, model: torch.nn.Module | None = None) -> None:
     """Raise the method's one-sentence ``ValueError`` for the first feature of this fit it does not support.
 
+    Every method calls this in ``setup()``, on every rank, so it also registers
+    :func:`~lightning_ft.strategies.destroy_process_group_at_exit`: a callback dropped into a user's own module
+    then gets the clean gloo exit that our modules' ``setup()`` gives.
+
     Args:
         method: A key of :data:`SUPPORT` (the callback's class name); an undeclared method gets :data:`GENERIC`.
         trainer: The Trainer (only ``strategy`` and ``precision`` are read).
@@ -150,6 +156,7 @@ def check_support(method: str, trainer: Any, model: torch.nn.Module | None = Non
     Raises:
         ValueError: If the fit uses an unsupported feature.
     """
+    destroy_process_group_at_exit()
     spec = SUPPORT.get(method, GENERIC)
     for feature in used_features(trainer, model):
         if feature not in spec.supports:

@@ -26,10 +26,11 @@ def _destroy() -> None:
 def destroy_process_group_at_exit() -> None:
     """Make this process destroy its default process group, if it still has one, when the interpreter exits.
 
-    Idempotent and cheap; :class:`~lightning_ft.modules.CausalLMModule` and
-    :class:`~lightning_ft.modules.SequenceClassificationModule` call it in ``setup()``, so every rank of a
-    Lightning DDP run (``ddp`` or ``ddp_spawn``) registers it. Call it from your own module's ``setup()`` when you
-    run DDP on CPU without them.
+    Idempotent and cheap; :class:`~lightning_ft.modules.CausalLMModule`,
+    :class:`~lightning_ft.modules.SequenceClassificationModule` and every method callback (through
+    :func:`~lightning_ft.support.check_support`) call it in ``setup()``, so every rank of a Lightning DDP run
+    (``ddp`` or ``ddp_spawn``) registers it. Call it from your own module's ``setup()`` when you run DDP on CPU
+    without any of them.
     """
     global _registered
     if not _registered:
