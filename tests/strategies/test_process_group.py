@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +48,12 @@ def test_without_a_group_the_handler_does_nothing() -> None:
     assert out.returncode == 0 and out.stderr.count("Error") == 0, out.stderr
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _rank(rank: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     destroy_process_group_at_exit()
@@ -63,5 +70,5 @@ def _rank(rank: int, port: int) -> None:
 @pytest.mark.ddp
 def test_finished_ranks_exit_cleanly_every_time() -> None:
     # Without the handler about one run in four (measured: 15 of 60) loses rank 1 to SIGABRT at exit.
-    for i in range(8):
-        mp.spawn(_rank, args=(29400 + i,), nprocs=2)
+    for _ in range(8):
+        mp.spawn(_rank, args=(_free_port(),), nprocs=2)
