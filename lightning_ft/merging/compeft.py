@@ -7,6 +7,11 @@ metadata records shapes, dtypes, the settings and, for LoRA, the adapter config.
 code, ``scope="global"`` picks the top-k over the whole update and uses one ``alpha * std(tau)`` for all
 tensors; ``scope="tensor"`` does both per tensor. A LoRA adapter is compressed as its A and B tensors
 (reference zero), as in the paper.
+
+Unchanged entries are never kept: ``k`` is at most the number of non-zero entries of the update (in the
+chosen scope), so every entry with ``tau == 0`` decompresses to exactly 0, as ``sign(0) = 0`` gives in the
+official code. A fine-tune that leaves most entries alone (sparse, layer-frozen, HFT) therefore keeps
+fewer than ``floor(density * n)`` entries.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lightning_ft.merging.ops import magnitude_mask, ternarize
+from lightning_ft.merging.ops import ternarize
 from lightning_ft.merging.sources import LoRASource, SafetensorsReader, TensorSource, open_source, resolve_path
 
 FORMAT = "lightning_ft.compeft"
@@ -95,10 +100,26 @@ def _global_stats(source: TensorSource, base: SafetensorsReader, density: float)
     if total < 2:
         raise ValueError("The update has fewer than two entries; there is nothing to compress.")
     std = math.sqrt(max(s2 - s1 * s1 / total, 0.0) / (total - 1))
-    keep = math.floor(density * total + 1e-9)
     flat = torch.cat(mags)
+    keep = min(math.floor(density * total + 1e-9), int(torch.count_nonzero(flat)))
     threshold = float(torch.topk(flat, keep).values[-1]) if keep > 0 else math.inf
     return std, threshold
+
+
+def _kept(tau: torch.Tensor, density: float, scope: Scope, threshold: float) -> torch.Tensor:
+    """Mask of the kept entries of one tensor: the top-k magnitudes, never an entry with ``tau == 0``.
+
+    ``scope="global"`` keeps what reaches the global threshold (entries tied with it included); ``"tensor"``
+    keeps the ``min(floor(density * n), nnz)`` largest entries of this tensor.
+    """
+    nonzero = tau != 0
+    if scope == "global":
+        return (tau.abs() >= threshold) & nonzero
+    keep = min(math.floor(density * tau.numel() + 1e-9), int(nonzero.sum()))
+    order = torch.sort(tau.abs().flatten(), descending=True, stable=True).indices  # ties by position
+    mask = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
+    mask[order[:keep]] = True
+    return mask.view(tau.shape)
 
 
 def compress(
@@ -135,10 +156,10 @@ def compress(
     meta: dict[str, Any] = {}
     kept = total = dense = 0
     for key, tau, dtype in _updates(source, reader):
+        mask = _kept(tau, density, scope, threshold)
         if scope == "global":
-            mask, scale = tau.abs() >= threshold, alpha * std
+            scale = alpha * std
         else:
-            mask = magnitude_mask(tau, density)
             scale = alpha * float(tau.std()) if tau.numel() > 1 else alpha * float(tau.abs().sum())
         count = int(mask.sum())
         kept, total = kept + count, total + tau.numel()
