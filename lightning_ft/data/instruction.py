@@ -156,6 +156,8 @@ class InstructionDataModule(L.LightningDataModule):
             val, rest = records[: h.val_size], records[h.val_size :]
         test, train = rest[: h.test_size], rest[h.test_size :]
         if h.train_size is not None:
+            if h.train_size < 1:
+                raise ValueError(f"train_size={h.train_size} must be at least 1 (or null for all remaining records).")
             train = train[: h.train_size]
         if not train:
             raise ValueError(

@@ -162,6 +162,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         weighted = any("loss_weights" in ex for pool in pools for ex in pool[:1])
         mixed = []
         for task_id, (pool, count) in enumerate(zip(pools, mix_counts(self.weights, total))):
+            if count > 0 and not pool:
+                name = self.task_specs[task_id].get("dataset", "rotten_tomatoes")
+                raise ValueError(
+                    f"Task {task_id} ({name}) has weight {self.weights[task_id]} but no training examples: give it "
+                    "training data (check its train_size and split sizes) or set its weight to 0."
+                )
             order: list[int] = []
             while len(order) < count:
                 order += rng.sample(range(len(pool)), len(pool))

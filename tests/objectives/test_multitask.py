@@ -118,3 +118,20 @@ def test_errors_are_one_sentence(tiny_llama_dir: Path) -> None:
         TaskBalancedCausalLM(model=str(tiny_llama_dir), task_balance="mean")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"weights=\[1.0\] must hold one non-negative weight per task \(2 tasks\)"):
         two_tasks(weights=[1.0])
+
+
+def test_a_weighted_task_without_training_examples_is_refused(tiny_llama_dir: Path) -> None:
+    """A task whose training pool is empty (e.g. every record dropped at encoding) used to loop forever."""
+    module = CausalLMModule(model=str(tiny_llama_dir), output_dir="")
+    dm = two_tasks()
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    dm.tasks[1]._encoded["train"] = []
+    with pytest.raises(ValueError, match=r"Task 1 \(chitchat\) has weight 1.0 but no training examples"):
+        dm._mixture()
+    dm.weights = [1.0, 0.0]
+    assert len(dm._mixture()) == 40  # an empty task with weight 0 is fine
+    zero = two_tasks(tasks=[dict(label_options=["positive", "negative"], train_size=0)], weights=None)
+    zero.tokenizer = module.tokenizer
+    with pytest.raises(ValueError, match=r"train_size=0 must be at least 1"):
+        zero.setup("fit")
