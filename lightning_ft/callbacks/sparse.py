@@ -16,18 +16,20 @@ Mechanics (Lightning hook order: backward -> ``on_before_optimizer_step`` -> gra
   of the param group the tensor sits in, so schedulers apply), then the tensor's ``grad`` is set to ``None`` and
   the module's own optimizer steps the remaining (dense) tensors. It never holds state for eligible tensors:
   optimizer memory follows the mask.
-* ``on_train_batch_end``: LT-SFT's switch (select, rewind every trained tensor to theta_0, clear the optimizer
-  state and restart the learning-rate schedule) and LIFT's periodic re-selection (moments of kept entries carry
-  over).
+* ``on_train_batch_end``: LT-SFT's switch (select, rewind every trained tensor to theta_0, then a fresh
+  optimizer and a fresh learning-rate schedule sized for the sparse phase, as the official code's second
+  ``train()``) and periodic re-selection (LIFT; moments of kept entries carry over) after optimizer step ``s``
+  when ``(s + 1) % reselect_every == 0``, the official ``SparseAdamW``'s timing.
 * ``on_fit_end``: the sparse fine-tuning is written as its own artifact (``sparse_delta.safetensors``).
 
-The masks, compact values and moments, the phase, the selection counter and the schedule to restart are part
-of the checkpoint, so a resumed run equals an uninterrupted one.
+The masks, compact values and moments, the phase and the selection counter are part of the checkpoint; a run
+resumed in LT-SFT's sparse phase builds the sparse phase's optimizer and schedule again before Lightning loads
+their states, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -89,8 +91,11 @@ class SparseFineTuning(L.Callback):
         seed: Seed of random selections.
         save_path: Where ``on_fit_end`` writes the artifact; default ``sparse_delta.safetensors`` in the
             checkpoint folder (or ``default_root_dir`` without checkpointing); ``""`` disables it.
-        reset_schedule: At LotteryTicket's switch, restart the learning-rate schedule from its first step (as the
-            official code does with a fresh scheduler); ``False`` continues it.
+        reset_schedule: At LotteryTicket's switch, build the module's optimizer and schedule again for the sparse
+            phase's own length (the official code's fresh optimizer and scheduler): ``configure_optimizers`` is
+            called while the Trainer reports the sparse phase's steps as its step budget (``max_steps`` and
+            ``estimated_stepping_batches``), so a schedule sized from them restarts with its warmup and ends with
+            the fit. ``False`` keeps the optimizer (its state cleared) and continues the whole fit's schedule.
         sparse_ddp: Under DDP, all-reduce only the selected entries' gradients (a communication hook; bytes
             follow the mask). ``False`` keeps DDP's dense all-reduce.
 
@@ -153,7 +158,6 @@ class SparseFineTuning(L.Callback):
         self._dense_params: dict[str, torch.nn.Parameter] = {}
         self._groups: dict[str, tuple[torch.optim.Optimizer, int]] = {}
         self._restore_steps: list[tuple[torch.optim.Optimizer, Callable[..., Any]]] = []
-        self._initial: dict[str, Any] | None = None
         self._restored: dict[str, Any] | None = None
         self._last_selection_step = -1
         self._theta0_sel: dict[str, torch.Tensor] = {}
@@ -202,12 +206,7 @@ class SparseFineTuning(L.Callback):
             raise ValueError(f"targets={self.targets!r} matches no parameter of {type(model).__name__}: name kinds "
                              "such as ['attention', 'mlp'] or a regex that matches parameter names.")  # fmt: skip
         if self.rule.matrices_only:
-            flat = next((i for i in eligible if len(i.shape) != 2), None)
-            if flat is not None:
-                raise ValueError(
-                    f"{type(self.rule).__name__} scores matrices, but targets include {flat.name} with shape "
-                    f"{flat.shape}: narrow `targets` to 2-D weights (e.g. ['attention', 'mlp'])."
-                )
+            eligible = self._matrices(eligible)
         eligible_names = {i.name for i in eligible}
         dense = [i for i in _select_infos(layer_map, self.dense, "dense") if i.name not in eligible_names]
         all_params = layer_map.parameters(model)
@@ -229,6 +228,25 @@ class SparseFineTuning(L.Callback):
         if self.states and self._restored is None:  # a second fit on the same callback starts over
             self.states, self.phase, self.events, self._ever = {}, "setup", [], {}
 
+    def _matrices(self, eligible: list[ParamInfo]) -> list[ParamInfo]:
+        """A matrix rule's eligible tensors: the 2-D ones; 1-D ones (biases, norms) are skipped with one line."""
+        rule = type(self.rule).__name__
+        deep = next((i for i in eligible if len(i.shape) > 2), None)
+        if deep is not None:
+            raise ValueError(
+                f"{rule} scores matrices, but targets include {deep.name} with shape {deep.shape}: give `targets` "
+                "as a regular expression that leaves it out."
+            )
+        matrices = [i for i in eligible if len(i.shape) == 2]
+        if not matrices:
+            raise ValueError(f"targets={self.targets!r} matches no 2-D weight, and {rule} scores matrices: name "
+                             "matrix kinds such as ['attention', 'mlp'].")  # fmt: skip
+        flat = [i for i in eligible if len(i.shape) < 2]
+        if flat:
+            rank_zero_info(f"SparseFineTuning: {rule} scores matrices, so it skips {len(flat)} 1-D tensors of "
+                           f"`targets` (e.g. {flat[0].name}); they stay frozen unless `dense` names them.")  # fmt: skip
+        return matrices
+
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._bind(trainer)
@@ -236,8 +254,9 @@ class SparseFineTuning(L.Callback):
         if self._restored is not None:
             self._load(self._restored)
             self._restored = None
+            if self.reset_schedule and self._rewound:  # Lightning loads the checkpoint's states into these next
+                self._fresh_optimizers(trainer)
         else:
-            self._initial = self._schedule_state(trainer)
             if self.rule.dense_steps > 0:
                 self.phase = "dense"
                 self._log_event(trainer, "dense_phase", {})
@@ -291,9 +310,21 @@ class SparseFineTuning(L.Callback):
             self._select(trainer, pl_module, remap=False)
             self._rewind(trainer)
             return
-        every = self.rule.reselect_every
-        if self.phase == "sparse" and every and step > 0 and step % every == 0 and step != self._last_selection_step:
+        if self.phase == "sparse" and step != self._last_selection_step and self._reselects_after(trainer, step):
             self._select(trainer, pl_module, remap=True)
+
+    def _reselects_after(self, trainer: L.Trainer, step: int) -> bool:
+        """Whether the rule re-selects after optimizer step ``step`` (counted from 1).
+
+        As the official LIFT ``SparseAdamW``: after step ``s`` when ``(s + 1) % reselect_every == 0``, so the first
+        mask trains ``reselect_every - 1`` steps and every later one ``reselect_every``; never after the fit's last
+        step, where the new mask would train nothing.
+        """
+        every = self.rule.reselect_every
+        if not every or step < 1 or (step + 1) % every:
+            return False
+        total = trainer.estimated_stepping_batches
+        return not (math.isfinite(total) and step >= total)
 
     # ------------------------------------------------------------------ end
     @override
@@ -411,27 +442,38 @@ class SparseFineTuning(L.Callback):
 
     # ------------------------------------------------------------------ LT-SFT switch
     def _rewind(self, trainer: L.Trainer) -> None:
-        """Every trained tensor back to theta_0; fresh optimizer state; the schedule restarts."""
+        """Every trained tensor back to theta_0; a fresh optimizer and schedule (or, without ``reset_schedule``,
+        the same optimizer with its state cleared)."""
         assert self._snapshot is not None and self._model is not None
         self._snapshot.restore(self._model, [*self._params, *self._dense_params])
         self.states = {n: CompactState.create(self._params[n].detach(), s.indices) for n, s in self.states.items()}
         self._ever = {n: s.indices.long().cpu() for n, s in self.states.items()}
         self._sync_comm_masks()
-        for optimizer in trainer.optimizers:
-            optimizer.state.clear()
-        if self.reset_schedule and self._initial is not None:
-            for config, saved in zip(trainer.lr_scheduler_configs, self._initial["schedulers"]):
-                config.scheduler.load_state_dict(copy.deepcopy(saved))
-            for optimizer, lrs in zip(trainer.optimizers, self._initial["lrs"]):
-                for group, lr in zip(optimizer.param_groups, lrs):
-                    group["lr"] = lr
         self._log_event(trainer, "rewind", {})
+        if self.reset_schedule:
+            self._fresh_optimizers(trainer)
+        else:
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()
 
-    def _schedule_state(self, trainer: L.Trainer) -> dict[str, Any]:
-        return {
-            "schedulers": [copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs],
-            "lrs": [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers],
-        }
+    @property
+    def _rewound(self) -> bool:
+        return any(e["event"] == "rewind" for e in self.events)
+
+    def _fresh_optimizers(self, trainer: L.Trainer) -> None:
+        """The module's optimizers and schedules built again for the sparse phase, which runs from the rewind to
+        the end of the fit: ``configure_optimizers`` runs while the Trainer's step budget is the sparse phase's."""
+        start = next(e["step"] for e in reversed(self.events) if e["event"] == "rewind")
+        total = trainer.estimated_stepping_batches
+        loop = trainer.fit_loop.epoch_loop
+        budget = loop.max_steps
+        if math.isfinite(total):  # estimated_stepping_batches = min(epochs' steps, max_steps) = the sparse steps
+            loop.max_steps = max(1, int(total) - start)
+        try:
+            trainer.strategy.setup_optimizers(trainer)
+        finally:
+            loop.max_steps = budget
+        self._bind(trainer)
 
     def _cache_theta0(self) -> None:
         """theta_0 at the selected entries (fp32): the L1 pull and the rewind of master copies need it."""
@@ -539,7 +581,6 @@ class SparseFineTuning(L.Callback):
             "events": list(self.events),
             "states": {n: s.state_dict() for n, s in self.states.items()},
             "ever": dict(self._ever),
-            "initial": self._initial,
             "last_selection_step": self._last_selection_step,
             "budget": dict(self.budget),
             "rule": type(self.rule).__name__,
@@ -562,7 +603,6 @@ class SparseFineTuning(L.Callback):
                              "resume with the same model and `targets`.")  # fmt: skip
         self.phase = state["phase"]
         self.events = list(state["events"])
-        self._initial = state["initial"]
         self._last_selection_step = int(state["last_selection_step"])
         self.states = {n: CompactState.from_state_dict(s, self._params[n]) for n, s in state["states"].items()}
         self._ever = dict(state.get("ever", {}))

@@ -4,9 +4,14 @@ A rule scores every entry (non-negative, larger = keep); the callback turns the 
 budget (a global top-k, or a top-k per matrix). Rules also say *when* they select:
 
 * :class:`LotteryTicket` (LT-SFT, Ansell et al. 2022): after ``dense_steps`` of dense training, |theta - theta_0|;
-  the callback then rewinds every trained tensor to theta_0 and restarts the optimizer and the schedule.
+  the callback then rewinds every trained tensor to theta_0 and builds a fresh optimizer and schedule for the
+  sparse phase.
 * :class:`PrincipalWeights` (LIFT, Liu et al. 2025): |W'| of a rank-``filter_rank`` approximation of each
-  matrix, re-selected every ``reselect_every`` steps with the moments of kept entries carried over.
+  matrix, re-selected every ``reselect_every`` steps (default 200, the official CLI's) with the moments of kept
+  entries carried over.
+
+Re-selection follows the official LIFT optimizer: after optimizer step ``s`` (counted from 1) when
+``(s + 1) % reselect_every == 0``, i.e. after steps ``every - 1``, ``2 * every - 1``...
 * :class:`Sensitivity` (SPT-style, He et al. 2023): the sum of squared gradients over ``batches`` training
   batches, before training.
 * :class:`Magnitude` and :class:`Random`: baselines.
@@ -78,7 +83,8 @@ class SelectionRule:
 
     @property
     def reselect_every(self) -> int | None:
-        """Re-select every this many optimizer steps (``None``: never)."""
+        """Re-select every this many optimizer steps (``None``: never), after step ``s`` when
+        ``(s + 1) % reselect_every == 0``."""
         return None
 
     def prepare(self, ctx: SelectionContext) -> None:
@@ -163,10 +169,15 @@ class LotteryTicket(SelectionRule):
 class PrincipalWeights(SelectionRule):
     """LIFT: keep the largest entries of a rank-``filter_rank`` approximation of each matrix.
 
+    Only 2-D tensors are scored: 1-D tensors among the callback's ``targets`` (e.g. Qwen2's q/k/v biases) are
+    skipped with one logged line and stay frozen.
+
     Args:
         filter_rank: Rank r of the approximation W' = U_r S_r V_r^T (fp32 SVD).
-        reselect_every: Re-select every this many optimizer steps (``None``: once); moments of entries kept in
-            both masks carry over, new entries start at zero, bias correction continues.
+        reselect_every: Re-select every this many optimizer steps (default 200, the official CLI's
+            ``update_interval``; its released configs use 400 or 2000; ``None``: select once), after step ``s``
+            when ``(s + 1) % reselect_every == 0`` as the official optimizer; moments of entries kept in both
+            masks carry over, new entries start at zero, bias correction continues.
         largest: Keep the largest |W'| (the paper). ``False`` keeps the smallest, which is what the official
             code's released configs do (its ``lift_sparse`` mask type contains no "largest"); for reproduction only.
         svd: ``full`` (exact ``torch.linalg.svd``) or ``lowrank`` (``torch.svd_lowrank`` with 2r columns, for large
@@ -180,7 +191,7 @@ class PrincipalWeights(SelectionRule):
     def __init__(
         self,
         filter_rank: int = 32,
-        reselect_every: int | None = None,
+        reselect_every: int | None = 200,
         largest: bool = True,
         svd: Literal["full", "lowrank"] = "full",
     ) -> None:
