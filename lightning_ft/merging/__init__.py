@@ -1,29 +1,37 @@
-"""Post-hoc weight operations on task vectors: soups, task arithmetic, TIES, Model Breadcrumbs, ComPEFT, LiNeS.
+"""Post-hoc weight operations on task vectors: soups, linear, task arithmetic, TIES, Model Breadcrumbs, DARE,
+ComPEFT, LiNeS.
 
-The pure per-tensor functions live in :mod:`~lightning_ft.merging.ops`, the method registry in
-:mod:`~lightning_ft.merging.registry`, the streaming engine in :mod:`~lightning_ft.merging.engine`,
-readers of every ingredient format in :mod:`~lightning_ft.merging.sources` and ComPEFT artifacts in
-:mod:`~lightning_ft.merging.compeft`. The ``lightning-ft merge|compress|decompress`` commands are in
-:mod:`~lightning_ft.merging.cli`.
+The pure per-tensor functions live in :mod:`~lightning_ft.merging.ops` (the merge methods compute what mergekit
+0.1.5 computes), the method registry in :mod:`~lightning_ft.merging.registry`, the streaming engine in
+:mod:`~lightning_ft.merging.engine`, readers of every ingredient format in :mod:`~lightning_ft.merging.sources` and
+ComPEFT artifacts in :mod:`~lightning_ft.merging.compeft`. The ``lightning-ft merge|compress|decompress`` commands
+(which also run mergekit recipes) are in :mod:`~lightning_ft.merging.cli`.
 """
 
 from lightning_ft.merging.compeft import CompressReport, compress, open_artifact
-from lightning_ft.merging.engine import MergePlan, MergeResult, check_compatible, merge, save_hf_folder
+from lightning_ft.merging.engine import MergePlan, MergeResult, check_compatible, merge, parse_dtype, save_hf_folder
 from lightning_ft.merging.ops import (
+    agreement,
+    bernoulli_mask,
     breadcrumbs,
     breadcrumbs_mask,
-    disjoint_mean,
+    combine,
+    dare,
     elect_sign,
+    l1_rescale,
+    linear,
     lines_alpha_from_norms,
     lines_factor,
     lines_scale,
     magnitude_mask,
+    sparsify,
     task_arithmetic,
+    task_arithmetic_family,
     ternarize,
     ties,
     uniform_soup,
 )
-from lightning_ft.merging.registry import MERGE_METHODS, MergeMethod, get_method, register
+from lightning_ft.merging.registry import MERGE_METHODS, MergeMethod, ResolvedParams, get_method, register
 from lightning_ft.merging.sources import open_source
 
 __all__ = [
@@ -32,13 +40,19 @@ __all__ = [
     "MergeMethod",
     "MergePlan",
     "MergeResult",
+    "ResolvedParams",
+    "agreement",
+    "bernoulli_mask",
     "breadcrumbs",
     "breadcrumbs_mask",
     "check_compatible",
+    "combine",
     "compress",
-    "disjoint_mean",
+    "dare",
     "elect_sign",
     "get_method",
+    "l1_rescale",
+    "linear",
     "lines_alpha_from_norms",
     "lines_factor",
     "lines_scale",
@@ -46,9 +60,12 @@ __all__ = [
     "merge",
     "open_artifact",
     "open_source",
+    "parse_dtype",
     "register",
     "save_hf_folder",
+    "sparsify",
     "task_arithmetic",
+    "task_arithmetic_family",
     "ternarize",
     "ties",
     "uniform_soup",

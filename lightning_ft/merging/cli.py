@@ -1,6 +1,7 @@
 """``lightning-ft merge | compress | decompress``: post-hoc weight commands.
 
     lightning-ft merge --config configs/merge_recipe.yaml
+    lightning-ft merge --config mergekit_ties.yml --output merged/      # a mergekit recipe, unchanged
     lightning-ft merge --base smollm2-135m --models runs/a/hf_model runs/b/hf_model --method ties \\
         --param density=0.2 --lines-beta 0.5 --output merged/
     lightning-ft compress --base smollm2-135m --model runs/a/hf_model --density 0.1 --output a.compeft.safetensors
@@ -11,40 +12,69 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lightning_ft.merging.compeft import compress
-from lightning_ft.merging.engine import MergePlan, ScoreFn, merge, save_hf_folder
+from lightning_ft.merging.engine import MergePlan, ScoreFn, merge, parse_dtype, save_hf_folder
 from lightning_ft.merging.registry import MERGE_METHODS
 
 __all__ = ["build_score", "main"]
 
 
+_SEMANTICS = """\
+semantics (mergekit 0.1.5's, per tensor; tau_i = theta_i - base):
+  weight w_i (per model, default 1.0) multiplies each (sparsified) task vector before the sign election;
+  normalize divides by the sum of the weights: of the sign-agreeing, unpruned models per entry for ties,
+  breadcrumbs_ties and dare_ties, of all models otherwise; lambda (global, default 1.0; alias `scaling`) scales
+  the merged task vector; rescale multiplies each pruned task vector by sum|tau_i| / sum|kept| (L1, per tensor;
+  not 1/density). density and gamma are per model (a model's own `parameters:` win over the top-level block);
+  normalize, rescale, lambda, scope, seed are global. int8_mask is accepted and has no numerical effect.
+  Magnitude ties at a cut keep the earlier entry (mergekit: arbitrary). DARE draws one fp32 Bernoulli mask per
+  tensor and model (tensors in ascending name order, models in recipe order) from a CPU generator seeded with
+  `seed` (or `random_seed:` / --random-seed; without one a seed is drawn and written to the report).
+
+recipes: our keys (base, models: [path | {path, parameters}], method, parameters, lines, eval, metric, output) and
+  mergekit's (merge_method, base_model, models: [{model, parameters: {weight, density, gamma}}], parameters,
+  dtype, out_dtype, random_seed, tokenizer_source: base). Unknown keys are refused. dtype rounds every input
+  to float32/bfloat16/float16 (the arithmetic stays float32); out_dtype sets the saved dtype.
+"""
+
+
 def _methods_epilog() -> str:
-    rows = [
-        f"  {m.name:<16} {m.pretty_name} ({m.reference_url}); parameters {m.defaults}" for m in MERGE_METHODS.values()
-    ]
-    return "merge methods:\n" + "\n".join(rows)
+    rows = []
+    for m in MERGE_METHODS.values():
+        params = {**m.model_defaults, **m.defaults}
+        rows.append(f"  {m.name:<16} {m.pretty_name} ({m.reference_url})")
+        rows += [f"      {line}" for line in textwrap.wrap(m.summary, 100)]
+        rows.append(f"      parameters (defaults): {params or 'none'}")
+    return "merge methods:\n" + "\n".join(rows) + "\n\n" + _SEMANTICS
 
 
 def _merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lightning-ft merge",
         description="Merge a base model and N fine-tuned results (HF folders, Lightning .ckpt, LoRA adapter folders, "
-        "ComPEFT artifacts) into one HF-loadable folder with a short report (merge_report.md). Command-line "
-        "options override the recipe.",
+        "ComPEFT artifacts) into one HF-loadable folder with a short report (merge_report.md). Runs mergekit recipes "
+        "for the methods below unchanged. Command-line options override the recipe.",
         epilog=_methods_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="merge recipe YAML: base, models, method, parameters, lines, eval, metric, output")
+    p.add_argument("--config", help="merge recipe YAML: base, models, method, parameters, lines, eval, metric, output "
+                   "(or mergekit's merge_method, base_model, models, parameters, dtype)")  # fmt: skip
     p.add_argument("--base", help="the pretrained model: HF folder or bundled alias (smollm2-135m)")
     p.add_argument("--models", nargs="+", help="the fine-tuned results to merge")
     p.add_argument("--method", choices=sorted(MERGE_METHODS), help="merge method")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a top-level method parameter")
+    p.add_argument("--random-seed", type=int, help="seed of the random methods (dare_linear, dare_ties)")
+    p.add_argument("--dtype", help="round every input tensor to float32, bfloat16 or float16")
+    p.add_argument("--out-dtype", help="dtype of the saved merged tensors")
     p.add_argument("--lines-beta", help="apply LiNeS for merging with this beta, or 'sweep' (needs eval data)")
     p.add_argument("--non-block-scale", choices=["alpha", "one", "last"], help="LiNeS factor outside the blocks")
     p.add_argument("--metric", help="eval metric to maximise (default target_acc; *_loss/*_ppl are minimised)")
@@ -87,18 +117,97 @@ def _value(text: str) -> Any:
         return text
 
 
+_RECIPE_KEYS = ("base", "models", "method", "parameters", "lines", "eval", "metric", "output")
+_MERGEKIT_KEYS = {"merge_method": "method", "base_model": "base", "dtype": "dtype", "out_dtype": "out_dtype",
+                  "random_seed": "random_seed", "tokenizer_source": "tokenizer_source"}  # fmt: skip
+_MODEL_KEYS = ("path", "model", "parameters")
+
+
+def _refuse_unknown(keys: Any, valid: Sequence[str], where: str) -> None:
+    """Refuse the first key not in ``valid``, naming the closest valid one."""
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys are {sorted(valid)}."
+            raise ValueError(f"{where} has no key {key!r}: {hint}")
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping of names to values, not {value!r}.")
+    return dict(value)
+
+
+def _canonical(raw: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys in our names (``merge_method`` -> ``method``, ``base_model`` -> ``base``), checked."""
+    _refuse_unknown(raw, [*_RECIPE_KEYS, *_MERGEKIT_KEYS], "The merge recipe")
+    recipe: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _MERGEKIT_KEYS.get(key, key)
+        if name in recipe and recipe[name] != value:
+            theirs = next(k for k in raw if k != name and _MERGEKIT_KEYS.get(k) == name)
+            raise ValueError(f"The recipe sets both {name!r} and {theirs!r} (mergekit's name for it): keep one.")
+        recipe[name] = value
+    source = recipe.pop("tokenizer_source", "base")
+    if source != "base":
+        raise ValueError(
+            f"tokenizer_source={source!r}: the merged folder always takes the base's tokenizer; use 'base'."
+        )
+    return recipe
+
+
+def _model_entry(entry: Any, index: int) -> tuple[str, dict[str, Any]]:
+    """``path`` or ``{path | model, parameters}`` -> (path, own parameters)."""
+    if not isinstance(entry, dict):
+        return str(entry), {}
+    where = f"Model {index + 1} of the recipe"
+    _refuse_unknown(entry, _MODEL_KEYS, where)
+    if ("path" in entry) == ("model" in entry):
+        raise ValueError(f"{where} needs exactly one of `path` or `model` (mergekit's name) naming the fine-tune.")
+    return str(entry.get("path", entry.get("model"))), _mapping(entry.get("parameters"), f"{where}'s `parameters`")
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _linear_base(recipe: dict[str, Any], mergekit_base: bool) -> None:
+    """mergekit's linear: base_model is one more ingredient (with a weight); no base means the first model's folder."""
+    if not recipe.get("base"):
+        recipe["base"] = recipe["models"][0]
+        return
+    if not mergekit_base or any(_same_path(recipe["base"], m) for m in recipe["models"]):
+        return
+    if "weight" not in recipe["parameters"]:
+        raise ValueError(
+            "mergekit's linear averages base_model as one more ingredient and needs its weight: list it under "
+            "`models` with `parameters: {weight: ...}`, give a top-level `parameters: {weight: ...}`, or name it "
+            "`base:` to use it only as the reference folder."
+        )
+    recipe["models"].append(str(recipe["base"]))
+    recipe["model_params"].append({})
+
+
 def _recipe(args: argparse.Namespace) -> dict[str, Any]:
-    recipe: dict[str, Any] = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    recipe = dict(recipe or {})
-    for key in ("base", "models", "method", "metric", "output"):
+    raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    recipe = _canonical(_mapping(raw, "The merge recipe"))
+    mergekit_base = raw is not None and "base_model" in raw and args.base is None
+    for key in ("base", "models", "method", "metric", "output", "dtype", "out_dtype"):
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
-    params = dict(recipe.get("parameters") or {})
+    params = _mapping(recipe.get("parameters"), "The recipe's `parameters`")
     for item in args.param:
         if "=" not in item:
             raise SystemExit(f"--param {item!r} must be KEY=VALUE, e.g. --param density=0.2.")
         key, text = item.split("=", 1)
         params[key] = _value(text)
+    seed = args.random_seed if args.random_seed is not None else recipe.pop("random_seed", None)
+    if seed is not None:
+        if params.get("seed", seed) != seed:
+            raise ValueError(f"random_seed={seed} and parameters seed={params['seed']} disagree: keep one.")
+        params["seed"] = seed
     recipe["parameters"] = params
     lines = dict(recipe.get("lines") or {}) if recipe.get("lines") not in (None, False) else None
     if args.lines_beta is not None:
@@ -106,11 +215,15 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
     if args.non_block_scale is not None:
         lines = {**(lines or {}), "non_block_scale": args.non_block_scale}
     recipe["lines"] = lines
-    for key in ("base", "models", "method", "output"):
+    for key in ("models", "method", "output"):
         if not recipe.get(key):
             raise SystemExit(f"lightning-ft merge needs `{key}` (in the recipe or as --{key}).")
-    models = recipe["models"]
-    recipe["models"] = [m["path"] if isinstance(m, dict) else m for m in models]
+    entries = [_model_entry(m, i) for i, m in enumerate(recipe["models"])]
+    recipe["models"], recipe["model_params"] = [p for p, _ in entries], [own for _, own in entries]
+    if recipe["method"] == "linear":
+        _linear_base(recipe, mergekit_base)
+    if not recipe.get("base"):
+        raise SystemExit("lightning-ft merge needs `base` (in the recipe as base or base_model, or as --base).")
     return recipe
 
 
@@ -155,13 +268,16 @@ def run_merge(argv: list[str]) -> dict[str, Any]:
     plan = MergePlan.build(
         str(recipe["base"]), recipe["models"], recipe["method"], recipe["parameters"],
         lines=lines is not None, non_block_scale=(lines or {}).get("non_block_scale", "alpha"),
+        model_params=recipe["model_params"], dtype=parse_dtype(recipe.get("dtype")),
+        out_dtype=parse_dtype(recipe.get("out_dtype"), "out_dtype"),
     )  # fmt: skip
     needs_eval = plan.method.needs_eval or (lines or {}).get("beta") == "sweep"
     score = None
     if needs_eval and recipe.get("eval"):
         score = build_score(str(recipe["base"]), list(recipe["eval"]), recipe.get("metric") or "target_acc")
     result = merge(plan, (lines or {}).get("beta"), score)
-    out = save_hf_folder(result.state, str(recipe["base"]), recipe["output"], result.report)
+    dtype = plan.out_dtype or plan.dtype
+    out = save_hf_folder(result.state, str(recipe["base"]), recipe["output"], result.report, dtype)
     print((out / "merge_report.md").read_text())
     return result.report
 
@@ -199,7 +315,7 @@ def main(argv: list[str]) -> None:
         print(report.markdown())
     else:
         args = _decompress_parser().parse_args(rest)
-        plan = MergePlan.build(args.base, [args.artifact], "task_arithmetic", {"scaling": 1.0})
+        plan = MergePlan.build(args.base, [args.artifact], "task_arithmetic", {"lambda": 1.0})
         result = merge(plan)
         save_hf_folder(result.state, args.base, args.output, result.report)
         print(json.dumps({"output": args.output, "ingredients": result.report["ingredients"]}))

@@ -3,7 +3,10 @@
 Tensors are processed one at a time in the base's order: the base tensor and one task-vector tensor per
 ingredient are read, merged by the registered method (optionally scaled by LiNeS for merging) and the
 result kept in the output state dict. Peak memory is about base tensor + output + one tensor per
-ingredient. Dtypes follow the base. Incompatible ingredients are refused before anything is written.
+ingredient. Tensors are merged in ascending name order (mergekit's order, which fixes the random draws of
+DARE) and returned in the base's order. Inputs keep their dtypes unless ``dtype`` rounds them; the arithmetic is
+fp32 and the output takes ``out_dtype``, else ``dtype``, else the base's dtype. Incompatible ingredients are
+refused before anything is written.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from lightning_ft.merging.sources import SafetensorsReader, TensorSource, open_s
 
 ScoreFn = Callable[[dict[str, torch.Tensor]], float]
 
-__all__ = ["MergePlan", "MergeResult", "check_compatible", "merge", "save_hf_folder"]
+__all__ = ["MergePlan", "MergeResult", "check_compatible", "merge", "parse_dtype", "save_hf_folder"]
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -48,7 +51,8 @@ def check_compatible(base: SafetensorsReader, sources: Sequence[TensorSource]) -
         extra = next((k for k in keys if k not in known), None)
         if extra is not None:
             raise ValueError(
-                f"{source.name} has tensor {extra!r} that the base lacks: merge only fine-tunes of the same architecture."
+                f"{source.name} has tensor {extra!r} that the base lacks: merge only fine-tunes of the same "
+                "architecture."
             )
         for key in (k for k in base_keys if k in have):
             if tuple(source.shape(key)) != base.shape(key):
@@ -56,6 +60,18 @@ def check_compatible(base: SafetensorsReader, sources: Sequence[TensorSource]) -
                     f"{source.name} does not match the base at tensor {key!r}: shape {tuple(source.shape(key))} vs "
                     f"{base.shape(key)}; merge only fine-tunes of the same base model."
                 )
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None, key: str = "dtype") -> torch.dtype | None:
+    """A recipe dtype name (``float32``, ``bfloat16``, ``float16``) as a torch dtype; ``None`` stays ``None``."""
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"{key}={name!r} is not one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
 
 
 @dataclass
@@ -66,19 +82,25 @@ class MergePlan:
         base: The pretrained model.
         sources: The ingredients.
         method: The registered merge method.
-        params: The method's resolved parameters.
+        params: The method's resolved global parameters.
+        model_params: The resolved per-model parameters (``weight``, ``density``, ``gamma``), one per source.
         lines: Apply LiNeS for merging to the merged task vector.
         non_block_scale: LiNeS factor rule outside the blocks.
         lines_alpha: ``alpha`` from the norm ratio (set by :meth:`compute_lines_alpha`).
+        dtype: Inputs are rounded to this dtype on load (mergekit's ``dtype:``); the arithmetic stays fp32.
+        out_dtype: Dtype of the merged tensors (default: ``dtype``, else the base's).
     """
 
     base: SafetensorsReader
     sources: list[TensorSource]
     method: MergeMethod
     params: dict[str, Any]
+    model_params: list[dict[str, Any]] = field(default_factory=list)
     lines: bool = False
     non_block_scale: NonBlockScale = "alpha"
     lines_alpha: float | None = None
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
     _blocks: dict[str, int | None] = field(default_factory=dict)
     _keysets: dict[int, set[str]] = field(default_factory=dict)
 
@@ -91,18 +113,37 @@ class MergePlan:
         params: dict[str, Any] | None = None,
         lines: bool = False,
         non_block_scale: NonBlockScale = "alpha",
+        model_params: Sequence[dict[str, Any] | None] | None = None,
+        dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> MergePlan:
-        """Open the base and ingredients, resolve the method and check compatibility."""
+        """Open the base and ingredients, resolve the method's parameters and check compatibility.
+
+        Args:
+            base: The pretrained model (folder or bundled alias).
+            models: The ingredients.
+            method: A registered method name.
+            params: The top-level parameters (global, and per-model ones applying to every model).
+            lines: Apply LiNeS for merging (its ``alpha``/``beta`` replace ``lambda``).
+            non_block_scale: LiNeS factor rule outside the blocks.
+            model_params: Each ingredient's own parameters (``weight``, ``density``, ``gamma``), in order.
+            dtype: Round every input tensor to this dtype on load.
+            out_dtype: Dtype of the merged tensors.
+        """
         if not models:
             raise ValueError("Give at least one fine-tuned model to merge.")
+        own = list(model_params) if model_params is not None else [None] * len(models)
+        if len(own) != len(models):
+            raise ValueError(f"model_params has {len(own)} entries for {len(models)} models: give one per model.")
+        chosen = get_method(method)
+        resolved = chosen.resolve(params, own)
         reader = SafetensorsReader(resolve_path(base))
         sources = [open_source(m, reader.keys()) for m in models]
         check_compatible(reader, sources)
-        chosen = get_method(method)
-        resolved = chosen.resolve(params)
-        if lines and chosen.scaling_param in resolved:
-            resolved[chosen.scaling_param] = 1.0  # LiNeS's alpha/beta take over the global scale
-        plan = cls(reader, sources, chosen, resolved, lines, non_block_scale)
+        glob = dict(resolved.params)
+        if lines and chosen.scaling_param in glob:
+            glob[chosen.scaling_param] = 1.0  # LiNeS's alpha/beta take over the global scale
+        plan = cls(reader, sources, chosen, glob, resolved.models, lines, non_block_scale, None, dtype, out_dtype)
         plan._blocks = {k: classify(k)[0] for k in reader.keys()}
         return plan
 
@@ -112,13 +153,24 @@ class MergePlan:
         blocks = [b for b in self._blocks.values() if b is not None]
         return max(blocks) + 1 if blocks else 0
 
+    def base_tensor(self, key: str) -> torch.Tensor:
+        """One base tensor, rounded to ``dtype`` when set."""
+        tensor = self.base.get(key)
+        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
+
     def deltas(self, key: str, base: torch.Tensor, sources: Sequence[TensorSource]) -> list[torch.Tensor] | None:
-        """One fp32 task vector per ingredient (zeros where an adapter leaves the tensor alone)."""
+        """One fp32 task vector per ingredient (zeros where an adapter leaves the tensor alone).
+
+        With ``dtype`` set, each ingredient's tensor ``base + delta`` is rounded to it first (``base`` is the
+        rounded base tensor).
+        """
         if not base.is_floating_point():
             return None
         found = [s.delta(key, base) if key in self._keyset(s) else None for s in sources]
         if all(d is None for d in found):
             return None
+        if self.dtype is not None:
+            found = [d if d is None else (base.float() + d).to(self.dtype).float() - base.float() for d in found]
         return [d if d is not None else torch.zeros(base.shape, dtype=torch.float32) for d in found]
 
     def _keyset(self, source: TensorSource) -> set[str]:
@@ -126,21 +178,45 @@ class MergePlan:
             self._keysets[id(source)] = set(source.keys())
         return self._keysets[id(source)]
 
+    def models_of(self, sources: Sequence[TensorSource]) -> list[dict[str, Any]]:
+        """The per-model parameters of ``sources`` (a subset of the ingredients, in any order)."""
+        own = {id(s): p for s, p in zip(self.sources, self.model_params or [{} for _ in self.sources])}
+        return [own[id(s)] for s in sources]
+
+    def _generator(self) -> torch.Generator | None:
+        """A CPU generator seeded with ``seed`` for random methods: every pass draws the same masks."""
+        return torch.Generator().manual_seed(int(self.params["seed"])) if self.method.random else None
+
+    def _merged(
+        self, sources: Sequence[TensorSource]
+    ) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]]:
+        """``(key, base tensor, task vectors, merged task vector)`` per base tensor, in ascending name order.
+
+        Ascending name order is the order in which mergekit's executor merges tensors, so a random method
+        consumes the seeded generator as mergekit's ``--random-seed`` run does (one fp32 Bernoulli draw per
+        tensor and model with density < 1, models in recipe order). Tensors no ingredient touches (and
+        non-floating ones) come with ``None``.
+        """
+        models, generator = self.models_of(sources), self._generator()
+        for key in sorted(self.base.keys()):
+            base = self.base_tensor(key)
+            deltas = self.deltas(key, base, sources)
+            merged = None if deltas is None else self.method(base, deltas, models, self.params, generator)
+            yield key, base, deltas, merged
+
     def compute_lines_alpha(self) -> float:
         """LiNeS-for-merging ``alpha = (||sum tau_t||_1 / ||tau_MTL||_1) / T``, streamed over tensors."""
         summed = merged = 0.0
-        for key in self.base.keys():
-            base = self.base.get(key)
-            deltas = self.deltas(key, base, self.sources)
-            if deltas is None:
+        for _, _, deltas, tau in self._merged(self.sources):
+            if deltas is None or tau is None:
                 continue
             summed += float(torch.stack(deltas).sum(0).abs().sum(dtype=torch.float64))
-            merged += float(self.method(deltas, **self.params).abs().sum(dtype=torch.float64))
+            merged += float(tau.abs().sum(dtype=torch.float64))
         self.lines_alpha = lines_alpha_from_norms(summed, merged, len(self.sources))
         return self.lines_alpha
 
     def state_dict(self, beta: float | None = None, sources: Sequence[TensorSource] | None = None) -> dict[str, Any]:
-        """Stream the merge into an output state dict (base dtypes).
+        """Stream the merge into an output state dict (in the base's tensor order).
 
         Args:
             beta: LiNeS ``beta`` (required when ``lines``).
@@ -150,20 +226,17 @@ class MergePlan:
         if self.lines and (beta is None or self.lines_alpha is None):
             raise ValueError("LiNeS for merging needs beta and the norm-ratio alpha; call compute_lines_alpha first.")
         out: dict[str, torch.Tensor] = {}
-        for key in self.base.keys():
-            base = self.base.get(key)
-            deltas = self.deltas(key, base, chosen)
-            if deltas is None:
-                out[key] = base
+        for key, base, _, merged in self._merged(chosen):
+            if merged is None:
+                out[key] = base.to(self.out_dtype) if self.out_dtype and base.is_floating_point() else base
                 continue
-            merged = self.method(deltas, **self.params)
             if self.lines:
                 assert beta is not None and self.lines_alpha is not None
                 merged = merged * lines_factor(
                     self._blocks[key], self.num_blocks, self.lines_alpha, beta, self.non_block_scale
                 )
-            out[key] = (base.float() + merged).to(base.dtype)
-        return out
+            out[key] = (base.float() + merged).to(self.out_dtype or base.dtype)
+        return {key: out[key] for key in self.base.keys()}
 
 
 @dataclass
@@ -196,9 +269,10 @@ def merge(
         The merged state dict and a report dict.
     """
     start = time.perf_counter()
+    ingredients = [{"path": s.name, "kind": s.kind, **p} for s, p in zip(plan.sources, plan.models_of(plan.sources))]
     report: dict[str, Any] = {
         "method": plan.method.name, "pretty_name": plan.method.pretty_name, "reference": plan.method.reference_url,
-        "params": plan.params, "ingredients": [{"path": s.name, "kind": s.kind} for s in plan.sources],
+        "params": plan.params, "ingredients": ingredients,
     }  # fmt: skip
     needs_score = plan.method.needs_eval or beta == "sweep"
     if needs_score and score is None:
@@ -229,7 +303,11 @@ def merge(
 
 
 def _greedy(plan: MergePlan, score: ScoreFn, beta: Any) -> tuple[list[TensorSource], dict[str, Any]]:
-    """Greedy soup: rank ingredients by their own score, add each while the soup's score does not drop."""
+    """Greedy soup: rank ingredients by their own score, add each only when the soup's score strictly improves.
+
+    Strict, as the official code (``if held_out_val_accuracy > best_val_acc_so_far``): an ingredient that leaves
+    the score unchanged is not kept. Scores are higher-is-better (minimised metrics arrive negated).
+    """
     singles = [score(plan.state_dict(beta, [s])) for s in plan.sources]
     order = sorted(range(len(plan.sources)), key=lambda i: -singles[i])
     chosen, best = [plan.sources[order[0]]], singles[order[0]]
@@ -237,7 +315,7 @@ def _greedy(plan: MergePlan, score: ScoreFn, beta: Any) -> tuple[list[TensorSour
     for i in order[1:]:
         candidate = chosen + [plan.sources[i]]
         value = score(plan.state_dict(beta, candidate))
-        kept = value >= best
+        kept = value > best
         steps.append({"add": plan.sources[i].name, "score": value, "kept": kept})
         if kept:
             chosen, best = candidate, value
@@ -245,15 +323,27 @@ def _greedy(plan: MergePlan, score: ScoreFn, beta: Any) -> tuple[list[TensorSour
 
 
 def save_hf_folder(
-    state: dict[str, torch.Tensor], base: str, output: str, report: dict[str, Any] | None = None
+    state: dict[str, torch.Tensor],
+    base: str,
+    output: str,
+    report: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``state`` as ``model.safetensors`` next to the base's config and tokenizer files (+ report)."""
+    """Write ``state`` as ``model.safetensors`` next to the base's config and tokenizer files (+ report).
+
+    ``dtype`` (the merge's output dtype, when it was set) is written into ``config.json``.
+    """
     src, out = resolve_path(base), Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if src.is_dir():
         for item in src.iterdir():
             if item.is_file() and not item.name.endswith(_WEIGHT_FILES) and not item.name.endswith(".index.json"):
                 shutil.copy2(item, out / item.name)
+    if dtype is not None and (out / "config.json").is_file():
+        config = json.loads((out / "config.json").read_text())
+        name = str(dtype).removeprefix("torch.")
+        config.update({"dtype": name}, **({"torch_dtype": name} if "torch_dtype" in config else {}))
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     if report is not None:
         (out / "merge_report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -263,8 +353,11 @@ def save_hf_folder(
 
 def report_markdown(report: dict[str, Any]) -> str:
     """A short human report of a merge."""
-    lines = [f"# Merge: {report['pretty_name']} ({report['reference']})", "", "| ingredient | kind |", "|---|---|"]
-    lines += [f"| {i['path']} | {i['kind']} |" for i in report["ingredients"]]
+    lines = [f"# Merge: {report['pretty_name']} ({report['reference']})", "", "| ingredient | kind | parameters |"]
+    lines.append("|---|---|---|")
+    for item in report["ingredients"]:
+        own = {k: v for k, v in item.items() if k not in ("path", "kind")}
+        lines.append(f"| {item['path']} | {item['kind']} | {json.dumps(own) if own else ''} |")
     lines += ["", f"parameters: `{json.dumps(report['params'])}`"]
     if "greedy" in report:
         kept = [s["add"] for s in report["greedy"]["steps"] if s["kept"]]

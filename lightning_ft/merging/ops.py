@@ -4,13 +4,14 @@ Every function here takes and returns plain tensors, has no I/O and no state, an
 against hand-computed oracles. The streaming engine (:mod:`lightning_ft.merging.engine`), the
 ComPEFT artifact code and the :class:`~lightning_ft.callbacks.lines.LiNeS` callback all call them.
 
-Magnitude selections break ties by position (a stable descending sort), so the number of kept
-entries is exact and deterministic.
+The merge methods compute what mergekit 0.1.5 computes (``generalized_task_arithmetic.py``, ``sparsify.py``,
+``linear.py``), formula for formula, in fp32. Magnitude selections break ties by position (a stable sort: of two
+equal magnitudes the earlier entry counts as larger; mergekit's argsort breaks them arbitrarily), so the number of
+kept entries is exact and deterministic.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -19,17 +20,24 @@ import torch
 NonBlockScale = Literal["alpha", "one", "last"]
 
 __all__ = [
+    "agreement",
+    "bernoulli_mask",
+    "breadcrumbs",
     "breadcrumbs_mask",
-    "disjoint_mean",
+    "combine",
+    "dare",
     "elect_sign",
+    "l1_rescale",
+    "linear",
     "lines_alpha_from_norms",
     "lines_factor",
     "lines_scale",
     "magnitude_mask",
+    "sparsify",
     "task_arithmetic",
+    "task_arithmetic_family",
     "ternarize",
     "ties",
-    "breadcrumbs",
     "uniform_soup",
 ]
 
@@ -92,36 +100,107 @@ def lines_alpha_from_norms(norm_summed: float, norm_merged: float, num_tasks: in
     return float(norm_summed / norm_merged / num_tasks)
 
 
-# ------------------------------------------------------------------------------- magnitude masks
-def _order_by_magnitude(x: torch.Tensor) -> torch.Tensor:
-    """Flat indices of ``x`` by decreasing ``|x|``, ties by position."""
-    return torch.sort(x.abs().flatten(), descending=True, stable=True).indices
+# ------------------------------------------------------------------------------- sparsification
+Sparsifier = Literal["magnitude", "breadcrumbs", "bernoulli"]
+BreadcrumbsScope = Literal["tensor", "row"]
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value} must be between 0 and 1.")
+
+
+def _rank_by_magnitude(x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """Rank of every entry by decreasing ``|x|`` (0 = largest), ties by position, over the tensor or per row."""
+    flat = x.abs().reshape(-1, x.shape[-1]) if per_row else x.abs().reshape(1, -1)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(flat.shape[-1], device=x.device).expand_as(order).contiguous())
+    return ranks.view(x.shape)
 
 
 def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask keeping exactly ``floor(density * numel)`` largest-magnitude entries of ``x``."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density={density} must be between 0 and 1.")
-    keep = math.floor(density * x.numel() + 1e-9)
-    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
-    mask[_order_by_magnitude(x)[:keep]] = True
-    return mask.view(x.shape)
+    """TIES trim (mergekit ``magnitude``): keep the ``k = max(1, int(density * numel))`` largest ``|x|``.
 
-
-def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs mask of one tensor: drop the top ``gamma`` outliers and the small entries.
-
-    The ``floor(gamma * n)`` largest-magnitude entries are removed, the next ``floor(density * n)``
-    are kept, and everything smaller is removed (per tensor, as in mergekit's ``magnitude_outliers``).
+    Over the whole flattened tensor; ``density >= 1`` keeps everything and ``density <= 0`` nothing.
     """
-    if not (0.0 <= gamma <= 1.0 and 0.0 <= density <= 1.0 and density + gamma <= 1.0 + 1e-9):
-        raise ValueError(f"density={density} and gamma={gamma} must be in [0, 1] with density + gamma <= 1.")
+    _check_fraction("density", density)
+    if density >= 1:
+        return torch.ones_like(x, dtype=torch.bool)
+    if density <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    return _rank_by_magnitude(x) < max(1, int(density * x.numel()))
+
+
+def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float, scope: BreadcrumbsScope = "tensor") -> torch.Tensor:
+    """Model Breadcrumbs mask of one tensor: drop the largest outliers and the small entries, keep the band between.
+
+    ``scope="tensor"`` (mergekit ``magnitude_outliers``): over the flattened tensor of ``n`` entries, keep the
+    ``int(density * n)`` entries that follow the ``int(gamma * n)`` largest (fewer are dropped at the top when
+    ``density + gamma > 1``); ``density >= 1`` keeps everything. ``scope="row"`` (the official
+    ``TaskVectorMiddleKeep``): per row of the last dimension of ``c`` entries, drop the ``int(gamma * c)`` largest
+    and keep the next ``int(density * c)`` (a 1-D tensor is one row, a scalar is kept).
+    """
+    _check_fraction("density", density)
+    _check_fraction("gamma", gamma)
+    if scope == "row":
+        if x.ndim == 0:
+            return torch.ones_like(x, dtype=torch.bool)
+        top, keep = int(gamma * x.shape[-1]), int(density * x.shape[-1])
+        rank = _rank_by_magnitude(x, per_row=True)
+        return (rank >= top) & (rank < top + keep)
+    if scope != "tensor":
+        raise ValueError(f"scope={scope!r} is not one of 'tensor' (mergekit), 'row' (official Breadcrumbs code).")
+    if density >= 1:
+        return torch.ones_like(x, dtype=torch.bool)
     n = x.numel()
-    top = math.floor(gamma * n + 1e-9)
-    keep = math.floor(density * n + 1e-9)
-    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
-    mask[_order_by_magnitude(x)[top : top + keep]] = True
-    return mask.view(x.shape)
+    keep = int(density * n)
+    bottom = max(0, n - keep - int(gamma * n))
+    top = n - bottom - keep
+    rank = _rank_by_magnitude(x)
+    return (rank >= top) & (rank < top + keep)
+
+
+def bernoulli_mask(x: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DARE drop: keep each entry with probability ``density`` (one fp32 Bernoulli draw per entry, as mergekit)."""
+    _check_fraction("density", density)
+    return torch.bernoulli(torch.full(x.shape, density, dtype=torch.float32), generator=generator).bool().to(x.device)
+
+
+def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Scale the kept entries so their L1 norm matches the unpruned delta's (skipped when either is < 1e-7)."""
+    before, after = delta.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def sparsify(
+    delta: torch.Tensor,
+    sparsifier: Sparsifier | None,
+    density: float = 1.0,
+    gamma: float = 0.01,
+    rescale: bool = False,
+    scope: BreadcrumbsScope = "tensor",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One model's task vector of one tensor after pruning (and the optional L1 rescale).
+
+    ``density >= 1`` returns ``delta`` unchanged and draws no random numbers (as mergekit), except for
+    row-scoped Breadcrumbs, whose ``gamma`` still drops the outliers of each row.
+    """
+    if sparsifier is None or (density >= 1 and not (sparsifier == "breadcrumbs" and scope == "row")):
+        return delta
+    if sparsifier == "magnitude":
+        mask = magnitude_mask(delta, density)
+    elif sparsifier == "breadcrumbs":
+        mask = breadcrumbs_mask(delta, density, gamma, scope)
+    elif sparsifier == "bernoulli":
+        mask = bernoulli_mask(delta, density, generator)
+    else:
+        raise ValueError(f"sparsifier={sparsifier!r} is not one of 'magnitude', 'breadcrumbs', 'bernoulli'.")
+    kept = delta * mask
+    return l1_rescale(delta, kept) if rescale else kept
 
 
 # ---------------------------------------------------------------------------------- merge methods
@@ -131,13 +210,152 @@ def _stack(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([d.float() for d in deltas])
 
 
-def _weighted(stacked: torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:
-    if weights is None:
-        return stacked
-    if len(weights) != stacked.shape[0]:
-        raise ValueError(f"{len(weights)} weights were given for {stacked.shape[0]} task vectors.")
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    return stacked * w.view(-1, *([1] * (stacked.ndim - 1)))
+def _per_model(value: float | Sequence[float] | None, count: int, name: str, default: float) -> list[float]:
+    if value is None:
+        return [default] * count
+    if isinstance(value, (int, float)):
+        return [float(value)] * count
+    if len(value) != count:
+        raise ValueError(f"{len(value)} values of {name} were given for {count} task vectors: give one per model.")
+    return [float(v) for v in value]
+
+
+def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-model values as a ``[T, 1, ...]`` tensor broadcasting against stacked ``[T, ...]`` deltas."""
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 1)))
+
+
+def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES sign election (mergekit's ``sum`` consensus): ``+1`` where ``sum_t D_t >= 0``, else ``-1``.
+
+    Args:
+        weighted: ``[T, ...]`` stacked, trimmed and weighted task vectors ``D_t = w_t * tau_t``.
+
+    Returns:
+        ``+1`` / ``-1`` with shape ``weighted.shape[1:]``; an entry whose sum is exactly zero elects ``+1``.
+    """
+    return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+
+
+def agreement(weighted: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Which entries agree with the elected sign; a pruned (zero) entry never agrees."""
+    return torch.sign(weighted) == sign.unsqueeze(0)
+
+
+def combine(
+    weighted: torch.Tensor, weights: torch.Tensor, consensus: bool, normalize: bool, lam: float = 1.0
+) -> torch.Tensor:
+    """Mix weighted task vectors ``D_t``: plain sum, or the TIES disjoint sum over sign-agreeing entries.
+
+    ``normalize`` divides by the sum of the weights: of all models (a constant) without consensus, of the
+    agreeing models per entry with it (the disjoint mean); a zero divisor counts as 1. ``lam`` scales the result.
+
+    Args:
+        weighted: ``[T, ...]`` weighted task vectors.
+        weights: ``[T, 1, ...]`` the weights ``w_t``.
+        consensus: Elect signs and keep only agreeing entries (ties, breadcrumbs_ties, dare_ties).
+        normalize: Divide by the sum of the (agreeing) weights.
+        lam: The global scale ``lambda`` of the merged task vector.
+    """
+    if consensus:
+        keep = agreement(weighted, elect_sign(weighted))
+        merged = (weighted * keep).sum(dim=0)
+        divisor = (weights * keep).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        merged = weighted.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    if normalize:
+        merged = merged / divisor
+    if lam != 1.0:
+        merged = merged * lam
+    return merged
+
+
+def task_arithmetic_family(
+    deltas: Sequence[torch.Tensor],
+    weights: float | Sequence[float] | None = None,
+    density: float | Sequence[float] | None = None,
+    gamma: float | Sequence[float] | None = None,
+    sparsifier: Sparsifier | None = None,
+    consensus: bool = False,
+    normalize: bool = False,
+    rescale: bool = False,
+    lam: float = 1.0,
+    scope: BreadcrumbsScope = "tensor",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """mergekit's generalized task arithmetic on one tensor: sparsify each ``tau_t``, weight, (elect), mix.
+
+    ``D_t = w_t * sparsify(tau_t)`` per model in order (the order of the random draws), then :func:`combine`.
+    ``weights``, ``density`` and ``gamma`` are one number for every model or one per model.
+    """
+    count = len(deltas)
+    w = _per_model(weights, count, "weight", 1.0)
+    dens, gams = _per_model(density, count, "density", 1.0), _per_model(gamma, count, "gamma", 0.01)
+    trimmed = _stack(
+        [sparsify(d.float(), sparsifier, dens[i], gams[i], rescale, scope, generator) for i, d in enumerate(deltas)]
+    )
+    column = _column(w, trimmed)
+    return combine(trimmed * column, column, consensus, normalize, lam)
+
+
+def task_arithmetic(
+    deltas: Sequence[torch.Tensor],
+    weights: float | Sequence[float] | None = None,
+    normalize: bool = False,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """Task arithmetic: ``lam * sum_t w_t tau_t`` (divided by ``sum_t w_t`` when ``normalize``)."""
+    return task_arithmetic_family(deltas, weights, normalize=normalize, lam=lam)
+
+
+def ties(
+    deltas: Sequence[torch.Tensor],
+    density: float | Sequence[float] = 1.0,
+    weights: float | Sequence[float] | None = None,
+    normalize: bool = True,
+    rescale: bool = False,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """TIES-merging: top-``density`` trim per tensor, weight, elect signs on the weighted sum, disjoint mean."""
+    return task_arithmetic_family(
+        deltas, weights, density, sparsifier="magnitude", consensus=True, normalize=normalize, rescale=rescale, lam=lam
+    )
+
+
+def breadcrumbs(
+    deltas: Sequence[torch.Tensor],
+    density: float | Sequence[float] = 1.0,
+    gamma: float | Sequence[float] = 0.01,
+    weights: float | Sequence[float] | None = None,
+    consensus: bool = False,
+    normalize: bool = False,
+    rescale: bool = False,
+    lam: float = 1.0,
+    scope: BreadcrumbsScope = "tensor",
+) -> torch.Tensor:
+    """Model Breadcrumbs: :func:`breadcrumbs_mask` per model, then task arithmetic (or TIES with ``consensus``)."""
+    return task_arithmetic_family(
+        deltas, weights, density, gamma, "breadcrumbs", consensus, normalize, rescale, lam, scope
+    )
+
+
+def dare(
+    deltas: Sequence[torch.Tensor],
+    density: float | Sequence[float] = 1.0,
+    weights: float | Sequence[float] | None = None,
+    consensus: bool = False,
+    normalize: bool = False,
+    rescale: bool = True,
+    lam: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DARE: random drop with keep probability ``density``, L1 rescale, then task arithmetic or TIES (``consensus``)."""
+    return task_arithmetic_family(
+        deltas, weights, density, None, "bernoulli", consensus, normalize, rescale, lam, generator=generator
+    )
 
 
 def uniform_soup(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -145,59 +363,25 @@ def uniform_soup(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return _stack(deltas).mean(dim=0)
 
 
-def task_arithmetic(
-    deltas: Sequence[torch.Tensor], scaling: float = 1.0, weights: Sequence[float] | None = None
+def linear(
+    base: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    weights: float | Sequence[float] | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Task arithmetic: ``scaling * sum_t w_t tau_t``."""
-    return scaling * _weighted(_stack(deltas), weights).sum(dim=0)
+    """mergekit ``linear`` as a task vector of ``base``: ``sum_t w_t theta_t / sum_t w_t`` minus ``base``.
 
-
-def elect_sign(trimmed: torch.Tensor) -> torch.Tensor:
-    """TIES sign election by total mass: ``sign(sum_t tau_t)`` per entry.
-
-    Entries whose sum is exactly zero take the majority sign of the elected signs (the official
-    ``resolve_sign``), here over the tensor.
-
-    Args:
-        trimmed: ``[T, ...]`` stacked (already trimmed) task vectors.
-
-    Returns:
-        A tensor of ``+1`` / ``-1`` (``0`` only when everything is zero) with shape ``trimmed.shape[1:]``.
+    Without ``normalize`` the merged model is ``sum_t w_t theta_t``, i.e. the task vector
+    ``sum_t w_t tau_t + (sum_t w_t - 1) * base``.
     """
-    sign = torch.sign(trimmed.sum(dim=0))
-    majority = torch.sign(sign.sum())
-    return torch.where(sign == 0, majority, sign)
-
-
-def disjoint_mean(trimmed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """TIES disjoint merge: mean of the entries that agree with the elected sign (zeros ignored)."""
-    agree = (torch.sign(trimmed) == sign.unsqueeze(0)) & (trimmed != 0)
-    total = (trimmed * agree).sum(dim=0)
-    return total / agree.sum(dim=0).clamp_min(1)
-
-
-def ties(
-    deltas: Sequence[torch.Tensor],
-    density: float = 0.2,
-    scaling: float = 1.0,
-    weights: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """TIES-merging: trim each task vector to its top ``density`` magnitudes, elect signs, disjoint mean."""
-    stacked = _weighted(_stack(deltas), weights)
-    trimmed = torch.stack([t * magnitude_mask(t, density) for t in stacked])
-    return scaling * disjoint_mean(trimmed, elect_sign(trimmed))
-
-
-def breadcrumbs(
-    deltas: Sequence[torch.Tensor],
-    density: float = 0.143,
-    gamma: float = 0.007,
-    scaling: float = 1.0,
-    weights: Sequence[float] | None = None,
-) -> torch.Tensor:
-    """Model Breadcrumbs: ``scaling * sum_t m_t * tau_t`` with each ``m_t`` from :func:`breadcrumbs_mask`."""
-    stacked = _weighted(_stack(deltas), weights)
-    return scaling * torch.stack([t * breadcrumbs_mask(t, density, gamma) for t in stacked]).sum(dim=0)
+    stacked = _stack(deltas)
+    column = _column(_per_model(weights, len(deltas), "weight", 1.0), stacked)
+    merged, total = (stacked * column).sum(dim=0), float(column.sum())
+    if not normalize:
+        return merged + (total - 1.0) * base.float()
+    if total == 0:
+        raise ValueError("linear with normalize divides by the sum of the weights, which is 0: change a weight.")
+    return merged / total
 
 
 # ------------------------------------------------------------------------------------- ComPEFT

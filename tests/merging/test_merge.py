@@ -62,8 +62,9 @@ def test_ties_and_breadcrumbs_stream_the_same_as_the_pure_functions(tiny: dict[s
     base, a, b = (_tensors(tiny[k]) for k in ("base", "a", "b"))
     key = "model.layers.1.self_attn.q_proj.weight"
     for method, fn in (("ties", ops.ties), ("breadcrumbs", ops.breadcrumbs)):
-        plan = MergePlan.build(str(tiny["base"]), [str(tiny["a"]), str(tiny["b"])], method, {"scaling": 0.7})
-        expected = base[key] + fn([a[key] - base[key], b[key] - base[key]], scaling=0.7)
+        plan = MergePlan.build(str(tiny["base"]), [str(tiny["a"]), str(tiny["b"])], method,
+                               {"scaling": 0.7, "density": 0.2}, model_params=[{"weight": 2.0}, None])  # fmt: skip
+        expected = base[key] + fn([a[key] - base[key], b[key] - base[key]], density=0.2, weights=[2.0, 1.0], lam=0.7)
         torch.testing.assert_close(merge(plan).state[key], expected, rtol=0, atol=1e-6)
 
 
@@ -118,7 +119,7 @@ def test_mismatches_are_refused_naming_the_first_tensor(
         merge(plan, beta="sweep")
 
 
-def test_greedy_soup_keeps_ingredients_that_do_not_hurt(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_greedy_soup_keeps_ingredients_that_improve_the_score(tiny: dict[str, Path], tmp_path: Path) -> None:
     bad = _finetune(tiny["base"], tmp_path / "bad", 9)
     key = "model.layers.0.mlp.down_proj.weight"
     target = (_tensors(tiny["a"])[key] + _tensors(tiny["b"])[key]) / 2
@@ -131,6 +132,23 @@ def test_greedy_soup_keeps_ingredients_that_do_not_hurt(tiny: dict[str, Path], t
     kept = [s["add"] for s in result.report["greedy"]["steps"] if s["kept"]]
     assert sorted(kept) == sorted([str(tiny["a"]), str(tiny["b"])])
     torch.testing.assert_close(result.state[key], target, rtol=0, atol=1e-6)
+
+
+def test_greedy_soup_needs_a_strict_improvement(tiny: dict[str, Path]) -> None:
+    """A candidate whose soup scores the same as the best so far is not kept (official: ``>``)."""
+    plan = MergePlan.build(str(tiny["base"]), [str(tiny["a"]), str(tiny["b"])], "greedy_soup")
+    result = merge(plan, score=lambda state: 0.5)  # every candidate ties
+    assert [s["kept"] for s in result.report["greedy"]["steps"]] == [True, False]
+    assert all(torch.equal(v, _tensors(tiny["a"])[k]) for k, v in result.state.items())  # a alone (first of equals)
+
+
+def test_shipped_recipe_is_valid(tmp_path: Path) -> None:
+    from lightning_ft.merging.cli import _merge_parser, _recipe
+    from lightning_ft.merging.registry import get_method
+
+    recipe = _recipe(_merge_parser().parse_args(["--config", "configs/merge_recipe.yaml"]))
+    resolved = get_method(recipe["method"]).resolve(recipe["parameters"], recipe["model_params"])
+    assert [m["weight"] for m in resolved.models] == [1.0, 1.0] and resolved.models[0]["density"] == 0.2
 
 
 def test_compeft_reconstruction_and_ratio(tmp_path: Path) -> None:
