@@ -9,6 +9,7 @@ which forgets less of the pretrained knowledge at about the same target performa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from typing_extensions import override
 
 from lightning_ft.core.layer_map import KIND_GROUPS, LayerMap, ParamKind
 from lightning_ft.core.selection import SelectionCallback, draw_rng
+from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.data.sequential import current_task
 
 __all__ = ["HalfFineTuning", "hft_frozen"]
@@ -42,6 +44,12 @@ def _unit(layer_map: LayerMap, name: str) -> tuple[str, str] | None:
     if info.kind == ParamKind.NORM:
         return "norm", name.rsplit(".", 1)[0]
     return None
+
+
+def _freezable(layer_map: LayerMap, name: str, outside: set[ParamKind]) -> bool:
+    """Whether a draw may freeze ``name``: an in-block unit, or a kind listed in ``freeze_outside``."""
+    info = layer_map[name]
+    return _unit(layer_map, name) is not None or (info.block is None and info.kind in outside)
 
 
 def hft_frozen(
@@ -101,12 +109,34 @@ class HalfFineTuning(SelectionCallback):
     callback is a new stage with a new half. Other schedules redraw during training and need
     ``strategy="ddp_find_unused_parameters_true"`` under DDP. Paper: https://arxiv.org/abs/2404.18466
 
+    ``reset=True`` sets each tensor that becomes frozen at a draw to its value in the reset target:
+    ``reset_to`` (e.g. the base model of the chat model being tuned), else the weights the model had at
+    the start of this ``fit`` (this stage's start, not the first load: a second stage never sends the half
+    that stage one trained back to the original weights). Reset tensors lose their optimizer state, so
+    Adam moments start from zero when they train again. Per redraw mode:
+
+    * ``"fit"``: at the draw, the frozen half is set to ``reset_to``. With ``reset_to`` the base model and
+      no training (``max_steps=0``) this is the paper's Half-Reset. Without ``reset_to`` it does nothing
+      (the frozen half already holds this stage's starting weights), and a warning says so.
+    * ``"epoch"``, ``"steps"``, ``"task"``: at every draw, the first of the fit included, the tensors that
+      become frozen (trained until then, or all candidates at the first draw) are set to the target;
+      tensors frozen before and after the draw keep their values. Without ``reset_to`` the first draw
+      changes nothing and each later one undoes what the newly frozen tensors learned in this fit.
+
+    A checkpoint resume never resets: the weights come from the checkpoint. ``reset_to`` is read one
+    tensor at a time when a reset happens, cast to each parameter's dtype; the default target re-reads
+    tensors that still equal the loaded file and holds a CPU copy of the others (those changed by an
+    earlier fit in the same process).
+
     Args:
         redraw: When to draw a new half: once per ``fit`` (paper default), every ``epoch``, every
             ``every_n_steps`` optimizer ``steps``, or at each ``task`` boundary of a sequential run (a
             DataModule with a ``task_index(epoch)`` method, e.g. ``SequentialDataModule``).
         every_n_steps: Optimizer steps between draws with ``redraw="steps"``.
-        reset: The half-reset: a tensor that becomes frozen at a draw is reset to its pretrained value.
+        reset: Reset each tensor that becomes frozen at a draw to the reset target (see above).
+        reset_to: The reset target: a model folder (safetensors) or a bundled model alias with the same
+            tensor names and shapes, e.g. the base model; default: the weights at the start of each fit.
+            Needs ``reset=True``.
         freeze_outside: Kinds outside the blocks to freeze as well (``embedding``, ``head``,
             ``final_norm``); empty by default, as in the paper.
         seed: Seed of the draws.
@@ -119,6 +149,7 @@ class HalfFineTuning(SelectionCallback):
         redraw: Redraw = "fit",
         every_n_steps: int | None = None,
         reset: bool = False,
+        reset_to: str | None = None,
         freeze_outside: list[str] | None = None,
         seed: int = 0,
         module: str | None = None,
@@ -133,8 +164,19 @@ class HalfFineTuning(SelectionCallback):
         allowed = {"embedding", "head", "final_norm"}
         if not set(freeze_outside or []) <= allowed:
             raise ValueError(f"freeze_outside={freeze_outside} may only list {sorted(allowed)}.")
+        if reset_to is not None and not reset:
+            raise ValueError(f"reset_to={reset_to!r} is the target of the half-reset: set reset=True as well.")
+        if reset and reset_to is None and redraw == "fit":
+            warnings.warn(
+                "HalfFineTuning(reset=True, redraw='fit') without reset_to changes nothing: the half frozen at the "
+                "draw already holds this stage's starting weights; set reset_to to the base model for the paper's "
+                "Half-Reset.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.redraw = redraw
         self.every_n_steps = every_n_steps
+        self.reset_to = reset_to
         self.freeze_outside = list(freeze_outside or [])
 
     @property
@@ -164,6 +206,33 @@ class HalfFineTuning(SelectionCallback):
     @override
     def candidate_names(self, layer_map: LayerMap, trainable: set[str]) -> list[str]:
         return [info.name for info in layer_map if info.name in trainable and info.adapter is None]
+
+    @override
+    def reset_target(
+        self, model: torch.nn.Module, layer_map: LayerMap, candidates: list[str]
+    ) -> PretrainedSnapshot | None:
+        if not self.reset:
+            return None
+        if self.reset_to is None:  # this fit's starting weights; a no-op target with one draw per fit
+            return PretrainedSnapshot.capture(model) if self.dynamic else None
+        from lightning_ft.merging.sources import resolve_path
+
+        try:
+            source = resolve_path(self.reset_to)
+        except FileNotFoundError:
+            raise ValueError(
+                f"reset_to={self.reset_to!r} is neither a folder nor a bundled model alias: give the folder of "
+                "the model to reset toward (e.g. the base model) or an alias such as 'smollm2-135m'."
+            ) from None
+        outside = {ParamKind(kind) for kind in self.freeze_outside}
+        names = [n for n in candidates if _freezable(layer_map, n, outside)]
+        try:
+            return PretrainedSnapshot.from_folder(model, source, names)
+        except ValueError as err:
+            raise ValueError(
+                f"reset_to={self.reset_to!r} cannot be the reset target of {type(model).__name__}: {err}; give a "
+                "model with the same architecture, e.g. the base model this one was fine-tuned from."
+            ) from None
 
     @override
     def schedule_key(self, trainer: L.Trainer) -> Hashable:

@@ -6,7 +6,8 @@ OwLore layer sampling) delegates the mechanics to this module, so they behave th
 * :class:`ParameterSelection` turns a set of trainable names into ``requires_grad`` flags (frozen tensors
   get ``grad = None``, so AdamW neither decays nor moves them), removes switched-off tensors from the
   optimizer's param groups and evicts their state (memory follows the trainable set), re-adds switched-on
-  tensors to the group they came from, and can reset newly frozen tensors to theta_0.
+  tensors to the group they came from, and can reset newly frozen tensors to a reset target (theta_0 by
+  default).
 * :class:`SelectionCallback` is the Lightning side: it finds the model, refuses strategies that cannot
   work, applies the first selection at the right moment (``setup`` for a static selection, so DDP and
   ``configure_optimizers`` only ever see the trainable tensors; ``on_fit_start`` for a schedule that
@@ -141,13 +142,14 @@ class SelectionCallback(L.Callback):
     """Base class of callbacks that decide which whole parameters train.
 
     Subclasses implement :meth:`candidate_names` and :meth:`draw`, and may override :meth:`schedule_key`
-    (a value that changes exactly when a new selection must be drawn) and :attr:`dynamic`.
+    (a value that changes exactly when a new selection must be drawn), :attr:`dynamic` and
+    :meth:`reset_target` (what ``reset`` restores).
 
     Args:
         module: Dotted attribute path from the LightningModule to the transformers model; default: the
             outermost ``PreTrainedModel`` / ``PeftModel`` found among its submodules.
         seed: Seed of the draws; every rank draws the same selection from it.
-        reset: Reset a tensor to its pretrained (theta_0) value whenever it becomes frozen.
+        reset: Reset a tensor to its :meth:`reset_target` value (theta_0 by default) whenever it becomes frozen.
     """
 
     def __init__(self, module: str | None = None, seed: int = 0, reset: bool = False) -> None:
@@ -190,6 +192,15 @@ class SelectionCallback(L.Callback):
         """A value that changes exactly when a new selection must be drawn (``None``: once per fit)."""
         return None
 
+    def reset_target(
+        self, model: torch.nn.Module, layer_map: LayerMap, candidates: list[str]
+    ) -> PretrainedSnapshot | None:
+        """The values newly frozen tensors are reset to, taken in ``setup`` (``None``: no reset).
+
+        Default: the shared theta_0 of the model (its weights when first snapshotted) when ``reset``.
+        """
+        return PretrainedSnapshot.of(model) if self.reset else None
+
     def check(self, trainer: L.Trainer, model: torch.nn.Module, layer_map: LayerMap) -> None:
         """Raise a one-sentence ``ValueError`` for a combination the method cannot train."""
 
@@ -225,7 +236,7 @@ class SelectionCallback(L.Callback):
                 "unfreeze the model (full fine-tuning) or point `module=` at the right submodule."
             )
         self.layer_map = layer_map
-        self.snapshot = PretrainedSnapshot.of(model) if self.reset else None
+        self.snapshot = self.reset_target(model, layer_map, candidates)
         self.selection = ParameterSelection(model, layer_map, candidates)
         self._total_numel = sum(info.numel for info in layer_map)
         self._bound = False

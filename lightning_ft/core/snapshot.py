@@ -234,6 +234,68 @@ class PretrainedSnapshot:
                 snapshot._capture_one(info, params[info.name])
         return snapshot
 
+    @classmethod
+    def capture(cls, model: torch.nn.Module) -> PretrainedSnapshot:
+        """A new snapshot of ``model``'s weights now, not shared through :meth:`of`.
+
+        For a method whose reference is the weights at the start of each ``fit`` rather than at loading:
+        tensors still equal to the file the model was loaded from are re-read from it, the others (e.g.
+        trained by an earlier fit in the same process) are copied to CPU memory.
+
+        Args:
+            model: The model (the transformers / peft model itself).
+
+        Returns:
+            The snapshot.
+        """
+        return cls._capture(model, None, "auto")
+
+    @classmethod
+    def from_folder(
+        cls, model: torch.nn.Module, source: str | os.PathLike[str], names: Iterable[str]
+    ) -> PretrainedSnapshot:
+        """A snapshot whose theta_0 is another model's weights (e.g. the base of a chat model), read lazily.
+
+        Each of ``names`` maps to the safetensors key of its base name (or of a tied alias) in ``source``;
+        nothing is read until :meth:`get` / :meth:`restore`, which cast to the live parameter's dtype.
+        The result is not shared through :meth:`of`.
+
+        Args:
+            model: The model whose parameters the snapshot stands for.
+            source: A folder holding ``model.safetensors`` or a sharded index, or such a file.
+            names: Canonical names (or aliases) the snapshot must provide.
+
+        Returns:
+            The snapshot, in disk mode, holding exactly ``names``.
+
+        Raises:
+            ValueError: If ``source`` holds no safetensors, or lacks one of ``names``, or holds it with
+                another shape than the model's (the message names the first such tensor).
+        """
+        index = _safetensors_files(Path(source).expanduser())
+        if index is None:
+            raise ValueError(f"{os.fspath(source)} holds no {_SINGLE_FILE} or {_INDEX_FILE}")
+        snapshot = cls(LayerMap.from_model(model), (os.fspath(source), index))
+        params = snapshot.layer_map.parameters(model)
+        chosen = [snapshot.layer_map.canonical(n) for n in names]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in sorted(set(index.values())):
+            with safe_open(file, framework="pt") as handle:
+                shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        for name in chosen:
+            info, param = snapshot.layer_map[name], params[name]
+            key = next((k for k in [info.base_name, *map(plain_name, info.aliases)] if k in index), None)
+            if key is None:
+                raise ValueError(f"{os.fspath(source)} has no tensor {info.base_name!r}")
+            shape = shapes[key]
+            if shape != tuple(param.shape):
+                raise ValueError(
+                    f"{key!r} has shape {shape} in {os.fspath(source)} but {tuple(param.shape)} in the model"
+                )
+            snapshot._disk[name] = _DiskRef(index[key], key, param.dtype)
+        snapshot.names = chosen
+        return snapshot
+
     def _capture_one(self, info: ParamInfo, param: torch.Tensor) -> None:
         """Reference ``param`` on disk when the file matches it, else copy it."""
         ref = self._find_on_disk(info, param)
