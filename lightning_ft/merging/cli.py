@@ -23,7 +23,7 @@ import yaml
 
 from lightning_ft.merging.compeft import compress
 from lightning_ft.merging.engine import MergePlan, ScoreFn, merge, parse_dtype, save_hf_folder
-from lightning_ft.merging.registry import MERGE_METHODS
+from lightning_ft.merging.registry import MERGE_METHODS, get_method
 
 __all__ = ["build_score", "main"]
 
@@ -203,11 +203,6 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--param {item!r} must be KEY=VALUE, e.g. --param density=0.2.")
         key, text = item.split("=", 1)
         params[key] = _value(text)
-    seed = args.random_seed if args.random_seed is not None else recipe.pop("random_seed", None)
-    if seed is not None:
-        if params.get("seed", seed) != seed:
-            raise ValueError(f"random_seed={seed} and parameters seed={params['seed']} disagree: keep one.")
-        params["seed"] = seed
     recipe["parameters"] = params
     lines = dict(recipe.get("lines") or {}) if recipe.get("lines") not in (None, False) else None
     if args.lines_beta is not None:
@@ -218,6 +213,11 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("models", "method", "output"):
         if not recipe.get(key):
             raise SystemExit(f"lightning-ft merge needs `{key}` (in the recipe or as --{key}).")
+    seed = args.random_seed if args.random_seed is not None else recipe.pop("random_seed", None)
+    if seed is not None and get_method(recipe["method"]).random:  # like mergekit's --random-seed: unused otherwise
+        if params.get("seed", seed) != seed:
+            raise ValueError(f"random_seed={seed} and parameters seed={params['seed']} disagree: keep one.")
+        params["seed"] = seed
     entries = [_model_entry(m, i) for i, m in enumerate(recipe["models"])]
     recipe["models"], recipe["model_params"] = [p for p, _ in entries], [own for _, own in entries]
     if recipe["method"] == "linear":

@@ -5,9 +5,9 @@ against hand-computed oracles. The streaming engine (:mod:`lightning_ft.merging.
 ComPEFT artifact code and the :class:`~lightning_ft.callbacks.lines.LiNeS` callback all call them.
 
 The merge methods compute what mergekit 0.1.5 computes (``generalized_task_arithmetic.py``, ``sparsify.py``,
-``linear.py``), formula for formula, in fp32. Magnitude selections break ties by position (a stable sort: of two
-equal magnitudes the earlier entry counts as larger; mergekit's argsort breaks them arbitrarily), so the number of
-kept entries is exact and deterministic.
+``linear.py``), formula for formula, in fp32. Per-tensor magnitude selections keep exactly the stated number of
+entries; ties in magnitude at the cut are settled by the same torch sort call mergekit makes (so the same entries
+as mergekit on the same torch version), and the per-row Breadcrumbs selection breaks them by position.
 """
 
 from __future__ import annotations
@@ -110,36 +110,46 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name}={value} must be between 0 and 1.")
 
 
-def _rank_by_magnitude(x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-    """Rank of every entry by decreasing ``|x|`` (0 = largest), ties by position, over the tensor or per row."""
-    flat = x.abs().reshape(-1, x.shape[-1]) if per_row else x.abs().reshape(1, -1)
+def _rank_by_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry by decreasing ``|x|`` within its row of the last dimension, ties by position."""
+    flat = x.abs().reshape(-1, x.shape[-1])
     order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(flat.shape[-1], device=x.device).expand_as(order).contiguous())
     return ranks.view(x.shape)
 
 
+def _flat_mask(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    mask[indices] = True
+    return mask.view(x.shape)
+
+
 def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim (mergekit ``magnitude``): keep the ``k = max(1, int(density * numel))`` largest ``|x|``.
 
-    Over the whole flattened tensor; ``density >= 1`` keeps everything and ``density <= 0`` nothing.
+    Over the whole flattened tensor; ``density >= 1`` keeps everything and ``density <= 0`` nothing. Ties in
+    ``|x|`` at the cut are broken by ``torch.argsort`` on fp32 magnitudes, mergekit's own call, so the kept
+    entries are mergekit's on the same torch version.
     """
     _check_fraction("density", density)
     if density >= 1:
         return torch.ones_like(x, dtype=torch.bool)
     if density <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    return _rank_by_magnitude(x) < max(1, int(density * x.numel()))
+    order = torch.argsort(x.abs().flatten().float(), descending=True)
+    return _flat_mask(x, order[: max(1, int(density * x.numel()))])
 
 
 def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float, scope: BreadcrumbsScope = "tensor") -> torch.Tensor:
     """Model Breadcrumbs mask of one tensor: drop the largest outliers and the small entries, keep the band between.
 
-    ``scope="tensor"`` (mergekit ``magnitude_outliers``): over the flattened tensor of ``n`` entries, keep the
-    ``int(density * n)`` entries that follow the ``int(gamma * n)`` largest (fewer are dropped at the top when
+    ``scope="tensor"`` (mergekit ``magnitude_outliers``): over the flattened tensor of ``n`` entries sorted by
+    ascending ``|x|`` (``torch.sort``, mergekit's call, which also settles ties), skip the ``n_bot`` smallest
+    and keep the next ``int(density * n)``, i.e. drop the ``int(gamma * n)`` largest (fewer when
     ``density + gamma > 1``); ``density >= 1`` keeps everything. ``scope="row"`` (the official
     ``TaskVectorMiddleKeep``): per row of the last dimension of ``c`` entries, drop the ``int(gamma * c)`` largest
-    and keep the next ``int(density * c)`` (a 1-D tensor is one row, a scalar is kept).
+    and keep the next ``int(density * c)`` (ties by position; a 1-D tensor is one row, a scalar is kept).
     """
     _check_fraction("density", density)
     _check_fraction("gamma", gamma)
@@ -147,7 +157,7 @@ def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float, scope: Bread
         if x.ndim == 0:
             return torch.ones_like(x, dtype=torch.bool)
         top, keep = int(gamma * x.shape[-1]), int(density * x.shape[-1])
-        rank = _rank_by_magnitude(x, per_row=True)
+        rank = _rank_by_magnitude(x)
         return (rank >= top) & (rank < top + keep)
     if scope != "tensor":
         raise ValueError(f"scope={scope!r} is not one of 'tensor' (mergekit), 'row' (official Breadcrumbs code).")
@@ -156,9 +166,8 @@ def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float, scope: Bread
     n = x.numel()
     keep = int(density * n)
     bottom = max(0, n - keep - int(gamma * n))
-    top = n - bottom - keep
-    rank = _rank_by_magnitude(x)
-    return (rank >= top) & (rank < top + keep)
+    ascending = torch.sort(x.abs().flatten().float(), descending=False).indices
+    return _flat_mask(x, ascending[bottom : bottom + keep])
 
 
 def bernoulli_mask(x: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -371,17 +380,20 @@ def linear(
 ) -> torch.Tensor:
     """mergekit ``linear`` as a task vector of ``base``: ``sum_t w_t theta_t / sum_t w_t`` minus ``base``.
 
-    Without ``normalize`` the merged model is ``sum_t w_t theta_t``, i.e. the task vector
-    ``sum_t w_t tau_t + (sum_t w_t - 1) * base``.
+    The models ``theta_t = base + tau_t`` are accumulated in fp32 one by one (``addcmul``) and divided by the fp32
+    sum of the weights, as mergekit does; without ``normalize`` the merged model is ``sum_t w_t theta_t``.
     """
     stacked = _stack(deltas)
-    column = _column(_per_model(weights, len(deltas), "weight", 1.0), stacked)
-    merged, total = (stacked * column).sum(dim=0), float(column.sum())
-    if not normalize:
-        return merged + (total - 1.0) * base.float()
-    if total == 0:
-        raise ValueError("linear with normalize divides by the sum of the weights, which is 0: change a weight.")
-    return merged / total
+    w = torch.tensor(_per_model(weights, len(deltas), "weight", 1.0), dtype=torch.float32)
+    anchor = base.float()
+    merged = torch.zeros_like(anchor)
+    for tau, coefficient in zip(stacked, w):
+        merged.addcmul_(anchor + tau, coefficient)
+    if normalize:
+        if float(w.sum()) == 0:
+            raise ValueError("linear with normalize divides by the sum of the weights, which is 0: change a weight.")
+        merged = merged / w.sum()
+    return merged - anchor
 
 
 # ------------------------------------------------------------------------------------- ComPEFT

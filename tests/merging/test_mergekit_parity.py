@@ -2,8 +2,8 @@
 
 The oracles below are written from the spec alone (they never call lightning_ft.merging.ops) and run on a tiny
 Llama base with three fine-tunes; every merge goes through the real command (recipe YAML -> engine -> folder).
-Ties in |delta| at a cut are broken the way lightning-ft documents it (the earlier entry counts as larger;
-mergekit's argsort is arbitrary there).
+Per-tensor selections use the spec's own calls (``torch.argsort(|d|, descending=True)[:k]`` for TIES,
+``torch.sort(|d|).indices[n_bot : n_bot + target_n]`` for Breadcrumbs), which also settle ties at a cut.
 """
 
 from __future__ import annotations
@@ -94,12 +94,7 @@ def _assert_all_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Te
 
 
 # ------------------------------------------------------------------ plain oracles, written from the spec
-def _descending(t: torch.Tensor) -> list[int]:
-    values = t.flatten().tolist()
-    return sorted(range(len(values)), key=lambda i: (-abs(values[i]), i))
-
-
-def _keep(t: torch.Tensor, indices: list[int]) -> torch.Tensor:
+def _keep(t: torch.Tensor, indices: Any) -> torch.Tensor:
     mask = torch.zeros(t.numel())
     mask[indices] = 1.0
     return t * mask.view(t.shape)
@@ -110,18 +105,22 @@ def _magnitude(d: torch.Tensor, density: float) -> torch.Tensor:
         return d
     if density <= 0:
         return torch.zeros_like(d)
-    return _keep(d, _descending(d)[: max(1, int(density * d.numel()))])
+    return _keep(d, torch.argsort(d.abs().view(-1).float(), descending=True)[: max(1, int(density * d.numel()))])
 
 
 def _outliers(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Ascending |d| (the later of equal entries first), keep indices[n_bot : n_bot + target_n]."""
     if density >= 1:
         return d
-    n, values = d.numel(), d.flatten().tolist()
+    n = d.numel()
     target, top = int(density * n), int(gamma * n)
     bottom = max(0, n - target - top)
-    ascending = sorted(range(n), key=lambda i: (abs(values[i]), -i))
-    return _keep(d, ascending[bottom : bottom + target])
+    return _keep(d, torch.sort(d.abs().view(-1).float(), descending=False).indices[bottom : bottom + target])
+
+
+def _descending(t: torch.Tensor) -> list[int]:
+    """Flat indices by decreasing |t|; of equal magnitudes the earlier entry first (the per-row rule)."""
+    values = t.flatten().tolist()
+    return sorted(range(len(values)), key=lambda i: (-abs(values[i]), i))
 
 
 def _rows(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -223,7 +222,8 @@ def test_linear_with_mergekit_base_model_averages_the_base_too(kit: dict[str, An
 
 def test_task_arithmetic_weights_normalize_lambda(kit: dict[str, Any], tmp_path: Path) -> None:
     models = [{"weight": w} for w in WEIGHTS]
-    got = _run(_recipe(kit, "task_arithmetic", models, **{"lambda": 0.7}), tmp_path / "plain")
+    # --random-seed is accepted for every method, as mergekit's; only the random ones use it
+    got = _run(_recipe(kit, "task_arithmetic", models, **{"lambda": 0.7}), tmp_path / "plain", "--random-seed", "5")
     _assert_all_close(got, oracle(kit, "task_arithmetic", WEIGHTS, lam=0.7))
     got = _run(_recipe(kit, "task_arithmetic", models, normalize=True, scaling=0.7), tmp_path / "normalized")
     _assert_all_close(got, oracle(kit, "task_arithmetic", WEIGHTS, normalize=True, lam=0.7))
@@ -232,19 +232,24 @@ def test_task_arithmetic_weights_normalize_lambda(kit: dict[str, Any], tmp_path:
 @pytest.mark.parametrize("normalize", [True, False])
 def test_ties_weights_density_and_ties_at_the_threshold(kit: dict[str, Any], tmp_path: Path, normalize: bool) -> None:
     d1, d2, _ = _crafted()
-    assert d1[7] == d1[8] == 0.25 and int(0.25 * 32) == 8  # a magnitude tie straddles model 1's cut
+    assert d1[7] == d1[8] == 0.25 and int(0.25 * 32) == 8  # ten tied magnitudes straddle model 1's cut of 8
     assert torch.all(WEIGHTS[0] * d1[:8] + WEIGHTS[1] * d2[:8] == 0)  # weighted sums exactly 0 there
     models = [{"weight": w} for w in WEIGHTS]
     got = _run(_recipe(kit, "ties", models, density=0.25, normalize=normalize), tmp_path)
     expected = oracle(kit, "ties", WEIGHTS, density=[0.25] * 3, normalize=normalize)
     _assert_all_close(got, expected)
+    assert torch.equal(got[CRAFTED], expected[CRAFTED])  # dyadic values: exact
     delta = got[CRAFTED] - 1.0
-    # entries 0..7: a zero sum elects +1, so only model 1's +0.25 is kept (divided by its weight 1 if normalize);
-    # entries 8, 9: model 1's tied 0.25 fell behind its cut (earlier entries win) and the others pruned theirs;
+    # model 1 keeps exactly 8 of its 10 tied 0.25s; where it keeps one among entries 0..7 the weighted sum is
+    # 0.25 - 0.25 = 0, which elects +1, so only its +0.25 survives (divided by its weight 1 if normalize); where it
+    # dropped one, model 2's 0.5 * -0.5 stands alone (divided by 0.5 if normalize); entries 8, 9 have no other
+    kept = delta[:10] == 0.25
+    assert int(kept.sum()) == 8
+    alone = torch.tensor(-0.5 if normalize else -0.25)
+    assert all(bool(delta[i] == (alone if i < 8 else 0.0)) for i in range(10) if not kept[i])
     # entries 16..23: model 3's 2 * -0.125 alone (divided by its weight 2 if normalize); the rest is pruned
-    assert torch.equal(delta[:8], torch.full((8,), 0.25))
     assert torch.equal(delta[16:24], torch.full((8,), -0.125 if normalize else -0.25))
-    assert not delta[8:16].any() and not delta[24:].any()
+    assert not delta[10:16].any() and not delta[24:].any()
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])

@@ -37,8 +37,8 @@ def test_ties_trim_elect_disjoint_mean_with_weights() -> None:
     t1 = torch.tensor([3.0, -1.0, 0.5, -2.0])
     t2 = torch.tensor([-1.0, 2.0, 0.4, -1.0])
     t3 = torch.tensor([2.0, 3.0, -4.0, 0.1])
-    # density 0.5 keeps k = max(1, int(2.0)) = 2 each: t1 -> [3,0,0,-2], t2 -> [-1,2,0,0] (tie: first position),
-    # t3 -> [0,3,-4,0]
+    # density 0.5 keeps k = max(1, int(2.0)) = 2 each: t1 -> [3,0,0,-2], t2 -> [-1,2,0,0] (the tie of |-1| goes
+    # to the entry torch.argsort puts first, as in mergekit), t3 -> [0,3,-4,0]
     assert torch.equal(ops.magnitude_mask(t2, 0.5), torch.tensor([True, True, False, False]))
     assert int(ops.magnitude_mask(t2, 0.1).sum()) == 1  # int(0.4) = 0, but at least one entry is kept
     trimmed = torch.stack([t * ops.magnitude_mask(t, 0.5) for t in (t1, t2, t3)])
