@@ -63,6 +63,26 @@ METHODS: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    "owlore_preset": {
+        "label": "OwLore preset + GaLore r=256 (gamma 5/30, K=10, lr 3e-4)",
+        "module": {"learning_rate": 3e-4},
+        "callbacks": [
+            {
+                "class_path": "lightning_ft.callbacks.LayerwiseSampling",
+                "init_args": {"preset": "owlore", "interval": 10, "seed": 0},
+            }
+        ],
+    },
+    "owlore_preset_no_galore": {
+        "label": "OwLore preset without GaLore (gamma 5/30, K=10, lr 3e-4)",
+        "module": {"learning_rate": 3e-4},
+        "callbacks": [
+            {
+                "class_path": "lightning_ft.callbacks.LayerwiseSampling",
+                "init_args": {"preset": "owlore", "interval": 10, "galore_rank": 0, "seed": 0},
+            }
+        ],
+    },
     "lt_sft": {
         "label": "LT-SFT (60 dense + 60 sparse steps, LoRA's count)",
         "module": {"learning_rate": 2e-4},

@@ -6,24 +6,30 @@ Layer freezing and layer-wise sampling
 arXiv 2304.05216), only embeddings and head ("lightweight" fine-tuning, Zlotchevski et al.), or any kinds,
 blocks or name pattern. ``LayerwiseSampling`` trains only ``gamma`` sampled blocks at a time and
 resamples every ``interval`` steps: uniformly (LISA, Pan et al., arXiv 2403.17919) or with probability
-proportional to each block's outlier ratio (OwLore, Li et al., arXiv 2405.18380).
+proportional to each block's outlier ratio (OwLore, Li et al., arXiv 2405.18380), optionally with the
+GaLore projection of the active blocks' gradients that OwLore pairs with it (``preset="owlore"``).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_ft.core.galore import GaLoreProjection
 from lightning_ft.core.layer_map import LayerMap, ParamKind
 from lightning_ft.core.selection import SelectionCallback, draw_rng
 
-__all__ = ["LayerFreezing", "LayerwiseSampling", "outlier_ratios", "sample_blocks"]
+__all__ = [
+    "LayerFreezing", "LayerwiseSampling", "calibration_batches", "input_norms", "outlier_ratios", "sample_blocks",
+]
 
 
 class LayerFreezing(SelectionCallback):
@@ -149,24 +155,29 @@ def _input_dim(module: torch.nn.Module) -> int:
     return 0 if type(module).__name__ == "Conv1D" else 1
 
 
+_Batches = Mapping[str, Any] | Iterable[Mapping[str, Any]] | None
+
+
 @torch.no_grad()
 def outlier_ratios(
     model: torch.nn.Module,
     layer_map: LayerMap,
-    batch: Mapping[str, Any] | None,
+    batches: _Batches,
     threshold: float = 13.0,
     reduce: Any = None,
 ) -> list[float]:
     """OWL's layer-wise outlier ratio ``D_l`` of every block.
 
     Each block's score is ``A_ij = |W_ij| * ||X_j||_2`` over its attention and MLP matrices (Wanda, with
-    ``X`` the matrix's input on ``batch``; ``|W_ij|`` alone when ``batch`` is ``None``), and ``D_l`` is
-    the fraction of the block's scores above ``threshold`` times their mean.
+    ``X`` the matrix's input features over the non-padding tokens of all ``batches``; ``|W_ij|`` alone
+    when ``batches`` is ``None``), and ``D_l`` is the fraction of the block's scores above ``threshold``
+    times their mean.
 
     Args:
         model: The transformers model.
         layer_map: Its layer map.
-        batch: A mapping with ``input_ids`` (and optionally ``attention_mask``), or ``None``.
+        batches: One mapping or several, each with ``input_ids`` and optionally ``attention_mask`` (tokens
+            where it is 0 are left out of ``||X_j||``), or ``None``.
         threshold: The outlier multiple ``M`` (13 in OwLore's scripts).
         reduce: Optional function summing a tensor across ranks (e.g. ``strategy.reduce``).
 
@@ -175,7 +186,9 @@ def outlier_ratios(
     """
     infos = [i for i in layer_map.select(kinds=["matrices"]) if i.is_matrix and i.name.endswith("weight")]
     modules = {i.name: model.get_submodule(i.name.rsplit(".", 1)[0]) for i in infos}
-    norms = _input_norms(model, modules, batch, reduce) if batch is not None else {}
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    norms = input_norms(model, modules, batches, reduce) if batches is not None else {}
     by_block: dict[int, list[torch.Tensor]] = {}
     for info in infos:
         weight = model.get_parameter(info.name).detach().float().abs()
@@ -197,33 +210,56 @@ def outlier_ratios(
     return ratios
 
 
-def _input_norms(
-    model: torch.nn.Module, modules: dict[str, torch.nn.Module], batch: Mapping[str, Any], reduce: Any
+@torch.no_grad()
+def input_norms(
+    model: torch.nn.Module, modules: dict[str, torch.nn.Module], batches: Iterable[Mapping[str, Any]], reduce: Any = None
 ) -> dict[str, torch.Tensor]:
-    """``||X_j||_2`` of each module's input features over the batch's tokens."""
-    if "input_ids" not in batch:
-        raise ValueError(
-            "LayerwiseSampling(sampling='outlier') calibrates on a training batch with an 'input_ids' entry: "
-            "use outlier_metric='weight' or pass outlier_ratios for other batch formats."
-        )
+    """``||X_j||_2`` of each module's input features over the non-padding tokens of ``batches``.
+
+    A token counts when its ``attention_mask`` entry is non-zero (every token without a mask). A module
+    whose input rows are not the batch's tokens (e.g. a routed expert) counts all its rows.
+
+    Args:
+        model: The model to run (in eval mode, without gradients).
+        modules: Name -> module whose input is measured.
+        batches: Mappings with ``input_ids`` and optionally ``attention_mask``.
+        reduce: Optional function summing a tensor across ranks.
+
+    Returns:
+        Name -> norm per input feature (modules never called are absent).
+    """
     sums: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in modules.items():
+    keep: list[torch.Tensor | None] = [None]  # the current batch's token mask, flattened
 
-        def hook(mod: torch.nn.Module, args: tuple[Any, ...], key: str = name) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+    def hook(args: tuple[Any, ...], key: str) -> None:
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        mask = keep[0]
+        if mask is not None and mask.numel() == x.shape[0]:
+            x = x[mask.to(x.device)]
+        sums[key] = sums.get(key, 0) + (x * x).sum(0)
 
-        handles.append(module.register_forward_pre_hook(hook))
+    handles = [
+        module.register_forward_pre_hook(lambda m, a, key=name: hook(a, key)) for name, module in modules.items()
+    ]
     was_training = model.training
     model.eval()
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        for batch in batches:
+            if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                raise ValueError(
+                    "LayerwiseSampling(sampling='outlier') calibrates on training batches that are mappings with an "
+                    "'input_ids' entry: use outlier_metric='weight' or pass outlier_ratios for other batch formats."
+                )
+            attention = batch.get("attention_mask")
+            keep[0] = attention.reshape(-1) != 0 if attention is not None else None
+            model(input_ids=batch["input_ids"], attention_mask=attention)
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
     names = list(sums)
+    if not names:
+        return {}
     flat = torch.cat([sums[n] for n in names])
     if reduce is not None:
         flat = reduce(flat)
@@ -235,42 +271,121 @@ def _input_norms(
     return out
 
 
+def calibration_batches(trainer: L.Trainer, samples: int, fallback: Any) -> list[Any]:
+    """The first batches of a fresh pass over the training data, ``samples`` sequences in all (this rank's share).
+
+    The pass reads the training DataLoader's dataset, sampler (with the sampler Lightning injected under
+    DDP) and collate function in this process, and restores every global random state afterwards, so the
+    training run's batches and randomness are unchanged.
+
+    Args:
+        trainer: The Trainer (its ``train_dataloader`` is read).
+        samples: Sequences to collect over all ranks (each rank takes ``ceil(samples / world_size)``).
+        fallback: What to return, as the only batch, when the training data is not a ``DataLoader``.
+
+    Returns:
+        Batches moved to the module's device.
+    """
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader):
+        return [fallback]
+    if isinstance(loader.dataset, IterableDataset):
+        fresh = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+    elif loader.batch_sampler is None:  # the dataset yields whole batches
+        fresh = DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, collate_fn=loader.collate_fn)
+    else:
+        fresh = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+    wanted = -(-samples // max(1, trainer.world_size))
+    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    batches, seen = [], 0
+    try:
+        for batch in fresh:
+            batches.append(trainer.strategy.batch_to_device(batch))
+            seen += _batch_size(batch)
+            if seen >= wanted:
+                break
+    finally:
+        _set_rng_states(states)
+    return batches or [fallback]
+
+
+def _batch_size(batch: Any) -> int:
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    return int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.ndim > 1 else 1
+
+
+OWLORE_ACTIVE_FRACTION = 5 / 32
+"""OwLore's gamma: 5 active blocks of LLaMA-2-7B's 32 (``lisa_activated_layers=5`` in its scripts)."""
+
+
 class LayerwiseSampling(SelectionCallback):
     """Train only ``gamma`` sampled blocks at a time; resample every ``interval`` optimizer steps.
 
     ``sampling="uniform"`` is LISA; ``sampling="outlier"`` is OwLore's outlier-weighted sampling, where
-    block ``l`` is drawn with probability ``D_l / sum(D)`` (OWL outlier ratio, computed once on the first
-    training batch, or given as ``outlier_ratios``). Everything outside the blocks (embeddings, final
-    norm, head) always trains. Blocks that switch off lose their gradients and optimizer state, so the
-    optimizer holds ``gamma`` blocks' worth of state. Under DDP use
-    ``strategy="ddp_find_unused_parameters_true"``. OwLore's GaLore projection is not part of this
-    callback (combine with a low-rank optimizer if wanted).
+    block ``l`` is drawn with probability ``D_l / sum(D)`` (OWL outlier ratio, measured once before the
+    first draw on ``calibration_samples`` training sequences, padding left out; or given as
+    ``outlier_ratios``). Everything outside the blocks (embeddings, final norm, head) always trains.
+    Blocks that switch off lose their gradients and optimizer state, so the optimizer holds ``gamma``
+    blocks' worth of state. Under DDP use ``strategy="ddp_find_unused_parameters_true"``.
+
+    ``galore_rank`` adds GaLore (:class:`~lightning_ft.core.galore.GaLoreProjection`) to the module's
+    ``Adam`` / ``AdamW``: the attention and MLP matrices of the active blocks keep their Adam moments in a
+    rank-``galore_rank`` subspace of their gradient (refreshed by SVD every ``galore_update_proj_gap`` of
+    their steps) and get the projected-back update times ``galore_scale``. A matrix whose smaller side is
+    not above the rank trains with plain Adam (no memory to save). Their state is evicted with the block.
+
+    ``preset="owlore"`` gives OwLore's own settings (``pixeli99/OwLore`` scripts), each unless set
+    explicitly: outlier sampling with ``M = 13`` on 128 calibration sequences (OWL's count), ``interval``
+    50, ``gamma = max(1, round(5/32 * blocks))`` (5 of LLaMA-2-7B's 32; the paper only used 32-block
+    models, so other depths keep the same fraction: 5 of SmolLM2's 30), and GaLore with rank 256,
+    ``update_proj_gap`` 100 and scale 1.0 (``galore_rank=0`` turns it off). The paper's learning rate
+    (3e-4) belongs to the module.
 
     Args:
-        num_active: ``gamma``, the number of blocks that train at a time.
+        num_active: ``gamma``, the number of blocks that train at a time (default 2, LISA's).
         active_fraction: ``gamma`` as a fraction of the blocks (rounded, at least 1); overrides ``num_active``.
-        interval: Optimizer steps between resamplings (``K``; 50 in OwLore and LISA).
-        sampling: ``uniform`` (LISA) or ``outlier`` (OwLore).
+        interval: Optimizer steps between resamplings (``K``; default 50, as in OwLore and LISA).
+        sampling: ``uniform`` (LISA, the default) or ``outlier`` (OwLore).
         outlier_threshold: OWL's outlier multiple ``M``.
-        outlier_metric: ``activation`` (Wanda score on the first batch) or ``weight`` (``|W|`` only).
+        outlier_metric: ``activation`` (Wanda score on training sequences) or ``weight`` (``|W|`` only).
         outlier_ratios: Precomputed ``D_l`` per block (skips the calibration).
+        calibration_samples: Training sequences the activation norms are summed over (OWL: 128); under DDP
+            the ranks share them.
+        galore_rank: GaLore rank for the active blocks' matrices; ``None``/``0``: plain optimizer.
+        galore_update_proj_gap: Optimizer steps of a matrix between two SVDs of its gradient.
+        galore_scale: Factor on GaLore's projected-back update.
+        preset: ``owlore`` for the paper's settings (explicit arguments win).
         seed: Seed of the draws (identical on every rank).
         module: Dotted attribute path to the transformers model; default: found automatically.
     """
 
     def __init__(
         self,
-        num_active: int = 2,
+        num_active: int | None = None,
         active_fraction: float | None = None,
-        interval: int = 50,
-        sampling: Literal["uniform", "outlier"] = "uniform",
+        interval: int | None = None,
+        sampling: Literal["uniform", "outlier"] | None = None,
         outlier_threshold: float = 13.0,
         outlier_metric: Literal["activation", "weight"] = "activation",
         outlier_ratios: list[float] | None = None,
+        calibration_samples: int = 128,
+        galore_rank: int | None = None,
+        galore_update_proj_gap: int = 100,
+        galore_scale: float = 1.0,
+        preset: Literal["owlore"] | None = None,
         seed: int = 0,
         module: str | None = None,
     ) -> None:
         super().__init__(module=module, seed=seed)
+        if preset not in (None, "owlore"):
+            raise ValueError(f"preset={preset!r} is not a known preset: use 'owlore' or leave it unset.")
+        owlore = preset == "owlore"
+        if owlore and num_active is None and active_fraction is None:
+            active_fraction = OWLORE_ACTIVE_FRACTION
+        num_active = 2 if num_active is None else num_active
+        interval = 50 if interval is None else interval
+        sampling = sampling or ("outlier" if owlore else "uniform")
+        galore_rank = (256 if owlore else None) if galore_rank is None else galore_rank
         if num_active < 1 or interval < 1:
             raise ValueError(f"num_active={num_active} and interval={interval} must be positive integers.")
         if active_fraction is not None and not 0 < active_fraction <= 1:
@@ -279,12 +394,19 @@ class LayerwiseSampling(SelectionCallback):
             raise ValueError(f"sampling={sampling!r} / outlier_metric={outlier_metric!r} is not a known choice.")
         if outlier_ratios is not None and (any(r < 0 for r in outlier_ratios) or not any(outlier_ratios)):
             raise ValueError("outlier_ratios must be non-negative with at least one positive entry.")
+        if calibration_samples < 1:
+            raise ValueError(f"calibration_samples={calibration_samples} must be a positive integer.")
+        if galore_rank is not None and galore_rank < 0:
+            raise ValueError(f"galore_rank={galore_rank} must be positive (or 0 / None for no GaLore).")
+        self.preset = preset
         self.num_active = num_active
         self.active_fraction = active_fraction
         self.interval = interval
         self.sampling = sampling
         self.outlier_threshold = outlier_threshold
         self.outlier_metric = outlier_metric
+        self.calibration_samples = calibration_samples
+        self.galore = GaLoreProjection(galore_rank, galore_update_proj_gap, galore_scale) if galore_rank else None
         self.ratios: list[float] | None = list(outlier_ratios) if outlier_ratios is not None else None
         self.current_blocks: list[int] = []
         self._batch: Any = None
@@ -332,6 +454,28 @@ class LayerwiseSampling(SelectionCallback):
             )
 
     @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.galore is not None and self.selection is not None:  # before the groups shrink to the first draw
+            assert self.layer_map is not None
+            matrices = [
+                self.selection.params[n]
+                for n in self.selection.candidates
+                if self.layer_map[n].is_matrix and self.layer_map[n].block is not None
+            ]
+            if not self.galore.attach(trainer.optimizers, matrices):
+                rank_zero_warn(
+                    f"galore_rank={self.galore.rank} is not below the smaller side of any trainable block matrix, so "
+                    "every matrix trains with plain Adam: lower galore_rank to project them."
+                )
+        super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.galore is not None:
+            self.galore.detach()
+        super().on_fit_end(trainer, pl_module)
+
+    @override
     def draw(self, index: int, trainer: L.Trainer, pl_module: L.LightningModule) -> set[str]:
         assert self.selection is not None and self.layer_map is not None
         if self.sampling == "outlier" and self.ratios is None:
@@ -349,15 +493,12 @@ class LayerwiseSampling(SelectionCallback):
 
     def _calibrate(self, trainer: L.Trainer) -> list[float]:
         assert self.selection is not None and self.layer_map is not None
-        batch = self._batch if self.outlier_metric == "activation" else None
-        if batch is not None and not isinstance(batch, Mapping):
-            raise ValueError(
-                "LayerwiseSampling(sampling='outlier') calibrates on a training batch that is a mapping with "
-                "'input_ids': use outlier_metric='weight' or pass outlier_ratios for other batch formats."
-            )
+        batches = None
+        if self.outlier_metric == "activation":
+            batches = calibration_batches(trainer, self.calibration_samples, self._batch)
         strategy = trainer.strategy
         reduce = (lambda t: strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
-        ratios = outlier_ratios(self.selection.model, self.layer_map, batch, self.outlier_threshold, reduce)
+        ratios = outlier_ratios(self.selection.model, self.layer_map, batches, self.outlier_threshold, reduce)
         return [float(r) for r in strategy.broadcast(ratios, src=0)]
 
     @override

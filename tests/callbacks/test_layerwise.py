@@ -101,13 +101,15 @@ def test_sampled_blocks_only_train_and_hold_optimizer_state(tiny_llama_dir: Path
     assert logged and all(m["selection/blocks_on"] == 1.0 for m in logged)
 
 
-def test_resumed_sampling_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("galore_rank", [None, 4])
+def test_resumed_sampling_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path, galore_rank: int | None) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(root: Path, ckpt: str | None = None, crash: int | None = None) -> tuple[Any, ...]:
         L.seed_everything(0)
         module = CausalLMModule(model=str(tiny_llama_dir), learning_rate=5e-3, warmup_steps=2, output_dir="")
-        owlore = LayerwiseSampling(num_active=1, interval=2, sampling="outlier", outlier_threshold=3.0)
+        owlore = LayerwiseSampling(num_active=1, interval=2, sampling="outlier", outlier_threshold=3.0,
+                                   galore_rank=galore_rank, galore_update_proj_gap=3)
         watch = SelectionWatch(owlore)
         callbacks: list[L.Callback] = [ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=1),
                                        owlore, watch] + ([CrashAt(crash)] if crash else [])
@@ -122,6 +124,14 @@ def test_resumed_sampling_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: P
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
     assert watch.history == full_watch.history[5:] and watch.requires_grad == full_watch.requires_grad[5:]
     assert (cb.ratios, cb.draws, cb.current_blocks) == (full_cb.ratios, full_cb.draws, full_cb.current_blocks)
+    if galore_rank:  # the low-rank moments and bases came back with the checkpoint
+        (opt,), (full_opt,) = resumed.trainer.optimizers, full.trainer.optimizers
+        assert any("galore_basis" in s for s in opt.state.values())
+        for (n, p), (_, q) in zip(resumed.named_parameters(), full.named_parameters()):
+            assert (p in opt.state) == (q in full_opt.state), n
+            if q in full_opt.state:
+                for key, value in full_opt.state[q].items():
+                    torch.testing.assert_close(opt.state[p][key], value, rtol=0, atol=0, msg=f"{n} {key}")
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
