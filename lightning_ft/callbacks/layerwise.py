@@ -212,7 +212,10 @@ def outlier_ratios(
 
 @torch.no_grad()
 def input_norms(
-    model: torch.nn.Module, modules: dict[str, torch.nn.Module], batches: Iterable[Mapping[str, Any]], reduce: Any = None
+    model: torch.nn.Module,
+    modules: dict[str, torch.nn.Module],
+    batches: Iterable[Mapping[str, Any]],
+    reduce: Any = None,
 ) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` of each module's input features over the non-padding tokens of ``batches``.
 
@@ -290,7 +293,9 @@ def calibration_batches(trainer: L.Trainer, samples: int, fallback: Any) -> list
     if not isinstance(loader, DataLoader):
         return [fallback]
     if isinstance(loader.dataset, IterableDataset):
-        fresh = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, drop_last=loader.drop_last)
+        fresh = DataLoader(
+            loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, drop_last=loader.drop_last
+        )
     elif loader.batch_sampler is None:  # the dataset yields whole batches
         fresh = DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, collate_fn=loader.collate_fn)
     else:
@@ -464,8 +469,8 @@ class LayerwiseSampling(SelectionCallback):
             ]
             if not self.galore.attach(trainer.optimizers, matrices):
                 rank_zero_warn(
-                    f"galore_rank={self.galore.rank} is not below the smaller side of any trainable block matrix, so "
-                    "every matrix trains with plain Adam: lower galore_rank to project them."
+                    f"galore_rank={self.galore.rank} projects nothing, since no trainable attention/MLP matrix of the "
+                    "blocks has a smaller side above it (adapters are never projected): lower galore_rank or drop it."
                 )
         super().on_fit_start(trainer, pl_module)
 

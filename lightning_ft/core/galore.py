@@ -74,7 +74,9 @@ class GaLoreProjection:
 
     def __init__(self, rank: int, update_proj_gap: int = 100, scale: float = 1.0) -> None:
         if rank < 1 or update_proj_gap < 1:
-            raise ValueError(f"galore_rank={rank} and galore_update_proj_gap={update_proj_gap} must be positive integers.")
+            raise ValueError(
+                f"galore_rank={rank} and galore_update_proj_gap={update_proj_gap} must be positive integers."
+            )
         if not scale > 0:
             raise ValueError(f"galore_scale={scale} must be positive.")
         self.rank = rank

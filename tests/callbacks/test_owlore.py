@@ -99,7 +99,9 @@ def test_calibration_sums_several_training_batches(
     monkeypatch.setattr(layerwise, "outlier_ratios", spy)
     model0, lm = _tiny(tiny_llama_dir)
     module = CausalLMModule(model=str(tiny_llama_dir), learning_rate=1e-2, warmup_steps=0, output_dir="")
-    owlore = LayerwiseSampling(num_active=1, interval=2, sampling="outlier", outlier_threshold=2.0, calibration_samples=12)
+    owlore = LayerwiseSampling(
+        num_active=1, interval=2, sampling="outlier", outlier_threshold=2.0, calibration_samples=12
+    )
     seen = _FirstBatches()
     make_trainer(tmp_path, 4, callbacks=[owlore, seen]).fit(module, make_data())
     assert len(used) == 1 and [b["input_ids"].shape[0] for b in used[0]] == [4, 4, 4]
@@ -111,13 +113,15 @@ def test_calibration_sums_several_training_batches(
 
 def test_calibration_pass_leaves_the_random_state_alone() -> None:
     loader = torch.utils.data.DataLoader(token_batches().dataset, batch_size=4, shuffle=True)  # global-RNG sampler
-    trainer = SimpleNamespace(train_dataloader=loader, world_size=2, strategy=SimpleNamespace(batch_to_device=lambda b: b))
+    strategy = SimpleNamespace(batch_to_device=lambda b: b)
+    trainer = SimpleNamespace(train_dataloader=loader, world_size=2, strategy=strategy)
     torch.manual_seed(3)
     before = torch.get_rng_state()
     batches = calibration_batches(trainer, 14, fallback=None)  # type: ignore[arg-type]
     assert [b["input_ids"].shape[0] for b in batches] == [4, 4]  # ceil(14 / 2 ranks) = 7 sequences on this rank
     assert torch.equal(torch.get_rng_state(), before)
-    assert calibration_batches(SimpleNamespace(train_dataloader=[1]), 4, fallback="batch") == ["batch"]  # type: ignore[arg-type]
+    plain = SimpleNamespace(train_dataloader=[1])  # not a DataLoader: the current batch only
+    assert calibration_batches(plain, 4, fallback="batch") == ["batch"]  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- GaLore
@@ -173,8 +177,9 @@ def test_galore_update_matches_a_hand_computation() -> None:
     for k in ("thin", "bias"):
         assert torch.equal(params[k], ref_params[k]), k  # plain AdamW, bit for bit
     # std projects the smaller side: each moment holds r * max(m, n) entries, the basis r * min(m, n)
-    assert opt.state[params["tall"]]["exp_avg"].shape == (6, 2) and opt.state[params["tall"]]["galore_basis"].shape == (2, 4)
-    assert opt.state[params["wide"]]["exp_avg_sq"].shape == (2, 6) and opt.state[params["wide"]]["galore_basis"].shape == (4, 2)
+    tall, wide = opt.state[params["tall"]], opt.state[params["wide"]]
+    assert tall["exp_avg"].shape == tall["exp_avg_sq"].shape == (6, 2) and tall["galore_basis"].shape == (2, 4)
+    assert wide["exp_avg"].shape == wide["exp_avg_sq"].shape == (2, 6) and wide["galore_basis"].shape == (4, 2)
     assert opt.state[params["thin"]]["exp_avg"].shape == (2, 8)
     galore.detach()
     assert not opt._optimizer_step_pre_hooks  # the optimizer steps every parameter itself again
@@ -228,11 +233,12 @@ def test_galore_refusals(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from selection_checks import UserModule
 
     sampler = LayerwiseSampling(num_active=1, galore_rank=4, module="nets.lm")
-    with pytest.raises(TypeError, match="galore_rank=4 keeps Adam moments .* got SGD: return AdamW or set galore_rank=None"):
-        make_trainer(tmp_path, 1, callbacks=[sampler]).fit(UserModule(str(tiny_llama_dir), optimizer="sgd"), token_batches())
+    sgd = UserModule(str(tiny_llama_dir), optimizer="sgd")
+    with pytest.raises(TypeError, match="galore_rank=4 keeps Adam moments .* got SGD: return AdamW or set galore_rank"):
+        make_trainer(tmp_path, 1, callbacks=[sampler]).fit(sgd, token_batches())
     big = LayerwiseSampling(num_active=1, galore_rank=32)  # no tiny-Llama matrix has a smaller side above 32
     module = CausalLMModule(model=str(tiny_llama_dir), learning_rate=1e-2, warmup_steps=0, output_dir="")
-    with pytest.warns(UserWarning, match="galore_rank=32 is not below the smaller side of any trainable block matrix"):
+    with pytest.warns(UserWarning, match="galore_rank=32 projects nothing, since no trainable attention/MLP matrix"):
         make_trainer(tmp_path, 1, callbacks=[big]).fit(module, make_data())
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(4, 4))], amsgrad=True)
     with pytest.raises(ValueError, match="galore_rank=2 does not support the optimizer's amsgrad=True"):
