@@ -5,7 +5,8 @@ LiNeS: post-training layer scaling
 At the end of training the update ``tau = theta_ft - theta_0`` of block ``i`` (of ``L``) is scaled by
 ``alpha + beta * i / (L - 1)`` and everything outside the blocks by ``alpha`` (Wang et al., ICLR 2025,
 https://arxiv.org/abs/2410.17146). Shallow layers move back towards the pretrained weights, deep layers
-keep their update: forgetting drops at little cost on the target task.
+keep their update: forgetting drops at little cost on the target task. A newly initialised head (absent from
+the pretrained weights) has no task vector and keeps its fine-tuned value unless ``head_scale`` says otherwise.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer
-from lightning_ft.core.snapshot import PretrainedSnapshot
+from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer, plain_name
+from lightning_ft.core.snapshot import PretrainedSnapshot, _safetensors_files
 from lightning_ft.merging.ops import NonBlockScale, lines_factor, lines_scale
 from lightning_ft.support import check_support
 
@@ -30,6 +33,8 @@ __all__ = ["LiNeS"]
 ALPHA_GRID = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))  # official: np.arange(0, 1.1, 0.1)[::-1]
 _SKIPPED_ADAPTERS = frozenset({"lora_A", "lora_embedding_A"})  # the low-rank update is scaled through B
 _QUANTIZED = frozenset({"Params4bit", "Int8Params"})
+_SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")  # peft's trainable copy of a module
+_SLACK = 1e-9  # float slack on alpha + beta <= 1 (0.7 + 0.3 is not exactly 1.0)
 
 
 class LiNeS(L.Callback):
@@ -48,14 +53,29 @@ class LiNeS(L.Callback):
     ``target_weight * target / target_ft + control_ppl_0 / control_ppl`` (target = ``target_acc``, else
     ``1 / target_loss``; ``_ft`` is the fine-tuned model, ``_0`` the pretrained one). The best alpha is
     applied; the sweep is logged (``lines/*`` metrics, a W&B table and plot) and written as
-    ``lines_sweep.{json,md,png}`` into ``default_root_dir``.
+    ``lines_sweep.{json,md,png}`` into ``default_root_dir``. The control term needs control data (the
+    DataModule's ``control``, reported by ``evaluate`` as ``control_ppl``): without it the sweep is refused
+    rather than scoring the target alone.
+
+    Every factor lies in ``[0, 1]``: LiNeS only shrinks the update, so ``alpha`` (and each of ``alphas``)
+    is in ``[0, 1]``, ``beta`` is in ``[0, 1 - alpha]`` and ``head_scale`` in ``[0, 1]``; anything else,
+    NaN and infinities included, is refused at construction. The edited weights are checked to be finite
+    before any of them is written; if one is not, nothing is edited and the fit stops with an error, so
+    ``last.ckpt`` and the HF folder are not written from it.
+
+    A tensor outside the blocks that is absent from the pretrained weights file the model was loaded from
+    (e.g. the ``classifier`` / ``score`` head that ``AutoModelForSequenceClassification`` creates, or peft's
+    ``modules_to_save`` copy of it) has no pretrained value: its theta_0 is its random initialisation. It
+    keeps its fine-tuned value (factor 1) by default, or is scaled by ``head_scale``.
 
     Args:
-        alpha: Factor of the first block and of the parameters outside the blocks, or ``"auto"``.
-        beta: Depth slope; default ``1 - alpha`` (the last block keeps its full update).
+        alpha: Factor of the first block and of the parameters outside the blocks, in ``[0, 1]``, or ``"auto"``.
+        beta: Depth slope in ``[0, 1 - alpha]``; default ``1 - alpha`` (the last block keeps its full update).
         alphas: The grid for ``alpha="auto"`` (default 1.0, 0.9, ..., 0.0 as in the official code).
         target_weight: Weight of the normalised target metric in the selection rule (official: 2).
         non_block_scale: Factor outside the blocks: ``"alpha"`` (official), ``"one"`` or ``"last"``.
+        head_scale: Factor of newly initialised tensors (no pretrained value); ``None`` leaves them as
+            fine-tuned (factor 1).
         module: Dotted attribute path to the transformers model inside the LightningModule.
         resave_checkpoint: Re-save each ``ModelCheckpoint``'s ``last_model_path`` after the edit.
     """
@@ -67,20 +87,35 @@ class LiNeS(L.Callback):
         alphas: list[float] | None = None,
         target_weight: float = 2.0,
         non_block_scale: NonBlockScale = "alpha",
+        head_scale: float | None = None,
         module: str | None = None,
         resave_checkpoint: bool = True,
     ) -> None:
-        if alpha != "auto" and not isinstance(alpha, (int, float)):
-            raise ValueError(f"LiNeS alpha={alpha!r} must be a number or 'auto'.")
+        if alpha != "auto" and not _is_number(alpha):
+            raise ValueError(f"LiNeS alpha={alpha!r} must be a number in [0, 1] or 'auto'.")
         if non_block_scale not in ("alpha", "one", "last"):
             raise ValueError(f"LiNeS non_block_scale={non_block_scale!r} must be 'alpha', 'one' or 'last'.")
-        self.alpha, self.beta = alpha, beta
         self.alphas = list(alphas) if alphas is not None else list(ALPHA_GRID)
-        self.target_weight, self.non_block_scale = target_weight, non_block_scale
+        if not self.alphas or not all(_is_number(a) and 0.0 <= a <= 1.0 for a in self.alphas):  # NaN fails too
+            raise ValueError(f"LiNeS alphas={alphas!r} must be a non-empty list of finite numbers in [0, 1].")
+        self.alphas = [float(a) for a in self.alphas]
+        self.alpha: float | Literal["auto"] = "auto" if alpha == "auto" else _unit("alpha", alpha, " or 'auto'")
+        self.beta = None if beta is None else _unit("beta", beta)
+        largest, which = (max(self.alphas), "the largest of alphas") if self.alpha == "auto" else (self.alpha, "alpha")
+        if self.beta is not None and largest + self.beta > 1.0 + _SLACK:
+            raise ValueError(
+                f"LiNeS beta={beta!r} with {which}={largest:g} gives the last block the factor {largest + self.beta:g} "
+                f"> 1: choose beta in [0, {1.0 - largest:g}] (1 - alpha) or leave it unset."
+            )
+        if not _is_number(target_weight) or not math.isfinite(target_weight) or target_weight < 0:
+            raise ValueError(f"LiNeS target_weight={target_weight!r} must be a finite number >= 0 (official: 2).")
+        self.head_scale = None if head_scale is None else _unit("head_scale", head_scale)
+        self.target_weight, self.non_block_scale = float(target_weight), non_block_scale
         self.module, self.resave_checkpoint = module, resave_checkpoint
         self.chosen_alpha: float | None = None
         self.applied_step: int | None = None
         self.sweep: list[dict[str, float]] = []
+        self.new_tensors: frozenset[str] = frozenset()
         self._snapshot: PretrainedSnapshot | None = None
         self._model: torch.nn.Module | None = None
 
@@ -110,6 +145,9 @@ class LiNeS(L.Callback):
                 f"LiNeS(alpha='auto') scores alphas with `evaluate(loaders)`, which {type(pl_module).__name__} "
                 "lacks: give a fixed alpha (e.g. alpha=0.2) or use CausalLMModule."
             )
+        if self.alpha == "auto" and _lacks_control(trainer):
+            raise ValueError(_NO_CONTROL)
+        self.new_tensors = newly_initialised(self._model, self._snapshot)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -142,7 +180,11 @@ class LiNeS(L.Callback):
         if layer_map is None:
             raise RuntimeError("LiNeS has no model yet: it is set up when fit starts.")
         beta, n = self._beta(alpha), layer_map.num_blocks
-        return {i.name: lines_factor(i.block, n, alpha, beta, self.non_block_scale) for i in layer_map}
+        head = 1.0 if self.head_scale is None else self.head_scale
+        return {
+            i.name: head if i.name in self.new_tensors else lines_factor(i.block, n, alpha, beta, self.non_block_scale)
+            for i in layer_map
+        }
 
     def _edited(self, model: torch.nn.Module, snapshot: PretrainedSnapshot) -> list[ParamInfo]:
         """Parameters whose value moved away from theta_0 (adapter A factors and quantized weights excluded)."""
@@ -163,19 +205,37 @@ class LiNeS(L.Callback):
     ) -> None:
         """Write ``theta_0 + lambda * (theta - theta_0)`` into the model, in place.
 
+        Every edited tensor is computed and checked to be finite before the first one is written (a second
+        pass recomputes it, so no copy of the model is held).
+
         Args:
             alpha: The alpha to apply (beta from the configuration).
             infos: Parameters to edit; by default those that moved.
             finetuned: Fine-tuned values to start from (used by the sweep), else the live parameters.
+
+        Raises:
+            FloatingPointError: If an edited tensor would hold NaN or infinity; the model is left unchanged.
         """
         assert self._model is not None and self._snapshot is not None
         infos = self._edited(self._model, self._snapshot) if infos is None else infos
         factors = self.factors(alpha)
         for info in infos:
-            param = self._model.get_parameter(info.name)
-            theta = finetuned[info.name].to(param.device) if finetuned is not None else param.detach()
-            theta0 = self._snapshot.get(info.name, device=param.device, dtype=torch.float32)
-            param.copy_(lines_scale(theta0, theta, factors[info.name]))
+            if not bool(torch.isfinite(self._scaled(info, factors[info.name], finetuned)).all()):
+                raise FloatingPointError(
+                    f"LiNeS(alpha={alpha:g}) would write NaN or infinity into {info.name} (its fine-tuned or "
+                    "pretrained value is not finite), so it edited no weight and the fit stops before the edited "
+                    "model is saved: find where training diverged (lower the learning rate, clip gradients)."
+                )
+        for info in infos:
+            self._model.get_parameter(info.name).copy_(self._scaled(info, factors[info.name], finetuned))
+
+    def _scaled(self, info: ParamInfo, factor: float, finetuned: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """``theta_0 + factor * (theta - theta_0)`` of one parameter, in its dtype and on its device."""
+        assert self._model is not None and self._snapshot is not None
+        param = self._model.get_parameter(info.name)
+        theta = finetuned[info.name].to(param.device) if finetuned is not None else param.detach()
+        theta0 = self._snapshot.get(info.name, device=param.device, dtype=torch.float32)
+        return lines_scale(theta0, theta, factor)
 
     # ------------------------------------------------------------------ alpha="auto"
     def _sweep(self, trainer: L.Trainer, pl_module: L.LightningModule, infos: list[ParamInfo]) -> float:
@@ -185,6 +245,8 @@ class LiNeS(L.Callback):
         evaluate = pl_module.evaluate  # type: ignore[operator]
         try:
             ft = evaluate(loaders)
+            if "control_ppl" not in ft:  # e.g. loaders given straight to fit(), or a module reporting drift only
+                raise ValueError(_NO_CONTROL)
             self._snapshot_restore(infos)  # theta_0: the zero-shot control reference
             zero = evaluate(loaders)
             rows = []
@@ -240,6 +302,72 @@ class LiNeS(L.Callback):
         self.chosen_alpha = state_dict.get("chosen_alpha")
         self.applied_step = state_dict.get("applied_step")
         self.sweep = list(state_dict.get("sweep", []))
+
+
+_NO_CONTROL = (
+    "LiNeS(alpha='auto') scores forgetting with the control perplexity (`control_ppl` from `evaluate`), so it "
+    "needs control data: set the DataModule's `control` (e.g. `data.control: humaneval`) or give a fixed alpha "
+    "(e.g. alpha: 0.2)."
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _unit(name: str, value: Any, alternative: str = "") -> float:
+    """``value`` as a float when it is a finite number in [0, 1]; else one sentence naming ``name``."""
+    if not _is_number(value) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"LiNeS {name}={value!r} must be a finite number in [0, 1]{alternative}.")
+    return float(value)
+
+
+def _lacks_control(trainer: L.Trainer) -> bool:
+    """Whether the fit's DataModule is known to have no control set (unknown: ``False``)."""
+    control = getattr(trainer.datamodule, "control_dataloader", None)
+    return callable(control) and control() is None
+
+
+def newly_initialised(model: torch.nn.Module, snapshot: PretrainedSnapshot) -> frozenset[str]:
+    """Canonical names of the tensors outside the blocks that have no pretrained value.
+
+    A tensor has none when no name of it (plain, tied alias, with or without the model's
+    ``base_model_prefix``) is a key of the safetensors file(s) the snapshot's ``source`` names: the new
+    head of ``AutoModelForSequenceClassification`` and peft's ``modules_to_save`` copy of it. Adapter
+    tensors (LoRA, ...) never count: their theta_0 is their own start. Without a local weights file, or
+    when the file's names do not cover the model's blocks, nothing is reported (with a warning).
+
+    Args:
+        model: The transformers (or peft) model.
+        snapshot: Its shared pretrained snapshot.
+
+    Returns:
+        The canonical names.
+    """
+    index = _safetensors_files(Path(snapshot.source)) if snapshot.source is not None else None
+    keys = set(index or ())
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    prefix = str(getattr(base, "base_model_prefix", "") or "")
+    absent = [
+        info for info in snapshot.layer_map
+        if info.adapter in (None, "modules_to_save") and not _in_file(info, keys, prefix)
+    ]  # fmt: skip
+    heads = [info for info in absent if info.block is None]
+    if index is None or len(heads) < len(absent):  # no file, or its names do not cover the blocks
+        if any(model.get_parameter(info.name).requires_grad for info in heads):
+            rank_zero_warn(
+                "LiNeS cannot tell newly initialised heads from pretrained tensors (no local safetensors file "
+                "whose names match the model): every tensor outside the blocks gets the non-block factor."
+            )
+        return frozenset()
+    return frozenset(info.name for info in heads)
+
+
+def _in_file(info: ParamInfo, keys: set[str], prefix: str) -> bool:
+    names = {_SAVED_COPY.sub("", name) for name in (info.base_name, *(plain_name(a) for a in info.aliases))}
+    if prefix:
+        names |= {n.removeprefix(f"{prefix}.") for n in names} | {f"{prefix}.{n}" for n in names}
+    return not names.isdisjoint(keys)
 
 
 def _val_loaders(trainer: L.Trainer) -> list[Any]:

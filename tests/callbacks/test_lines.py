@@ -158,7 +158,7 @@ def test_user_module_alpha_zero_returns_to_theta0_and_refusals(tiny_llama_dir: P
     with pytest.raises(ValueError, match="lacks: give a fixed alpha") as err:
         make_trainer(tmp_path, 1, callbacks=[LiNeS(alpha="auto")]).fit(_UserModule(tiny_llama_dir), loader)
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="must be a number or 'auto'"):
+    with pytest.raises(ValueError, match=r"must be a number in \[0, 1\] or 'auto'"):
         LiNeS(alpha="best")  # type: ignore[arg-type]
 
 
