@@ -36,14 +36,19 @@ semantics (mergekit 0.1.5's, per tensor; tau_i = theta_i - base):
   the merged task vector; rescale multiplies each pruned task vector by sum|tau_i| / sum|kept| (L1, per tensor;
   not 1/density). density and gamma are per model (a model's own `parameters:` win over the top-level block);
   normalize, rescale, lambda, scope, seed are global. int8_mask is accepted and has no numerical effect.
-  Magnitude ties at a cut keep the earlier entry (mergekit: arbitrary). DARE draws one fp32 Bernoulli mask per
-  tensor and model (tensors in ascending name order, models in recipe order) from a CPU generator seeded with
-  `seed` (or `random_seed:` / --random-seed; without one a seed is drawn and written to the report).
+  Equal magnitudes at a cut are settled by mergekit's own torch sort call (per-row Breadcrumbs: by position).
+  DARE draws one fp32 Bernoulli mask per tensor and model with density < 1 (tensors in ascending name order,
+  models in recipe order) from a CPU generator seeded with `seed` (or `random_seed:` / --random-seed, which
+  like mergekit's is ignored by the other methods; without one a seed is drawn and written to the report).
+  Checked against mergekit 0.1.5 on a tiny Llama: task_arithmetic, ties, breadcrumbs(_ties) and seeded
+  dare_linear/dare_ties are bit-identical; linear is within 2.4e-7 (it is computed from task vectors).
 
 recipes: our keys (base, models: [path | {path, parameters}], method, parameters, lines, eval, metric, output) and
   mergekit's (merge_method, base_model, models: [{model, parameters: {weight, density, gamma}}], parameters,
-  dtype, out_dtype, random_seed, tokenizer_source: base). Unknown keys are refused. dtype rounds every input
-  to float32/bfloat16/float16 (the arithmetic stays float32); out_dtype sets the saved dtype.
+  dtype, out_dtype, random_seed, tokenizer_source: base). Unknown keys are refused. weight defaults to 1.0
+  (mergekit requires it), except for mergekit's base_model in linear, which must be given one. dtype rounds
+  every input to float32/bfloat16/float16 (the arithmetic stays float32); out_dtype sets the saved dtype. With
+  LiNeS (`lines:`) its alpha/beta replace lambda.
 """
 
 

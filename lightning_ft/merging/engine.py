@@ -4,9 +4,10 @@ Tensors are processed one at a time in the base's order: the base tensor and one
 ingredient are read, merged by the registered method (optionally scaled by LiNeS for merging) and the
 result kept in the output state dict. Peak memory is about base tensor + output + one tensor per
 ingredient. Tensors are merged in ascending name order (mergekit's order, which fixes the random draws of
-DARE) and returned in the base's order. Inputs keep their dtypes unless ``dtype`` rounds them; the arithmetic is
-fp32 and the output takes ``out_dtype``, else ``dtype``, else the base's dtype. Incompatible ingredients are
-refused before anything is written.
+DARE) and returned in the base's order. ``dtype`` rounds every input on load; the task-arithmetic family then
+works in the base's (rounded) dtype as mergekit does, linear and the soups in fp32, and the output takes
+``out_dtype``, else ``dtype``, else the base's dtype. Incompatible ingredients are refused before anything is
+written.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class MergePlan:
         lines: Apply LiNeS for merging to the merged task vector.
         non_block_scale: LiNeS factor rule outside the blocks.
         lines_alpha: ``alpha`` from the norm ratio (set by :meth:`compute_lines_alpha`).
-        dtype: Inputs are rounded to this dtype on load (mergekit's ``dtype:``); the arithmetic stays fp32.
+        dtype: Inputs are rounded to this dtype on load (mergekit's ``dtype:``), which is then the working dtype of
+            the task-arithmetic family.
         out_dtype: Dtype of the merged tensors (default: ``dtype``, else the base's).
     """
 
@@ -162,7 +164,8 @@ class MergePlan:
         """One fp32 task vector per ingredient (zeros where an adapter leaves the tensor alone).
 
         With ``dtype`` set, each ingredient's tensor ``base + delta`` is rounded to it first (``base`` is the
-        rounded base tensor).
+        rounded base tensor), so the fp32 difference of two rounded tensors is exact and its cast to ``dtype``
+        equals mergekit's subtraction in ``dtype``.
         """
         if not base.is_floating_point():
             return None
@@ -235,7 +238,7 @@ class MergePlan:
                 merged = merged * lines_factor(
                     self._blocks[key], self.num_blocks, self.lines_alpha, beta, self.non_block_scale
                 )
-            out[key] = (base.float() + merged).to(self.out_dtype or base.dtype)
+            out[key] = (base.to(merged.dtype) + merged).to(self.out_dtype or base.dtype)
         return {key: out[key] for key in self.base.keys()}
 
 

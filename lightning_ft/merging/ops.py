@@ -5,9 +5,11 @@ against hand-computed oracles. The streaming engine (:mod:`lightning_ft.merging.
 ComPEFT artifact code and the :class:`~lightning_ft.callbacks.lines.LiNeS` callback all call them.
 
 The merge methods compute what mergekit 0.1.5 computes (``generalized_task_arithmetic.py``, ``sparsify.py``,
-``linear.py``), formula for formula, in fp32. Per-tensor magnitude selections keep exactly the stated number of
-entries; ties in magnitude at the cut are settled by the same torch sort call mergekit makes (so the same entries
-as mergekit on the same torch version), and the per-row Breadcrumbs selection breaks them by position.
+``linear.py``), formula for formula, in the dtype of the task vectors they are given (the engine gives the
+task-arithmetic family the base's dtype, as mergekit; linear accumulates in fp32). Per-tensor magnitude
+selections keep exactly the stated number of entries; ties in magnitude at the cut are settled by the same torch
+sort call mergekit makes (so the same entries as mergekit on the same torch version), and the per-row
+Breadcrumbs selection breaks them by position.
 """
 
 from __future__ import annotations
@@ -170,10 +172,20 @@ def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float, scope: Bread
     return _flat_mask(x, ascending[bottom : bottom + keep])
 
 
+def _bernoulli_dtype(x: torch.Tensor) -> torch.dtype:
+    """mergekit's DARE working dtype: the tensor's own on GPU or for bf16, fp32 otherwise (CPU fp16 has no draw)."""
+    return x.dtype if x.device.type != "cpu" or x.dtype == torch.bfloat16 else torch.float32
+
+
 def bernoulli_mask(x: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DARE drop: keep each entry with probability ``density`` (one fp32 Bernoulli draw per entry, as mergekit)."""
+    """DARE drop: keep each entry with probability ``density``, one Bernoulli draw per entry as mergekit draws it.
+
+    The probabilities are a ``torch.full`` of ``density`` in mergekit's working dtype (fp32, or bf16 for a bf16
+    tensor), so a seeded generator yields mergekit's masks.
+    """
     _check_fraction("density", density)
-    return torch.bernoulli(torch.full(x.shape, density, dtype=torch.float32), generator=generator).bool().to(x.device)
+    probabilities = torch.full(x.shape, density, dtype=_bernoulli_dtype(x), device=x.device)
+    return torch.bernoulli(probabilities, generator=generator).bool()
 
 
 def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -193,30 +205,32 @@ def sparsify(
     scope: BreadcrumbsScope = "tensor",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One model's task vector of one tensor after pruning (and the optional L1 rescale).
+    """One model's task vector of one tensor after pruning (and the optional L1 rescale), in ``delta``'s dtype.
 
     ``density >= 1`` returns ``delta`` unchanged and draws no random numbers (as mergekit), except for
-    row-scoped Breadcrumbs, whose ``gamma`` still drops the outliers of each row.
+    row-scoped Breadcrumbs, whose ``gamma`` still drops the outliers of each row. The random drop masks and
+    rescales in mergekit's working dtype (:func:`bernoulli_mask`) and casts back.
     """
     if sparsifier is None or (density >= 1 and not (sparsifier == "breadcrumbs" and scope == "row")):
         return delta
+    work = delta
     if sparsifier == "magnitude":
         mask = magnitude_mask(delta, density)
     elif sparsifier == "breadcrumbs":
         mask = breadcrumbs_mask(delta, density, gamma, scope)
     elif sparsifier == "bernoulli":
-        mask = bernoulli_mask(delta, density, generator)
+        mask, work = bernoulli_mask(delta, density, generator), delta.to(_bernoulli_dtype(delta))
     else:
         raise ValueError(f"sparsifier={sparsifier!r} is not one of 'magnitude', 'breadcrumbs', 'bernoulli'.")
-    kept = delta * mask
-    return l1_rescale(delta, kept) if rescale else kept
+    kept = work * mask
+    return (l1_rescale(work, kept) if rescale else kept).to(delta.dtype)
 
 
 # ---------------------------------------------------------------------------------- merge methods
 def _stack(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     if not deltas:
         raise ValueError("A merge needs at least one task vector.")
-    return torch.stack([d.float() for d in deltas])
+    return torch.stack(list(deltas))
 
 
 def _per_model(value: float | Sequence[float] | None, count: int, name: str, default: float) -> list[float]:
@@ -297,14 +311,15 @@ def task_arithmetic_family(
 ) -> torch.Tensor:
     """mergekit's generalized task arithmetic on one tensor: sparsify each ``tau_t``, weight, (elect), mix.
 
-    ``D_t = w_t * sparsify(tau_t)`` per model in order (the order of the random draws), then :func:`combine`.
-    ``weights``, ``density`` and ``gamma`` are one number for every model or one per model.
+    ``D_t = w_t * sparsify(tau_t)`` per model in order (the order of the random draws), then :func:`combine`,
+    all in the dtype of ``deltas``. ``weights``, ``density`` and ``gamma`` are one number for every model or one
+    per model.
     """
     count = len(deltas)
     w = _per_model(weights, count, "weight", 1.0)
     dens, gams = _per_model(density, count, "density", 1.0), _per_model(gamma, count, "gamma", 0.01)
     trimmed = _stack(
-        [sparsify(d.float(), sparsifier, dens[i], gams[i], rescale, scope, generator) for i, d in enumerate(deltas)]
+        [sparsify(d, sparsifier, dens[i], gams[i], rescale, scope, generator) for i, d in enumerate(deltas)]
     )
     column = _column(w, trimmed)
     return combine(trimmed * column, column, consensus, normalize, lam)

@@ -1,6 +1,7 @@
 """A small registry of merge methods: a method is a pure per-tensor function plus metadata.
 
-Each registered function maps the base tensor, the task vectors of that tensor (fp32, one per ingredient), the
+Each registered function maps the base tensor, the task vectors of that tensor (exact fp32 differences, one per
+ingredient), the
 per-model parameters (``weight``, ``density``, ``gamma``), the global parameters and a random generator to the
 merged task vector of that tensor. The parameter names and defaults are mergekit 0.1.5's: ``weight`` multiplies
 each (sparsified) task vector before the sign election, ``normalize`` divides by the sum of the weights (of the
@@ -294,8 +295,9 @@ def _register_family(
         params: dict[str, Any],
         generator: torch.Generator | None,
     ) -> torch.Tensor:
+        work = [d.to(base.dtype) for d in deltas]  # mergekit subtracts in the base's (``dtype``-cast) dtype
         return ops.task_arithmetic_family(
-            deltas, _column(models, "weight"), [m.get("density", 1.0) for m in models],
+            work, _column(models, "weight"), [m.get("density", 1.0) for m in models],
             [m.get("gamma", 0.01) for m in models], sparsifier, consensus, params["normalize"],
             params.get("rescale", False), params["lambda"], params.get("scope", "tensor"), generator,
         )  # fmt: skip

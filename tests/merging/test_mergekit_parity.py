@@ -136,6 +136,13 @@ def _rescaled(d: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
 
 
+def _bernoulli(d: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """The mask is drawn in fp32 (bf16 for a bf16 tensor), applied and rescaled there, then cast back."""
+    work = d.to(d.dtype if d.dtype == torch.bfloat16 else torch.float32)
+    kept = work * torch.bernoulli(torch.full(d.shape, density, dtype=work.dtype))
+    return (_rescaled(work, kept) if rescale else kept).to(d.dtype)
+
+
 def oracle(
     kit: dict[str, Any],
     method: str,
@@ -147,8 +154,9 @@ def oracle(
     rescale: bool | None = None,
     row: bool = False,
     seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """mergekit's generalized task arithmetic, tensor by tensor in ascending name order."""
+    """mergekit's generalized task arithmetic, tensor by tensor in ascending name order, in ``dtype``."""
     sparsifier, consensus, default_normalize, default_rescale = FAMILY[method]
     normalize = default_normalize if normalize is None else normalize
     rescale = default_rescale if rescale is None else rescale
@@ -159,28 +167,27 @@ def oracle(
         if seed is not None:
             torch.manual_seed(seed)
         for name in sorted(kit["base"]):
-            base = kit["base"][name]
+            base = kit["base"][name].to(dtype)
             deltas = []
             for i, model in enumerate(kit["models"]):
-                d = model[name] - base
+                d = model[name].to(dtype) - base
+                if sparsifier == "bernoulli":
+                    deltas.append(_bernoulli(d, density[i], rescale) if density[i] < 1 else d)
+                    continue
                 if sparsifier == "outliers" and row:
                     d_kept = _rows(d, density[i], gamma[i])
                 elif sparsifier == "outliers":
                     d_kept = _outliers(d, density[i], gamma[i])
                 elif sparsifier == "magnitude":
                     d_kept = _magnitude(d, density[i])
-                elif sparsifier == "bernoulli" and density[i] < 1:
-                    d_kept = d * torch.bernoulli(torch.full(d.shape, density[i], dtype=torch.float32))
                 else:
                     d_kept = d
-                if rescale and d_kept is not d:
-                    d_kept = _rescaled(d, d_kept)
-                deltas.append(d_kept)
-            w = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * base.ndim))
+                deltas.append(_rescaled(d, d_kept) if rescale and d_kept is not d else d_kept)
+            w = torch.tensor(weights, dtype=dtype).view(-1, *([1] * base.ndim))
             stacked = torch.stack(deltas) * w
             if consensus:
-                elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-                agree = (torch.sign(stacked) == elected).float()
+                elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(dtype)
+                agree = (torch.sign(stacked) == elected).to(dtype)
                 num, den = (stacked * agree).sum(0), (w * agree).sum(0)
                 den[den == 0] = 1.0
             else:
@@ -324,15 +331,16 @@ tokenizer_source: base
     assert [i["weight"] for i in report["ingredients"]] == WEIGHTS
 
 
-def test_dtype_rounds_the_inputs_and_sets_the_saved_dtype(kit: dict[str, Any], tmp_path: Path) -> None:
-    recipe = {**_recipe(kit, "task_arithmetic", [{"weight": w} for w in WEIGHTS]), "dtype": "bfloat16"}
-    got = _run(recipe, tmp_path)
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
-    for key, theta0 in kit["base"].items():
-        base = theta0.bfloat16().float()
-        tau = sum(w * (m[key].bfloat16().float() - base) for w, m in zip(WEIGHTS, kit["models"]))
-        assert got[key].dtype == torch.bfloat16
-        torch.testing.assert_close(got[key], (base + tau).bfloat16(), rtol=0, atol=0, msg=key)
+def test_dtype_casts_the_inputs_and_the_arithmetic_follows_as_in_mergekit(kit: dict[str, Any], tmp_path: Path) -> None:
+    models = [{"weight": w, "density": 0.5} for w in WEIGHTS]
+    recipe = {**_recipe(kit, "dare_ties", models), "dtype": "bfloat16"}
+    got = _run(recipe, tmp_path / "bf16", "--random-seed", "42")
+    assert json.loads((tmp_path / "bf16" / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    # deltas, Bernoulli draws (bf16 probabilities), rescale, election and sums all in bf16, as mergekit
+    expected = oracle(kit, "dare_ties", WEIGHTS, density=[0.5] * 3, seed=42, dtype=torch.bfloat16)
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], expected[k]) for k in expected)
+    got = _run({**recipe, "out_dtype": "float32"}, tmp_path / "out32", "--random-seed", "42")
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], expected[k].float()) for k in expected)
 
 
 @pytest.mark.parametrize(
