@@ -40,15 +40,17 @@ semantics (mergekit 0.1.5's, per tensor; tau_i = theta_i - base):
   DARE draws one fp32 Bernoulli mask per tensor and model with density < 1 (tensors in ascending name order,
   models in recipe order) from a CPU generator seeded with `seed` (or `random_seed:` / --random-seed, which
   like mergekit's is ignored by the other methods; without one a seed is drawn and written to the report).
-  Checked against mergekit 0.1.5 on a tiny Llama: task_arithmetic, ties, breadcrumbs(_ties) and seeded
-  dare_linear/dare_ties are bit-identical; linear is within 2.4e-7 (it is computed from task vectors).
+  Checked against mergekit 0.1.5 on a tiny Llama (dtype float32, bfloat16, float16): task_arithmetic, ties,
+  breadcrumbs(_ties) and seeded dare_linear/dare_ties are bit-identical; linear is within 2.4e-7 in float32
+  (it is rebuilt from task vectors) and bit-identical in bfloat16.
 
 recipes: our keys (base, models: [path | {path, parameters}], method, parameters, lines, eval, metric, output) and
   mergekit's (merge_method, base_model, models: [{model, parameters: {weight, density, gamma}}], parameters,
   dtype, out_dtype, random_seed, tokenizer_source: base). Unknown keys are refused. weight defaults to 1.0
-  (mergekit requires it), except for mergekit's base_model in linear, which must be given one. dtype rounds
-  every input to float32/bfloat16/float16 (the arithmetic stays float32); out_dtype sets the saved dtype. With
-  LiNeS (`lines:`) its alpha/beta replace lambda.
+  (mergekit requires it), except for mergekit's base_model in linear, which must be given one. dtype casts
+  every input to float32/bfloat16/float16; the task-arithmetic family computes in the base's (cast) dtype, as
+  mergekit, linear and the soups in float32; out_dtype sets the saved dtype. With LiNeS (`lines:`) its
+  alpha/beta replace lambda.
 """
 
 
