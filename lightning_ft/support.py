@@ -3,20 +3,33 @@
 One :class:`MethodSupport` per method says whether it supports DDP, FSDP (any sharded strategy: FSDP, DeepSpeed,
 ModelParallel, XLA FSDP), a quantized backbone, a LoRA (peft) backbone and bf16/16-mixed precision, and for each
 unsupported feature the one sentence ``setup()`` raises. :func:`check_support` is what the callbacks call in
-``setup()``; :func:`render_table` writes the README's compatibility table from the same data, so the two cannot
-drift (a test compares them).
+``setup()``; :func:`check_strategy_support` is what the ``lightning-ft`` command calls on the config before it builds
+anything, so that our sentence comes before Lightning's own checks of the strategy; :func:`render_table` writes the
+README's compatibility table from the same data, so the two cannot drift (a test compares them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from lightning_ft.errors import UserError
 from lightning_ft.strategies.process_group import destroy_process_group_at_exit
 
-__all__ = ["FEATURES", "GENERIC", "SUPPORT", "MethodSupport", "check_support", "render_table", "used_features"]
+__all__ = [
+    "FEATURES",
+    "GENERIC",
+    "SUPPORT",
+    "MethodSupport",
+    "check_strategy_support",
+    "check_support",
+    "render_table",
+    "strategy_class",
+    "used_features",
+]
 
 Feature = Literal["ddp", "fsdp", "quantized", "lora", "mixed"]
 FEATURES: dict[Feature, str] = {
@@ -119,14 +132,46 @@ def _strategy_names(strategy: Any) -> set[str]:
     return {cls.__name__ for cls in type(strategy).__mro__}
 
 
+def _strategy_feature(names: set[str]) -> Feature | None:
+    if names & _SHARDED:
+        return "fsdp"
+    return "ddp" if "DDPStrategy" in names else None
+
+
+def strategy_class(strategy: Any) -> type | None:
+    """The class a Trainer ``strategy`` setting stands for: a registry name (``"fsdp"``, ``"deepspeed_stage_3"``),
+    a class path, a ``{class_path: ...}`` mapping or a Strategy; ``None`` for ``"auto"`` or an unknown name."""
+    if strategy is None:
+        return None
+    if not isinstance(strategy, str):
+        path = strategy.get("class_path") if hasattr(strategy, "get") else None
+        if path is None:
+            return type(strategy)
+        strategy = str(path)
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if strategy in StrategyRegistry:
+        return StrategyRegistry[strategy]["strategy"]
+    if "." in strategy:
+        import importlib
+
+        module, _, name = strategy.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None
+    return None
+
+
+def _refusal(method: str, feature: Feature, strategy: str, model: str) -> str | None:
+    spec = SUPPORT.get(method, GENERIC)
+    return None if feature in spec.supports else spec.refusals[feature].format(name=method, strategy=strategy, model=model)
+
+
 def used_features(trainer: Any, model: torch.nn.Module | None = None) -> list[Feature]:
     """The features a fit uses: strategy kind, backbone kind and precision (in the order they are checked)."""
-    names = _strategy_names(getattr(trainer, "strategy", None))
-    used: list[Feature] = []
-    if names & _SHARDED:
-        used.append("fsdp")
-    elif "DDPStrategy" in names:
-        used.append("ddp")
+    strategy_feature = _strategy_feature(_strategy_names(getattr(trainer, "strategy", None)))
+    used: list[Feature] = [strategy_feature] if strategy_feature else []
     if model is not None:
         quantized = getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None
         if quantized or any(type(p).__name__ in _QUANTIZED_PARAMS for p in model.parameters()):
@@ -154,15 +199,37 @@ def check_support(method: str, trainer: Any, model: torch.nn.Module | None = Non
         model: The transformers backbone, to detect quantized and LoRA backbones.
 
     Raises:
-        ValueError: If the fit uses an unsupported feature.
+        UserError: If the fit uses an unsupported feature (a ``ValueError``).
     """
     destroy_process_group_at_exit()
-    spec = SUPPORT.get(method, GENERIC)
+    strategy = type(getattr(trainer, "strategy", None)).__name__
     for feature in used_features(trainer, model):
-        if feature not in spec.supports:
-            strategy = type(getattr(trainer, "strategy", None)).__name__
-            raise ValueError(spec.refusals[feature].format(name=method, strategy=strategy,
-                                                           model=type(model).__name__))  # fmt: skip
+        refusal = _refusal(method, feature, strategy, type(model).__name__)
+        if refusal is not None:
+            raise UserError(refusal)
+
+
+def check_strategy_support(methods: Iterable[type], strategy: Any) -> None:
+    """Refuse, before anything is built, a strategy that one of ``methods`` does not support (same sentence as
+    :func:`check_support`).
+
+    Args:
+        methods: The classes of the configured callbacks and of the LightningModule; a class counts as the declared
+            method it is or derives from (a class that derives from none is not checked here).
+        strategy: The Trainer's ``strategy`` setting, as :func:`strategy_class` reads it.
+
+    Raises:
+        UserError: If a method does not support the strategy.
+    """
+    cls = strategy_class(strategy)
+    feature = _strategy_feature({c.__name__ for c in cls.__mro__}) if cls is not None else None
+    if feature is None:
+        return
+    for method in methods:
+        declared = next((c.__name__ for c in getattr(method, "__mro__", ()) if c.__name__ in SUPPORT), None)
+        refusal = _refusal(declared, feature, cls.__name__, "the backbone") if declared else None
+        if refusal is not None:
+            raise UserError(refusal)
 
 
 def render_table() -> str:
