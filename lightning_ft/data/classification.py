@@ -9,8 +9,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_ft.assets import load_dataset_records
 from lightning_ft.data.collate import pad_right
+from lightning_ft.data.files import load_records
 from lightning_ft.data.instruction import resolve_tokenizer
 from lightning_ft.data.sampling import train_loader
 
@@ -92,7 +92,9 @@ class ClassificationDataModule(L.LightningDataModule):
         h = self.hparams
         if self.tokenizer is None:
             self.tokenizer = resolve_tokenizer(self, h.tokenizer)
-        records = load_dataset_records(h.dataset, shuffle_seed=h.split_seed)
+        records = load_records(h.dataset, shuffle_seed=h.split_seed)
+        if not records:
+            raise ValueError(f"dataset={h.dataset!r} holds no records.")
         for field, arg in ((h.text_field, "text_field"), (h.label_field, "label_field")):
             if records and field not in records[0]:
                 raise ValueError(
@@ -118,7 +120,7 @@ class ClassificationDataModule(L.LightningDataModule):
         h = self.hparams
         if h.control is None or h.control_size == 0:
             return []
-        records = load_dataset_records(h.control, shuffle_seed=h.split_seed)[: h.control_size]
+        records = load_records(h.control, argument="control", shuffle_seed=h.split_seed)[: h.control_size]
         tok = self.tokenizer
         return [{"input_ids": tok(str(r[h.control_field]), truncation=True, max_length=h.max_length)["input_ids"]} for r in records]
 

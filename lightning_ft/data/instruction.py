@@ -8,8 +8,6 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lightning_ft.assets import load_dataset_records
-from lightning_ft.data.sampling import train_loader
 from lightning_ft.data.collate import (
     ChoiceCollator,
     LMCollator,
@@ -18,6 +16,8 @@ from lightning_ft.data.collate import (
     encode_prompt,
     render,
 )
+from lightning_ft.data.files import load_records
+from lightning_ft.data.sampling import train_loader
 
 __all__ = ["InstructionDataModule", "resolve_tokenizer"]
 
@@ -144,12 +144,14 @@ class InstructionDataModule(L.LightningDataModule):
 
     def _load_splits(self) -> dict[str, list[dict[str, Any]]]:
         h = self.hparams
-        records = load_dataset_records(h.dataset, shuffle_seed=h.split_seed)
+        records = load_records(h.dataset, shuffle_seed=h.split_seed)
         if not records:
             raise ValueError(f"dataset={h.dataset!r} holds no records.")
         self._check_fields(records[0], h.dataset)
         if h.val_dataset is not None:
-            val = load_dataset_records(h.val_dataset, shuffle_seed=h.split_seed)[: h.val_size or None]
+            val = load_records(h.val_dataset, argument="val_dataset", shuffle_seed=h.split_seed)[: h.val_size or None]
+            if not val:
+                raise ValueError(f"val_dataset={h.val_dataset!r} holds no records (or val_size is 0).")
             self._check_fields(val[0], h.val_dataset)
             rest = records
         else:
@@ -221,7 +223,7 @@ class InstructionDataModule(L.LightningDataModule):
         h = self.hparams
         if h.control is None or h.control_size == 0:
             return []
-        records = load_dataset_records(h.control, shuffle_seed=h.split_seed)[: h.control_size]
+        records = load_records(h.control, argument="control", shuffle_seed=h.split_seed)[: h.control_size]
         if records and h.control_field not in records[0]:
             raise ValueError(
                 f"control_field={h.control_field!r} is not a column of control={h.control!r} "
