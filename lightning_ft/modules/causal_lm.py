@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,13 +15,85 @@ import torch
 from torch import nn
 
 from lightning_ft.data.collate import IGNORE_INDEX
+from lightning_ft.errors import UserError
 from lightning_ft.modules.backbone import export_path, is_peft_model, load_backbone, save_pretrained_atomic
 from lightning_ft.modules.metrics import EvalMetrics, aligned_nll, option_logprobs, weighted_lm_loss
 from lightning_ft.strategies.process_group import destroy_process_group_at_exit
 
-__all__ = ["CausalLMModule", "build_optimizer"]
+__all__ = ["CHECKPOINT_KEY", "CausalLMModule", "build_optimizer", "check_checkpoint", "checkpoint_mismatch"]
 
 Schedule = Literal["linear", "cosine", "constant"]
+CHECKPOINT_KEY = "lightning_ft"  # our modules record their class here (``{"module": "<module>.<class>"}``)
+_SHAPING_ARGS = ("model", "peft", "quantization")  # the arguments that decide which tensors a checkpoint holds
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _import_class(path: str) -> type | None:
+    module, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if isinstance(found, type) else None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and Path(a).expanduser().exists() and Path(b).expanduser().exists():
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return False
+
+
+def checkpoint_mismatch(
+    checkpoint: Mapping[str, Any], module_class: type, init_args: Mapping[str, Any] | None = None
+) -> tuple[str, str] | None:
+    """Why ``checkpoint`` cannot be loaded into ``module_class`` (built with ``init_args``), or ``None``.
+
+    The checkpoint's module class (recorded by our modules under :data:`CHECKPOINT_KEY`, or by LightningCLI as
+    ``hyper_parameters["_class_path"]``) must be ``module_class``, a subclass or a base of it; with ``init_args``,
+    the arguments that decide the weights (``model``, ``peft``, ``quantization``) must be equal where both give them.
+
+    Returns:
+        ``(what the checkpoint is, what it is loaded into)``, e.g. ``("SequenceClassificationModule",
+        "CausalLMModule")`` or ``("model='a'", "model='b'")``.
+    """
+    hparams = checkpoint.get("hyper_parameters") or {}
+    stored = (checkpoint.get(CHECKPOINT_KEY) or {}).get("module") or hparams.get("_class_path")
+    if stored and stored != _class_path(module_class):
+        other = _import_class(str(stored))
+        if other is None or not (issubclass(other, module_class) or issubclass(module_class, other)):
+            return str(stored).rpartition(".")[2], module_class.__name__
+    for key in _SHAPING_ARGS if init_args is not None else ():
+        if key in hparams and key in init_args and not _same_value(hparams[key], init_args[key]):
+            return f"{key}={hparams[key]!r}", f"{key}={init_args[key]!r}"
+    return None
+
+
+def check_checkpoint(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Refuse, in ``on_load_checkpoint``, a checkpoint of another module class or of a differently shaped model.
+
+    Raises:
+        UserError: Naming both classes, or the first tensor whose shape differs and both models.
+    """
+    mismatch = checkpoint_mismatch(checkpoint, type(module))
+    if mismatch is not None:
+        raise UserError(
+            f"the checkpoint was written by {mismatch[0]}, but it is being loaded into {mismatch[1]}: load it into a "
+            f"{mismatch[0]}, or pass a checkpoint of a {mismatch[1]} run."
+        )
+    own = module.state_dict()
+    for key, tensor in (checkpoint.get("state_dict") or {}).items():
+        if key in own and hasattr(tensor, "shape") and tuple(tensor.shape) != tuple(own[key].shape):
+            trained = (checkpoint.get("hyper_parameters") or {}).get("model")
+            raise UserError(
+                f"the checkpoint's {key} has shape {list(tensor.shape)} but this module's has {list(own[key].shape)} "
+                f"(the checkpoint was trained with model={trained!r}, this module loads "
+                f"model={module.hparams.get('model')!r}): build the module with the model the checkpoint was trained with."
+            )
 
 
 def build_optimizer(
@@ -235,9 +309,13 @@ class CausalLMModule(L.LightningModule):
         return build_optimizer(self, h.learning_rate, h.weight_decay, h.warmup_steps, h.schedule)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"module": _class_path(type(self))}
         if is_peft_model(self.backbone):
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint(self, checkpoint)
 
     def output_path(self) -> Path | None:
         """Where ``on_fit_end`` saves the HF model, or ``None`` when saving is disabled."""

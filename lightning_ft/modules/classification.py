@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from lightning_ft.modules.backbone import export_path, is_peft_model, load_backbone, save_pretrained_atomic
-from lightning_ft.modules.causal_lm import Schedule, _to_device, build_optimizer
+from lightning_ft.modules.causal_lm import (
+    CHECKPOINT_KEY,
+    Schedule,
+    _class_path,
+    _to_device,
+    build_optimizer,
+    check_checkpoint,
+)
 from lightning_ft.modules.metrics import EvalMetrics
 from lightning_ft.strategies.process_group import destroy_process_group_at_exit
 
@@ -153,6 +160,12 @@ class SequenceClassificationModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         h = self.hparams
         return build_optimizer(self, h.learning_rate, h.weight_decay, h.warmup_steps, h.schedule)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"module": _class_path(type(self))}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint(self, checkpoint)
 
     def on_fit_end(self) -> None:
         path = export_path(self.hparams.output_dir, self.trainer, "hf_model")

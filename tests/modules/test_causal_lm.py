@@ -209,3 +209,33 @@ def test_atomic_dir_replaces_only_a_completed_folder(tmp_path: Path) -> None:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+
+
+def test_a_checkpoint_of_another_module_or_shape_is_refused_in_one_sentence(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_ft.errors import UserError
+
+    module = CausalLMModule(model=str(tiny_llama_dir), warmup_steps=0, output_dir="")
+    trainer = make_trainer(tmp_path, 1, enable_checkpointing=True,
+                           callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])  # fmt: skip
+    trainer.fit(module, _data(train_size=4))
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["lightning_ft"] == {"module": "lightning_ft.modules.causal_lm.CausalLMModule"}
+
+    checkpoint["lightning_ft"] = {"module": "lightning_ft.modules.classification.SequenceClassificationModule"}
+    torch.save(checkpoint, tmp_path / "classifier.ckpt")
+    fresh = CausalLMModule(model=str(tiny_llama_dir), warmup_steps=0, output_dir="")
+    with pytest.raises(UserError) as err:  # Lightning calls on_load_checkpoint before it loads any weight
+        make_trainer(tmp_path, 2).fit(fresh, _data(train_size=4), ckpt_path=str(tmp_path / "classifier.ckpt"))
+    assert str(err.value) == (
+        "the checkpoint was written by SequenceClassificationModule, but it is being loaded into CausalLMModule: "
+        "load it into a SequenceClassificationModule, or pass a checkpoint of a CausalLMModule run."
+    )
+
+    checkpoint["lightning_ft"] = {"module": "lightning_ft.modules.causal_lm.CausalLMModule"}
+    key = "backbone.model.embed_tokens.weight"
+    checkpoint["state_dict"][key] = checkpoint["state_dict"][key][:, :16]
+    with pytest.raises(UserError, match=rf"^the checkpoint's {key} has shape \[320, 16\] but this module's has "
+                                        r"\[320, 32\] \(the checkpoint was trained with model='.*tiny-llama', this "):
+        fresh.on_load_checkpoint(checkpoint)
