@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_ft.data.collate import pad_right
-from lightning_ft.data.files import load_records
+from lightning_ft.data.files import load_records, record_field
 from lightning_ft.data.instruction import resolve_tokenizer
 from lightning_ft.data.sampling import train_loader
 
@@ -102,7 +102,7 @@ class ClassificationDataModule(L.LightningDataModule):
                     f"set {arg} to the right column."
                 )
         if not self.labels:
-            self.labels = sorted({str(r[h.label_field]) for r in records})
+            self.labels = sorted({str(record_field(r, h.label_field, "label_field", h.dataset)) for r in records})
         val, rest = records[: h.val_size], records[h.val_size :]
         test, train = rest[: h.test_size], rest[h.test_size :]
         train = train[: h.train_size] if h.train_size is not None else train
@@ -110,10 +110,12 @@ class ClassificationDataModule(L.LightningDataModule):
         self._encoded["control"] = self._encode_control()
 
     def _encode(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        label = str(record[self.hparams.label_field])
+        h = self.hparams
+        label = str(record_field(record, h.label_field, "label_field", h.dataset))
         if label not in self.labels:
             raise ValueError(f"label {label!r} is not among labels={self.labels}: list every class value in labels.")
-        ids = self.tokenizer(str(record[self.hparams.text_field]), truncation=True, max_length=self.hparams.max_length)
+        text = str(record_field(record, h.text_field, "text_field", h.dataset))
+        ids = self.tokenizer(text, truncation=True, max_length=h.max_length)
         return {"input_ids": ids["input_ids"], "label": self.labels.index(label)}
 
     def _encode_control(self) -> list[dict[str, Any]]:

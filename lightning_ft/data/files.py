@@ -13,13 +13,14 @@ import gzip
 import io
 import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lightning_ft.assets import BUNDLED_DATASETS, load_dataset_records
 from lightning_ft.errors import UserError
 
-__all__ = ["DATA_FILE_TYPES", "load_records", "read_records"]
+__all__ = ["DATA_FILE_TYPES", "load_records", "read_records", "record_field"]
 
 Record = dict[str, Any]
 DATA_FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -51,6 +52,16 @@ def load_records(source: str, *, argument: str = "dataset", shuffle_seed: int | 
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(records)
     return records
+
+
+def record_field(record: Mapping[str, Any], name: str, argument: str, source: str) -> Any:
+    """``record[name]``, or one sentence naming the argument when a record of ``source`` lacks the field."""
+    if name not in record:
+        raise UserError(
+            f"a record of {source!r} has no {name!r} field (its fields are {sorted(record)}): give every record a "
+            f"{name!r}, or set {argument} to a field they all have."
+        )
+    return record[name]
 
 
 def read_records(path: Path, argument: str = "dataset") -> list[Record]:

@@ -16,7 +16,7 @@ from lightning_ft.data.collate import (
     encode_prompt,
     render,
 )
-from lightning_ft.data.files import load_records
+from lightning_ft.data.files import load_records, record_field
 from lightning_ft.data.sampling import train_loader
 
 __all__ = ["InstructionDataModule", "resolve_tokenizer"]
@@ -201,7 +201,7 @@ class InstructionDataModule(L.LightningDataModule):
         h = self.hparams
         if not h.label_options:
             return self._encode_train(record)
-        label = str(record[h.label_field])
+        label = str(record_field(record, h.label_field, "label_field", h.dataset))
         if label not in h.label_options:
             raise ValueError(
                 f"label {label!r} in column {h.label_field!r} is not among label_options={list(h.label_options)}: "

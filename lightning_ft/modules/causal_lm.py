@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_ft.assets import BUNDLED_MODELS
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.errors import UserError
 from lightning_ft.modules.backbone import export_path, is_peft_model, load_backbone, save_pretrained_atomic
@@ -191,6 +192,12 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"learning_rate={learning_rate} must be positive.")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be zero or positive.")
+        if model in BUNDLED_MODELS and BUNDLED_MODELS[model].kind != "causal-lm":
+            raise UserError(
+                f"model={model!r} is an encoder, not a causal language model: fine-tune it with "
+                "SequenceClassificationModule (configs/classification.yaml), or give CausalLMModule a causal LM such "
+                "as smollm2-135m."
+            )
         from transformers import AutoModelForCausalLM
 
         self.backbone, self.tokenizer = load_backbone(

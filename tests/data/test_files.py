@@ -88,3 +88,18 @@ def test_a_missing_file_or_a_folder_names_the_argument(tmp_path: Path) -> None:
         load_records(str(tmp_path / "nowhere.jsonl"), argument="control")
     with pytest.raises(UserError, match=r"^dataset='.*' is a folder: pass the path of a \.jsonl/\.json/\.csv/\.tsv/"):
         load_records(str(tmp_path))
+
+
+def test_a_record_without_the_label_field_names_the_argument(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    from lightning_ft.data import ClassificationDataModule
+
+    rows = [{"text": f"review {i}", "label": "positive"} for i in range(6)] + [{"text": "no label"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ClassificationDataModule(dataset=str(tmp_path / "d.jsonl"), val_size=2, test_size=0, control=None,
+                                    tokenizer=str(tiny_tokenizer_dir))  # fmt: skip
+    with pytest.raises(UserError) as err:
+        data.setup("fit")
+    assert str(err.value) == (
+        f"a record of {str(tmp_path / 'd.jsonl')!r} has no 'label' field (its fields are ['text']): give every record "
+        "a 'label', or set label_field to a field they all have."
+    )
