@@ -45,6 +45,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 RUN_OUTPUTS = ("checkpoints", "hf_model", "report.json", "predictions.jsonl")
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 _WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pth")
+_SHARDED_MARKERS = ("meta.pt", ".metadata", "latest", "checkpoint")  # FSDP and DeepSpeed checkpoint folders
 
 
 def wandb_mode() -> str:
@@ -187,7 +188,13 @@ def _cli_class() -> type:
                         f"--ckpt_path {ckpt_path} is a Hugging Face model folder, not a Lightning checkpoint: load it "
                         f"with --model.init_args.model {ckpt_path} ({usage})."
                     )
-                return  # a sharded (FSDP / DeepSpeed) checkpoint folder
+                if any((path / marker).exists() for marker in _SHARDED_MARKERS):
+                    return  # a sharded (FSDP / DeepSpeed) checkpoint folder
+                inside = [*path.glob("*.ckpt"), *path.glob("*/*.ckpt"), *path.glob("*/*/*.ckpt")]
+                last = [p for p in inside if p.name == "last.ckpt"]
+                example = min(last or inside, key=lambda p: len(p.parts)) if inside else None
+                raise UserError(f"--ckpt_path {ckpt_path} is a folder, not a checkpoint: "
+                                + (f"give a .ckpt file in it, e.g. {example}." if example else f"{usage}."))  # fmt: skip
             if path.suffix in _WEIGHT_FILES:
                 raise UserError(
                     f"--ckpt_path {ckpt_path} is a weights file, not a Lightning checkpoint: load the model folder "

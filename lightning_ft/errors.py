@@ -9,8 +9,9 @@ What counts as a user's mistake (:func:`is_user_error`):
 
 * :class:`UserError` (and :class:`UsageError`), raised wherever a sentence is written for the user;
 * a ``ValueError``, ``TypeError``, ``KeyError``, ``ImportError`` or ``FileNotFoundError`` raised by a ``raise``
-  statement of lightning-ft, Lightning or jsonargparse (they check their arguments with one-sentence errors);
-  the same types raised by Python itself inside our code (``int("x")``, a bad unpacking) are bugs;
+  statement of lightning-ft, Lightning, jsonargparse, transformers or peft (they check the values a config hands
+  them: trainer settings, model folders, peft and generation arguments); the same types raised by Python itself
+  (``int("x")``, a bad unpacking) are bugs;
 * Lightning's ``MisconfigurationException`` and a missing bundled asset;
 * a file-system refusal (no such file, permission denied, is a folder, disk full, read-only).
 
@@ -57,7 +58,7 @@ BUG_SENTENCE = "this is a bug in lightning-ft, not a mistake in your input: plea
 
 _PACKAGE = Path(__file__).resolve().parent
 # libraries whose explicit ValueError/TypeError/... are argument checks written for the user
-_CHECKING_PACKAGES = ("lightning_ft", "lightning", "jsonargparse")
+_CHECKING_PACKAGES = ("lightning_ft", "lightning", "jsonargparse", "transformers", "peft")
 _CHECK_TYPES = (ValueError, TypeError, KeyError, ImportError, FileNotFoundError)
 _FS_ERRNOS = frozenset(
     {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EROFS,
@@ -327,7 +328,11 @@ def _leaf(text: str, children: list[_Node], key: str, cls: str | None, classes: 
         options = sorted(n for n, c in classes.items() if n != base and base in (k.__name__ for k in c.__mro__))
         closest = did_you_mean(path.rpartition(".")[2], options)
         example = closest if closest != "." else f": name one, e.g. {', '.join(options[:3])}." if options else "."
-        return 0, f"{where}: {path} is not a {base}{example}"
+        return 1, f"{where}: {path} is not a {base}{example}"  # rank 1: another type of a union may say more
+    if match := re.match(r"the following arguments are required: (.+)$", text):
+        names = [n.strip() for n in match[1].split(",")]
+        owner = f"{cls.rpartition('.')[2]} needs" if cls else "needs"
+        return 0, f"{where}: {owner} {', '.join(names)}: give {_join(key, names[0], cls)}."
     if (match := re.match(r"Option '([^']+)' is not accepted", text)) and cls:
         found = import_class(cls, classes)
         names = list(inspect.signature(found).parameters) if found is not None else []
@@ -338,6 +343,9 @@ def _leaf(text: str, children: list[_Node], key: str, cls: str | None, classes: 
         if literal := re.fullmatch(r"typing\.Literal\[(.*)\]", kind):
             return _Expect(key, None, [c.strip() for c in literal[1].split(",")], value, given)
         return _Expect(key, kind, [], value, given)
+    if match := re.match(r"Path is not a file: (.+)$", text):
+        path = match[1].strip().strip("'")
+        return 0, f"--config {path} is a folder: give a YAML file." if where == "config" else f"{where}: {path} is a folder."
     if match := re.match(r"File does not exist: (.+)$", text):
         path = match[1].strip().strip("'")
         return 0, f"--config {path} does not exist." if where == "config" else f"{where}: {path} does not exist."

@@ -70,6 +70,9 @@ def ws(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
                                                         "model": str(root / "another-model")}}, root / "other.ckpt")  # fmt: skip
     torch.save({"weights": torch.zeros(2)}, root / "plain.ckpt")
     (root / "notes.ckpt").write_text("not a checkpoint")
+    (root / "old-run" / "checkpoints").mkdir(parents=True)
+    for name in ("epoch=0-step=9.ckpt", "last.ckpt"):
+        (root / "old-run" / "checkpoints" / name).write_bytes(b"")
     return root
 
 
@@ -85,6 +88,7 @@ ROWS: list[tuple[str, list[str], int, str]] = [
                                                                  "options (trainer:, model:, data:, ...), not a list."),
     ("config-binary", ["fit", "--config", f"{ROOT}/binary.yaml"], 2, "--config {ws}/binary.yaml is not a readable "
                                                                      "text file."),
+    ("config-folder", ["fit", "--config", ROOT], 2, "--config {ws} is a folder: give a YAML file."),
     ("option-typo", ["fit", *BASE, "--trainer.max_stepz", "3"], 2,
      "--trainer.max_stepz is not an option of lightning-ft fit: did you mean --trainer.max_steps?"),
     ("config-key-typo", ["fit", *BASE, "--config", f"{ROOT}/typo_key.yaml"], 2,
@@ -122,6 +126,8 @@ ROWS: list[tuple[str, list[str], int, str]] = [
      "text in quotes."),
     ("peft-not-a-mapping", ["fit", *BASE, "--config", f"{ROOT}/peft_list.yaml"], 2,
      "model.init_args.peft must be a mapping (got [8, 16])."),
+    ("scheduler-argument-missing", ["fit", *BASE, "--lr_scheduler", "StepLR"], 2,
+     "lr_scheduler: StepLR needs step_size: give lr_scheduler.init_args.step_size."),
     # ---- values our constructors and Lightning refuse (exit 1)
     ("negative-learning-rate", ["fit", *BASE, "--model.init_args.learning_rate", "-1"], 1,
      "learning_rate=-1.0 must be positive."),
@@ -134,6 +140,8 @@ ROWS: list[tuple[str, list[str], int, str]] = [
                                                       "arguments per task."),
     ("model-missing", ["fit", *BASE, "--model.init_args.model", f"{ROOT}/no-model"], 1,
      "model='{ws}/no-model' is neither a bundled alias (minilm-l6, smollm2-135m) nor a local folder"),
+    ("encoder-as-causal-lm", ["fit", *BASE, "--model.init_args.model", "minilm-l6"], 1,
+     "model='minilm-l6' is an encoder, not a causal language model: fine-tune it with SequenceClassificationModule"),
     ("quantization-without-peft", ["fit", *BASE, "--model.init_args.quantization", "nf4"], 1,
      "quantization='nf4' freezes the backbone in 4/8 bit, so nothing would train: also set peft"),
     ("wandb-mode", ["fit", *BASE, "--wandb", "sometimes"], 1, "--wandb sometimes is not a W&B mode: use auto, online, "
@@ -157,6 +165,9 @@ ROWS: list[tuple[str, list[str], int, str]] = [
     ("ckpt-hf-folder", ["fit", *BASE, "--ckpt_path", "{model}"], 1,
      "--ckpt_path {model} is a Hugging Face model folder, not a Lightning checkpoint: load it with "
      "--model.init_args.model {model}"),
+    ("ckpt-run-folder", ["fit", *BASE, "--ckpt_path", f"{ROOT}/old-run"], 1,
+     "--ckpt_path {ws}/old-run is a folder, not a checkpoint: give a .ckpt file in it, e.g. "
+     "{ws}/old-run/checkpoints/last.ckpt."),
     ("ckpt-unreadable", ["test", *BASE, "--ckpt_path", f"{ROOT}/notes.ckpt"], 1,
      "--ckpt_path {ws}/notes.ckpt is not a Lightning checkpoint (torch.load cannot read it)"),
     ("ckpt-no-state", ["fit", *BASE, "--ckpt_path", f"{ROOT}/plain.ckpt"], 1,
@@ -217,7 +228,8 @@ def test_a_run_folder_is_never_written_over_and_ckpt_path_continues_it(
     ws: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = yaml.safe_load((ws / "base.yaml").read_text())
-    config["trainer"].update(default_root_dir=str(tmp_path / "runs"), max_steps=2, log_every_n_steps=1)
+    config["trainer"].update(default_root_dir=str(tmp_path / "runs"), max_steps=2, log_every_n_steps=1,
+                             limit_val_batches=1)  # checkpoints are then saved after validation  # fmt: skip
     config["model"]["init_args"]["output_dir"] = None  # export runs/first/hf_model
     _write_yaml(tmp_path / "run.yaml", config)
     fit = ["fit", "--config", str(tmp_path / "run.yaml"), "--run_name", "first"]
@@ -246,7 +258,7 @@ def test_a_run_folder_is_never_written_over_and_ckpt_path_continues_it(
     assert checkpoints == ["epoch=1-step=4.ckpt", "last.ckpt"], checkpoints  # no last-v1.ckpt beside a stale link
     assert os.readlink(run / "checkpoints" / "last.ckpt") == "epoch=1-step=4.ckpt"
     steps = [json.loads(row.split(",")[1]) for row in (run / "csv" / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps[:2] == [0, 1] and steps[-1] == 3, steps  # the first part's metrics are kept
+    assert steps[:3] == [0, 1, 1] and min(steps[3:]) > 1, steps  # the first part's rows (train 0, 1, val 1) are kept
 
 
 def test_debug_flag_and_environment_show_the_traceback(
