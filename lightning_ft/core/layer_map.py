@@ -408,7 +408,8 @@ def find_transformer(module: torch.nn.Module, attr: str | None = None) -> torch.
     Args:
         module: Any ``nn.Module``, e.g. a LightningModule holding the model.
         attr: Dotted attribute path to the model; when omitted, the outermost
-            submodule that is a ``PeftModel`` or ``PreTrainedModel``.
+            submodule that is a ``PeftModel`` or ``PreTrainedModel`` (a module that builds its
+            model lazily is asked to build it first through its ``materialize()`` method).
 
     Returns:
         The model.
@@ -434,6 +435,12 @@ def find_transformer(module: torch.nn.Module, attr: str | None = None) -> torch.
     for sub in module.modules():
         if _is_transformer(sub):
             return sub
+    materialize = getattr(module, "materialize", None)  # a module that builds its model lazily (in setup)
+    if callable(materialize):
+        materialize()
+        found = next((sub for sub in module.modules() if _is_transformer(sub)), None)
+        if found is not None:
+            return found
     raise ValueError(
         f"No transformers PreTrainedModel or peft PeftModel found inside {type(module).__name__}; "
         "pass `module=` the dotted attribute path to the model."

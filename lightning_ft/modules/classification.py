@@ -82,14 +82,25 @@ class SequenceClassificationModule(L.LightningModule):
         self.backbone.train()
         self.hparams.num_labels = num_labels
 
+    def materialize(self) -> None:
+        """Build the backbone now if it waits for the DataModule's ``num_labels``.
+
+        Lightning runs the callbacks' ``setup`` before the module's, after the DataModule's; a callback that
+        needs the model then (LiNeS, HFT, sparse fine-tuning, ...) gets it through
+        :func:`~lightning_ft.core.layer_map.find_transformer`, which calls this.
+        """
+        if self.backbone is not None:
+            return
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        n = getattr(datamodule, "num_labels", 0) if datamodule is not None else 0
+        if not n:
+            raise ValueError("num_labels is unknown: pass num_labels= or a DataModule with `num_labels`.")
+        self._build(n)
+
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if self.backbone is None:
-            n = getattr(datamodule, "num_labels", 0) if datamodule is not None else 0
-            if not n:
-                raise ValueError("num_labels is unknown: pass num_labels= or a DataModule with `num_labels`.")
-            self._build(n)
+        self.materialize()
         control = getattr(datamodule, "control_dataloader", lambda: None)() if datamodule is not None else None
         if control is not None and not self._reference:
             self._reference = [self._embed(_to_device(b, self.device)).cpu() for b in control]

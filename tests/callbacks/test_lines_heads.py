@@ -85,3 +85,14 @@ def test_without_a_weights_file_nothing_is_new_and_a_warning_says_so(tiny_llama_
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llama_dir))  # built in code
     with pytest.warns(UserWarning, match="cannot tell newly initialised heads"):
         assert newly_initialised(model, PretrainedSnapshot.of(model, storage="memory")) == frozenset()
+
+
+def test_callbacks_find_a_classification_model_built_from_the_datamodule(tmp_path: Path) -> None:
+    """Without num_labels the module builds its model from the DataModule, which Lightning sets up after the
+    callbacks' setup; the callbacks ask it to build first (it used to fail with 'No transformers model found')."""
+    module = SequenceClassificationModule(model="minilm-l6", learning_rate=1e-3, warmup_steps=0, output_dir="")
+    assert module.backbone is None
+    lines = LiNeS(alpha=0.3)
+    dm = ClassificationDataModule(train_size=8, val_size=4, test_size=0, control_size=0, batch_size=4, max_length=16)
+    make_trainer(tmp_path, 1, callbacks=[lines]).fit(module, dm)
+    assert module.backbone.config.num_labels == 2 and lines.new_tensors == {"classifier.weight", "classifier.bias"}
