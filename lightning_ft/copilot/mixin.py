@@ -623,9 +623,12 @@ class CopilotMixin:
         trainer.strategy.barrier("lightning_ft.save_copilot")
 
     def _record_lambda_in_last_checkpoint(self, trainer: Any) -> None:
-        """The last checkpoint was written before ``lambda`` was chosen: put the choice into it (atomically), so that
-        ``validate``/``predict --ckpt_path last.ckpt`` decode with it."""
-        import os
+        """The last checkpoint was written before ``lambda`` was chosen: put the choice into it, so that
+        ``validate``/``predict --ckpt_path last.ckpt`` decode with it.
+
+        Written through :func:`lightning_ft.core.io.atomic_file`: a failed write leaves the checkpoint whole, and a
+        ``last.ckpt`` link (``save_last="link"``) stays a link to the rewritten checkpoint."""
+        from lightning_ft.core.io import atomic_file
 
         callback = trainer.checkpoint_callback
         last = Path(getattr(callback, "last_model_path", "") or "")
@@ -635,9 +638,8 @@ class CopilotMixin:
                                      "lambda_sweep": self.lambda_sweep}  # fmt: skip
             if "copilot_lambda_value" in checkpoint.get("state_dict", {}):
                 checkpoint["state_dict"]["copilot_lambda_value"] = self.copilot_lambda_value.detach().cpu().clone()  # type: ignore[attr-defined]
-            tmp = last.with_name(f".{last.name}.tmp")
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, last)
+            with atomic_file(last) as tmp:
+                torch.save(checkpoint, tmp)
         trainer.strategy.barrier("lightning_ft.copilot_lambda")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

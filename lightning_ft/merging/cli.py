@@ -7,6 +7,12 @@
     lightning-ft compress --base smollm2-135m --model runs/a/hf_model --density 0.1 --output a.compeft.safetensors
     lightning-ft decompress --base smollm2-135m --artifact a.compeft.safetensors --output a_restored/
     lightning-ft sparse-apply --base smollm2-135m --sft lang.safetensors task.safetensors --output composed/
+
+Nothing is lost: an ``--output`` that is, holds or sits inside an input is refused, and so is an existing non-empty
+one unless ``--overwrite`` is given; every output is written to a temporary sibling and renamed into place at the
+end (:mod:`lightning_ft.core.io`), so a failed write leaves a previous output whole. A mistake is answered with
+``lightning-ft <command>: error: <sentence>`` (exit 2 for the command line, 1 otherwise; see
+:mod:`lightning_ft.errors`).
 """
 
 from __future__ import annotations
@@ -14,16 +20,20 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 import yaml
 
-from lightning_ft.merging.compeft import compress
+from lightning_ft.core.io import check_output
+from lightning_ft.errors import UsageError, UserError, did_you_mean
+from lightning_ft.merging.compeft import compress, is_compeft_artifact
 from lightning_ft.merging.engine import MergePlan, ScoreFn, merge, parse_dtype, save_hf_folder
 from lightning_ft.merging.registry import MERGE_METHODS, get_method
+from lightning_ft.merging.sources import resolve_path
 
 __all__ = ["build_score", "main"]
 
@@ -54,6 +64,47 @@ recipes: our keys (base, models: [path | {path, parameters}], method, parameters
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser that answers a command-line mistake with one sentence (a :class:`UsageError`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.sentence(message), self.usage_line())
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """Parse, naming a misspelt option first (argparse would report the required option it hides instead)."""
+        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        for arg in args or []:
+            option = arg.split("=", 1)[0]
+            if option.startswith("--") and option != "--" and not any(o.startswith(option) for o in options):
+                self.error(f"unrecognized arguments: {option}")
+        return super().parse_args(args, namespace)
+
+    def usage_line(self) -> str:
+        """The usage text on one line (shown above the sentence)."""
+        return " ".join(self.format_usage().split())
+
+    def sentence(self, message: str) -> str:
+        """argparse's message as one sentence, with a suggestion for a misspelt option or choice."""
+        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        if match := re.match(r"unrecognized arguments: (\S+)", message):
+            option = match[1].split("=", 1)[0]
+            return f"{option} is not an option of {self.prog}{did_you_mean(option, options)}"
+        if match := re.match(r"argument ([^:]+): invalid choice: '?([^']*?)'? \(choose from (.*)\)$", message):
+            option, value = match[1].split("/")[-1], match[2]
+            choices = [c.strip().strip("'") for c in match[3].split(",")]
+            return f"{option} must be one of {', '.join(choices)} (got {value}){did_you_mean(value, choices)}"
+        if match := re.match(r"argument ([^:]+): invalid (int|float) value: '(.*)'$", message):
+            kind = "an integer" if match[2] == "int" else "a number"
+            return f"{match[1].split('/')[-1]} must be {kind} (got {match[3]})."
+        if match := re.match(r"argument ([^:]+): expected (?:one|at least one) argument", message):
+            return f"{match[1].split('/')[-1]} needs a value."
+        if match := re.match(r"the following arguments are required: (.*)$", message):
+            names = match[1].split(", ")
+            listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+            return f"{listed} {'is' if len(names) == 1 else 'are'} required: see {self.prog} --help."
+        return message.rstrip(".") + "."
+
+
 def _methods_epilog() -> str:
     rows = []
     for m in MERGE_METHODS.values():
@@ -64,8 +115,8 @@ def _methods_epilog() -> str:
     return "merge methods:\n" + "\n".join(rows) + "\n\n" + _SEMANTICS
 
 
-def _merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _merge_parser() -> _Parser:
+    p = _Parser(
         prog="lightning-ft merge",
         description="Merge a base model and N fine-tuned results (HF folders, Lightning .ckpt, LoRA adapter folders, "
         "ComPEFT artifacts) into one HF-loadable folder with a short report (merge_report.md). Runs mergekit recipes "
@@ -86,11 +137,12 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--non-block-scale", choices=["alpha", "one", "last"], help="LiNeS factor outside the blocks")
     p.add_argument("--metric", help="eval metric to maximise (default target_acc; *_loss/*_ppl are minimised)")
     p.add_argument("--output", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (never an input)")
     return p
 
 
-def _compress_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _compress_parser() -> _Parser:
+    p = _Parser(
         prog="lightning-ft compress",
         description="ComPEFT: keep the top-k magnitudes of a task vector, LoRA adapter (A and B) or ComPEFT-able "
         "update, ternarise them with one scale per tensor (alpha * std of the update), and store signs and "
@@ -103,17 +155,19 @@ def _compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="scale multiplier of std(tau) (default 1.0)")
     p.add_argument("--scope", choices=["global", "tensor"], default="global", help="top-k and std over the whole "
                    "update (official, default) or per tensor")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (never an input)")
     return p
 
 
-def _decompress_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _decompress_parser() -> _Parser:
+    p = _Parser(
         prog="lightning-ft decompress",
         description="Apply a ComPEFT artifact back to its base and save an HF-loadable folder.",
     )
     p.add_argument("--base", required=True, help="the pretrained model: HF folder or bundled alias")
     p.add_argument("--artifact", required=True, help="the .safetensors artifact written by `compress`")
     p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (never an input)")
     return p
 
 
@@ -136,14 +190,14 @@ def _refuse_unknown(keys: Any, valid: Sequence[str], where: str) -> None:
         if key not in valid:
             close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys are {sorted(valid)}."
-            raise ValueError(f"{where} has no key {key!r}: {hint}")
+            raise UserError(f"{where} has no key {key!r}: {hint}")
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a mapping of names to values, not {value!r}.")
+        raise UserError(f"{where} must be a mapping of names to values, not {value!r}.")
     return dict(value)
 
 
@@ -155,11 +209,11 @@ def _canonical(raw: dict[str, Any]) -> dict[str, Any]:
         name = _MERGEKIT_KEYS.get(key, key)
         if name in recipe and recipe[name] != value:
             theirs = next(k for k in raw if k != name and _MERGEKIT_KEYS.get(k) == name)
-            raise ValueError(f"The recipe sets both {name!r} and {theirs!r} (mergekit's name for it): keep one.")
+            raise UserError(f"The recipe sets both {name!r} and {theirs!r} (mergekit's name for it): keep one.")
         recipe[name] = value
     source = recipe.pop("tokenizer_source", "base")
     if source != "base":
-        raise ValueError(
+        raise UserError(
             f"tokenizer_source={source!r}: the merged folder always takes the base's tokenizer; use 'base'."
         )
     return recipe
@@ -172,7 +226,7 @@ def _model_entry(entry: Any, index: int) -> tuple[str, dict[str, Any]]:
     where = f"Model {index + 1} of the recipe"
     _refuse_unknown(entry, _MODEL_KEYS, where)
     if ("path" in entry) == ("model" in entry):
-        raise ValueError(f"{where} needs exactly one of `path` or `model` (mergekit's name) naming the fine-tune.")
+        raise UserError(f"{where} needs exactly one of `path` or `model` (mergekit's name) naming the fine-tune.")
     return str(entry.get("path", entry.get("model"))), _mapping(entry.get("parameters"), f"{where}'s `parameters`")
 
 
@@ -188,7 +242,7 @@ def _linear_base(recipe: dict[str, Any], mergekit_base: bool) -> None:
     if not mergekit_base or any(_same_path(recipe["base"], m) for m in recipe["models"]):
         return
     if "weight" not in recipe["parameters"]:
-        raise ValueError(
+        raise UserError(
             "mergekit's linear averages base_model as one more ingredient and needs its weight: list it under "
             "`models` with `parameters: {weight: ...}`, give a top-level `parameters: {weight: ...}`, or name it "
             "`base:` to use it only as the reference folder."
@@ -197,8 +251,26 @@ def _linear_base(recipe: dict[str, Any], mergekit_base: bool) -> None:
     recipe["model_params"].append({})
 
 
+def _read_recipe(config: str) -> Any:
+    """The parsed ``--config`` file; a missing, unreadable or invalid file is one sentence."""
+    path, usage = Path(config).expanduser(), _merge_parser().usage_line()
+    if not path.exists():
+        raise UsageError(f"--config {config} does not exist.", usage)
+    if path.is_dir():
+        raise UsageError(f"--config {config} is a folder: give a merge recipe YAML file.", usage)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"--config {config} is not a readable text file.", usage) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or err
+        raise UsageError(f"--config {config} is not valid YAML: {problem}{where}.", usage) from None
+
+
 def _recipe(args: argparse.Namespace) -> dict[str, Any]:
-    raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    raw = _read_recipe(args.config) if args.config else {}
     recipe = _canonical(_mapping(raw, "The merge recipe"))
     mergekit_base = raw is not None and "base_model" in raw and args.base is None
     for key in ("base", "models", "method", "metric", "output", "dtype", "out_dtype"):
@@ -206,8 +278,9 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
             recipe[key] = getattr(args, key)
     params = _mapping(recipe.get("parameters"), "The recipe's `parameters`")
     for item in args.param:
-        if "=" not in item:
-            raise SystemExit(f"--param {item!r} must be KEY=VALUE, e.g. --param density=0.2.")
+        if "=" not in item or not item.split("=", 1)[0]:
+            raise UsageError(f"--param {item} must be KEY=VALUE, e.g. --param density=0.2.",
+                             _merge_parser().usage_line())  # fmt: skip
         key, text = item.split("=", 1)
         params[key] = _value(text)
     recipe["parameters"] = params
@@ -219,18 +292,20 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
     recipe["lines"] = lines
     for key in ("models", "method", "output"):
         if not recipe.get(key):
-            raise SystemExit(f"lightning-ft merge needs `{key}` (in the recipe or as --{key}).")
+            raise UsageError(f"lightning-ft merge needs {key} (in the --config recipe or as --{key}).",
+                             _merge_parser().usage_line())  # fmt: skip
     seed = args.random_seed if args.random_seed is not None else recipe.pop("random_seed", None)
     if seed is not None and get_method(recipe["method"]).random:  # like mergekit's --random-seed: unused otherwise
         if params.get("seed", seed) != seed:
-            raise ValueError(f"random_seed={seed} and parameters seed={params['seed']} disagree: keep one.")
+            raise UserError(f"random_seed={seed} and parameters seed={params['seed']} disagree: keep one.")
         params["seed"] = seed
     entries = [_model_entry(m, i) for i, m in enumerate(recipe["models"])]
     recipe["models"], recipe["model_params"] = [p for p, _ in entries], [own for _, own in entries]
     if recipe["method"] == "linear":
         _linear_base(recipe, mergekit_base)
     if not recipe.get("base"):
-        raise SystemExit("lightning-ft merge needs `base` (in the recipe as base or base_model, or as --base).")
+        raise UsageError("lightning-ft merge needs base (in the --config recipe as base or base_model, or as --base).",
+                         _merge_parser().usage_line())  # fmt: skip
     return recipe
 
 
@@ -256,41 +331,67 @@ def build_score(base: str, eval_configs: list[dict[str, Any]], metric: str = "ta
     def score(state: dict[str, Any]) -> float:
         result = module.backbone.load_state_dict(state, strict=False)
         if result.unexpected_keys:
-            raise ValueError(f"The merged state has tensor {result.unexpected_keys[0]!r} that the model lacks.")
+            raise UserError(f"The merged state has tensor {result.unexpected_keys[0]!r} that the model lacks.")
         values = []
         for task in loaders:
             metrics = module.evaluate(task)
             if metric not in metrics:
-                raise ValueError(f"metric={metric!r} is not among the eval metrics {sorted(metrics)}.")
+                raise UserError(f"metric={metric!r} is not among the eval metrics {sorted(metrics)}.")
             values.append(sign * metrics[metric])
         return sum(values) / len(values)
 
     return score
 
 
+def _inputs(named: Sequence[tuple[str, str]]) -> list[tuple[str, Path]]:
+    """``(argument, path)`` of each input, an alias resolved to its folder; a missing input is one sentence."""
+    found = []
+    for argument, value in named:
+        try:
+            found.append((argument, resolve_path(value)))
+        except FileNotFoundError:
+            raise UserError(
+                f"{argument} {value} does not exist: give a model folder, a file or a bundled model alias."
+            ) from None
+    return found
+
+
+def _check_output(
+    args: argparse.Namespace, output: str, named: Sequence[tuple[str, str]], kind: Literal["folder", "file"]
+) -> None:
+    """Check the inputs (they exist) and the output (no input, no previous result) before any work."""
+    check_output(output, _inputs(named), kind=kind, overwrite=args.overwrite)
+
+
 def run_merge(argv: list[str]) -> dict[str, Any]:
     """Parse ``merge`` arguments, run the merge, save the folder; returns the report."""
-    recipe = _recipe(_merge_parser().parse_args(argv))
+    args = _merge_parser().parse_args(argv)
+    recipe = _recipe(args)
+    where = "" if args.config is None else " (in the recipe)"
+    named = [("--base" if args.base is not None else f"base{where}", str(recipe["base"]))]
+    named += [("--models" if args.models is not None else f"models{where}", str(m)) for m in recipe["models"]]
+    get_method(recipe["method"]).resolve(recipe["parameters"], recipe["model_params"])  # values before files
+    dtype, out_dtype = parse_dtype(recipe.get("dtype")), parse_dtype(recipe.get("out_dtype"), "out_dtype")
+    _check_output(args, str(recipe["output"]), named, "folder")
     lines = recipe["lines"]
     plan = MergePlan.build(
         str(recipe["base"]), recipe["models"], recipe["method"], recipe["parameters"],
         lines=lines is not None, non_block_scale=(lines or {}).get("non_block_scale", "alpha"),
-        model_params=recipe["model_params"], dtype=parse_dtype(recipe.get("dtype")),
-        out_dtype=parse_dtype(recipe.get("out_dtype"), "out_dtype"),
+        model_params=recipe["model_params"], dtype=dtype, out_dtype=out_dtype,
     )  # fmt: skip
     needs_eval = plan.method.needs_eval or (lines or {}).get("beta") == "sweep"
     score = None
     if needs_eval and recipe.get("eval"):
         score = build_score(str(recipe["base"]), list(recipe["eval"]), recipe.get("metric") or "target_acc")
     result = merge(plan, (lines or {}).get("beta"), score)
-    dtype = plan.out_dtype or plan.dtype
-    out = save_hf_folder(result.state, str(recipe["base"]), recipe["output"], result.report, dtype)
+    out = save_hf_folder(result.state, str(recipe["base"]), recipe["output"], result.report, out_dtype or dtype,
+                         inputs=recipe["models"], overwrite=args.overwrite)  # fmt: skip
     print((out / "merge_report.md").read_text())
     return result.report
 
 
-def _sparse_apply_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _sparse_apply_parser() -> _Parser:
+    p = _Parser(
         prog="lightning-ft sparse-apply",
         description="Add sparse fine-tunings (sparse_delta.safetensors written by SparseFineTuning) to a base model, "
         "composing them by addition (e.g. language + task, as in Composable SFT), and write an HF-loadable folder.",
@@ -300,29 +401,50 @@ def _sparse_apply_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", nargs="+", type=float, help="one multiplier per artifact (default 1.0 each)")
     p.add_argument("--no-dense", action="store_true", help="skip densely trained tensors (e.g. another task's head)")
     p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (never an input)")
     return p
 
 
 def main(argv: list[str]) -> None:
-    """Dispatch ``merge``, ``compress``, ``decompress`` or ``sparse-apply`` (``argv[0]`` is the subcommand)."""
-    if not argv or argv[0] not in ("merge", "compress", "decompress", "sparse-apply"):
-        raise SystemExit("usage: lightning-ft {merge,compress,decompress,sparse-apply} [--help]")
+    """Dispatch ``merge``, ``compress``, ``decompress`` or ``sparse-apply`` (``argv[0]`` is the subcommand).
+
+    Mistakes raise :class:`~lightning_ft.errors.UserError` (``UsageError`` for the command line), which
+    ``lightning-ft`` (:func:`lightning_ft.cli.main`) prints as one sentence.
+    """
+    commands = ("merge", "compress", "decompress", "sparse-apply")
+    if not argv or argv[0] not in commands:
+        usage = "usage: lightning-ft {merge,compress,decompress,sparse-apply} [--help]"
+        raise UsageError(f"a post-hoc command is needed: one of {', '.join(commands)}.", usage)
     command, rest = argv[0], argv[1:]
     if command == "sparse-apply":
-        from lightning_ft.sparse.artifact import apply_sparse
+        from lightning_ft.sparse.artifact import apply_sparse, is_sparse_artifact
 
         args = _sparse_apply_parser().parse_args(rest)
-        out = apply_sparse(args.base, args.sft, args.output, args.scale, with_dense=not args.no_dense)
+        _check_output(args, args.output, [("--base", args.base), *(("--sft", a) for a in args.sft)], "folder")
+        for artifact in args.sft:
+            if not is_sparse_artifact(artifact):
+                raise UserError(f"--sft {artifact} is not a sparse fine-tuning artifact: give the "
+                                "sparse_delta.safetensors file a SparseFineTuning fit writes.")  # fmt: skip
+        out = apply_sparse(args.base, args.sft, args.output, args.scale, with_dense=not args.no_dense,
+                           overwrite=args.overwrite)  # fmt: skip
         print(json.dumps({"output": str(out), "applied": args.sft}))
     elif command == "merge":
         run_merge(rest)
     elif command == "compress":
         args = _compress_parser().parse_args(rest)
-        report = compress(args.base, args.model, args.output, args.density, args.alpha, args.scope)
+        _check_output(args, args.output, [("--base", args.base), ("--model", args.model)], "file")
+        report = compress(args.base, args.model, args.output, args.density, args.alpha, args.scope, args.overwrite)
         print(report.markdown())
     else:
+        from lightning_ft.sparse.artifact import is_sparse_artifact
+
         args = _decompress_parser().parse_args(rest)
+        _check_output(args, args.output, [("--base", args.base), ("--artifact", args.artifact)], "folder")
+        if not (is_compeft_artifact(args.artifact) or is_sparse_artifact(args.artifact)):
+            raise UserError(f"--artifact {args.artifact} is not a ComPEFT artifact: give the .safetensors file "
+                            "lightning-ft compress wrote.")  # fmt: skip
         plan = MergePlan.build(args.base, [args.artifact], "task_arithmetic", {"lambda": 1.0})
         result = merge(plan)
-        save_hf_folder(result.state, args.base, args.output, result.report)
+        save_hf_folder(result.state, args.base, args.output, result.report, inputs=[args.artifact],
+                       overwrite=args.overwrite)  # fmt: skip
         print(json.dumps({"output": args.output, "ingredients": result.report["ingredients"]}))

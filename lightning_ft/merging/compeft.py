@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lightning_ft.core.io import atomic_file, check_output
 from lightning_ft.merging.ops import ternarize
 from lightning_ft.merging.sources import LoRASource, SafetensorsReader, TensorSource, open_source, resolve_path
 
@@ -129,8 +130,12 @@ def compress(
     density: float = 0.1,
     alpha: float = 1.0,
     scope: Scope = "global",
+    overwrite: bool = False,
 ) -> CompressReport:
     """Compress the update of ``model`` (HF folder, ``.ckpt`` or LoRA adapter) over ``base``.
+
+    The artifact is written whole or not at all (:func:`lightning_ft.core.io.atomic_file`); an ``output`` that is,
+    holds or sits inside ``base`` or ``model`` is refused, and so is an existing one unless ``overwrite``.
 
     Args:
         base: The pretrained HF folder or bundled alias.
@@ -139,6 +144,7 @@ def compress(
         density: Fraction ``k`` of entries kept (by magnitude).
         alpha: Scale multiplier: kept entries become ``alpha * std(tau) * sign(tau)``.
         scope: ``"global"`` (official: one top-k and one std over the whole update) or ``"tensor"``.
+        overwrite: Replace an existing artifact at ``output``.
 
     Returns:
         Sizes and the compression ratio.
@@ -147,6 +153,10 @@ def compress(
         raise ValueError(f"scope={scope!r} must be 'global' or 'tensor'.")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density} must be in (0, 1].")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha={alpha} must be a finite number.")
+    check_output(output, [("base", resolve_path(base)), ("model", resolve_path(model))], kind="file",
+                 overwrite=overwrite, argument="output", overwrite_flag="overwrite=True")  # fmt: skip
     reader = SafetensorsReader(resolve_path(base))
     source = open_source(model, reader.keys())
     if source.kind == "compeft":
@@ -182,8 +192,8 @@ def compress(
         "tensors": meta, "lora_config": getattr(source, "config", None),
     }  # fmt: skip
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"format": FORMAT, "compeft": json.dumps(header)})
+    with atomic_file(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "compeft": json.dumps(header)})
     return CompressReport(str(out), header["kind"], len(meta), kept, total, dense, out.stat().st_size)
 
 

@@ -13,9 +13,11 @@ written.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from lightning_ft.core.io import atomic_dir, check_output
 from lightning_ft.core.layer_map import classify
 from lightning_ft.merging.ops import NonBlockScale, lines_alpha_from_norms, lines_factor
 from lightning_ft.merging.registry import MergeMethod, get_method
@@ -285,6 +288,9 @@ def merge(
         )
     if plan.lines and beta is None:
         raise ValueError("LiNeS for merging needs beta: a number or 'sweep'.")
+    if beta is not None and beta != "sweep" and (isinstance(beta, bool) or not isinstance(beta, (int, float))
+                                                 or not math.isfinite(beta)):  # fmt: skip
+        raise ValueError(f"LiNeS beta={beta!r} must be a number or 'sweep'.")
     sources = plan.sources
     if plan.lines:
         report["lines"] = {"alpha": plan.compute_lines_alpha(), "non_block_scale": plan.non_block_scale}
@@ -328,30 +334,51 @@ def _greedy(plan: MergePlan, score: ScoreFn, beta: Any) -> tuple[list[TensorSour
 def save_hf_folder(
     state: dict[str, torch.Tensor],
     base: str,
-    output: str,
+    output: str | os.PathLike[str],
     report: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    extra_files: Mapping[str, str] | None = None,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
 ) -> Path:
     """Write ``state`` as ``model.safetensors`` next to the base's config and tokenizer files (+ report).
 
-    ``dtype`` (the merge's output dtype, when it was set) is written into ``config.json``.
+    The folder is written whole or not at all (:func:`lightning_ft.core.io.atomic_dir`): a failed write leaves a
+    previous ``output`` byte-identical. An ``output`` that is, holds or sits inside the base or one of ``inputs`` is
+    refused, and so is an existing non-empty one unless ``overwrite``.
+
+    Args:
+        state: The tensors to save.
+        base: The base model (folder or bundled alias) whose config and tokenizer files are copied.
+        output: The folder to write.
+        report: A merge report, written as ``merge_report.json`` and ``merge_report.md``.
+        dtype: The merge's output dtype (when it was set), written into ``config.json``.
+        extra_files: More text files to write into the folder (name -> text).
+        inputs: The other inputs the output must not touch.
+        overwrite: Replace an existing non-empty ``output``.
     """
-    src, out = resolve_path(base), Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    if src.is_dir():
-        for item in src.iterdir():
-            if item.is_file() and not item.name.endswith(_WEIGHT_FILES) and not item.name.endswith(".index.json"):
-                shutil.copy2(item, out / item.name)
-    if dtype is not None and (out / "config.json").is_file():
-        config = json.loads((out / "config.json").read_text())
-        name = str(dtype).removeprefix("torch.")
-        config.update({"dtype": name}, **({"torch_dtype": name} if "torch_dtype" in config else {}))
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    if report is not None:
-        (out / "merge_report.json").write_text(json.dumps(report, indent=2, default=str))
-        (out / "merge_report.md").write_text(report_markdown(report))
-    return out
+    src = resolve_path(base)
+    check_output(output, [("base", src), *(("input", p) for p in inputs)], kind="folder", overwrite=overwrite,
+                 argument="output", overwrite_flag="overwrite=True")  # fmt: skip
+    with atomic_dir(output) as out:
+        if src.is_dir():
+            for item in src.iterdir():
+                if item.is_file() and not item.name.endswith(_WEIGHT_FILES) and not item.name.endswith(".index.json"):
+                    shutil.copy2(item, out / item.name)
+        if dtype is not None and (out / "config.json").is_file():
+            config = json.loads((out / "config.json").read_text())
+            name = str(dtype).removeprefix("torch.")
+            config.update({"dtype": name}, **({"torch_dtype": name} if "torch_dtype" in config else {}))
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        if report is not None:
+            (out / "merge_report.json").write_text(json.dumps(report, indent=2, default=str))
+            (out / "merge_report.md").write_text(report_markdown(report))
+        for name, text in (extra_files or {}).items():
+            (out / name).write_text(text)
+    return Path(output)
 
 
 def report_markdown(report: dict[str, Any]) -> str:

@@ -136,7 +136,7 @@ class MergeMethod:
                         f"Both {alias!r} and {name!r} are set ({params[alias]} vs {out[name]}); {alias!r} is an alias "
                         f"of {name!r}: keep one."
                     )
-                out[name] = params[alias]
+                out[name] = _CHECKS[name](alias, params[alias])  # checked under the name the user wrote
         return out
 
     def resolve(self, params: dict[str, Any] | None, models: Sequence[dict[str, Any] | None] = ()) -> ResolvedParams:

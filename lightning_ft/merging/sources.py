@@ -44,7 +44,7 @@ class SafetensorsReader:
     """Lazy reader of a safetensors file, a sharded index or a folder holding either."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        path = Path(path)
+        given = path = Path(path)
         if path.is_dir():
             single, index = path / "model.safetensors", path / "model.safetensors.index.json"
             path = single if single.is_file() else index
@@ -55,7 +55,11 @@ class SafetensorsReader:
             with safe_open(str(path), framework="pt") as handle:
                 self.files = {key: str(path) for key in handle.keys()}
         else:
-            raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json.")
+            what = ("a model folder (no model.safetensors or model.safetensors.index.json in it)" if given.is_dir()
+                    else "a model folder or a .safetensors file")  # fmt: skip
+            raise FileNotFoundError(
+                f"{given} is not {what}: give a Hugging Face model folder saved with safetensors, or a bundled alias."
+            )
         self.path = path
         self._handles: dict[str, Any] = {}
 

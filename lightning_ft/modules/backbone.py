@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lightning_ft.assets import resolve_model
+from lightning_ft.core.io import atomic_dir
+
+__all__ = [
+    "atomic_dir", "build_peft_config", "export_path", "is_peft_model", "load_backbone", "quantization_config",
+    "save_pretrained_atomic", "torch_dtype",
+]  # fmt: skip
 
 Quantization = Literal["nf4", "fp4", "int8"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -95,7 +97,7 @@ def load_backbone(
             f"quantization={quantization!r} freezes the backbone in 4/8 bit, so nothing would train: "
             "also set peft (e.g. {peft_type: LORA, r: 8}) or set quantization to null."
         )
-    path = resolve_model(model)
+    path = resolve_model(model, weights=True)
     dt = torch_dtype(dtype)
     kwargs: dict[str, Any] = {"dtype": dt, **model_kwargs}
     if quantization is not None:
@@ -129,7 +131,10 @@ def is_peft_model(module: nn.Module) -> bool:
 
 
 def save_pretrained_atomic(backbone: nn.Module, tokenizer: Any, output_dir: str | os.PathLike[str]) -> Path:
-    """Save model (or peft adapter) and tokenizer into ``output_dir``, replacing it only once complete."""
+    """Save model (or peft adapter) and tokenizer into ``output_dir``, replacing it only once complete.
+
+    Written through :func:`lightning_ft.core.io.atomic_dir`: a failed save leaves the previous folder whole.
+    """
     with atomic_dir(output_dir) as tmp:
         backbone.save_pretrained(tmp)
         if tokenizer is not None:
@@ -145,23 +150,3 @@ def export_path(value: str | None, trainer: Any, default_name: str) -> Path | No
         return Path(value)
     root = trainer.default_root_dir if trainer is not None else os.getcwd()
     return Path(root) / default_name
-
-
-@contextlib.contextmanager
-def atomic_dir(output_dir: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output_dir`` that replaces it only when the block completes."""
-    target = Path(output_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

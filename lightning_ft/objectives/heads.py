@@ -293,14 +293,20 @@ class MultiTokenHeadsMixin:
         return heads
 
     def save_heads(self, path: str | Path) -> Path:
-        """Write the heads (and their shape) to a safetensors file that ``heads_path`` loads."""
+        """Write the heads (and their shape) to a safetensors file that ``heads_path`` loads.
+
+        Written through :func:`lightning_ft.core.io.atomic_file` after checking that every value is finite: heads
+        that diverged (NaN/inf) are refused in one sentence and a previous file stays whole.
+        """
         from safetensors.torch import save_file
 
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        from lightning_ft.core.io import atomic_file, check_finite
+
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.aux_heads.state_dict().items()}
-        save_file(tensors, str(target), metadata={"caft": json.dumps(self._heads_signature())})
-        return target
+        check_finite(tensors, f"the auxiliary heads file {path}")
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"caft": json.dumps(self._heads_signature())})
+        return Path(path)
 
     def load_heads(self, path: str | Path) -> None:
         """Load heads written by :meth:`save_heads`; a file of another shape fails with one sentence."""

@@ -4,7 +4,7 @@ A :class:`SparseDelta` holds, per base tensor (plain transformers key), the sort
 that changed and their fp32 differences; tensors that were trained densely (a new classification head, say) are
 kept as absolute values (``dense``), as in Composable SFT. Deltas are added to a base model and compose by
 addition (language + task): :func:`apply_sparse` writes an HF-loadable folder, and ``lightning-ft sparse-apply``
-does the same from the command line. The file is written atomically.
+does the same from the command line. The file is written whole or not at all, and never with a NaN or inf value.
 
 File layout (one ``.safetensors``): ``<key>::indices`` (int32, or int64 for tensors of 2**31 entries or more),
 ``<key>::values`` (fp32), ``<key>::dense`` (the tensor's own dtype); metadata ``format``, ``version``,
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_ft.errors import UserError
 from lightning_ft.merging.sources import SafetensorsReader, TensorSource, resolve_path
 
 __all__ = ["FORMAT", "SparseDelta", "SparseSource", "apply_sparse", "is_sparse_artifact"]
@@ -182,11 +183,16 @@ class SparseDelta:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the artifact atomically (temporary file, then rename); returns the path."""
+        """Write the artifact whole or not at all (:func:`lightning_ft.core.io.atomic_file`); returns the path.
+
+        Raises:
+            UserError: A value is NaN or inf (a fit that diverged): nothing is written and a previous file stays.
+        """
         from safetensors.torch import save_file
 
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        from lightning_ft.core.io import atomic_file, check_finite
+
+        check_finite({**self.values, **self.dense}, f"the sparse delta {path}")
         tensors: dict[str, torch.Tensor] = {}
         for key in self.values:
             tensors[f"{key}::indices"] = self.indices[key].contiguous()
@@ -197,10 +203,9 @@ class SparseDelta:
             "format": FORMAT, "version": _VERSION, "base": self.base,
             "shapes": json.dumps({k: list(v) for k, v in self.shapes.items()}),
         }  # fmt: skip
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, target)
-        return target
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SparseDelta:
@@ -213,8 +218,8 @@ class SparseDelta:
 
         p = Path(path)
         if not is_sparse_artifact(p):
-            raise ValueError(f"{p} is not a lightning-ft sparse fine-tuning artifact (.safetensors written by "
-                             "SparseFineTuning or SparseDelta.save).")  # fmt: skip
+            raise UserError(f"{p} is not a lightning-ft sparse fine-tuning artifact (.safetensors written by "
+                            "SparseFineTuning or SparseDelta.save).")  # fmt: skip
         with safe_open(str(p), framework="pt") as handle:
             meta = handle.metadata()
             out = cls(base=meta.get("base", ""))
@@ -267,10 +272,13 @@ def apply_sparse(
     output: str | os.PathLike[str],
     scales: Sequence[float] | None = None,
     with_dense: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Add one or more sparse deltas to a base model and write an HF-loadable folder.
 
-    Streams the base tensor by tensor from its safetensors; dtypes are preserved.
+    Streams the base tensor by tensor from its safetensors; dtypes are preserved. The folder is written whole or not
+    at all; an ``output`` that is, holds or sits inside an input is refused, and so is an existing non-empty one
+    unless ``overwrite``.
 
     Args:
         base: HF folder or bundled alias (``smollm2-135m``).
@@ -278,6 +286,7 @@ def apply_sparse(
         output: The folder to write (config and tokenizer files are copied from the base).
         scales: One multiplier per artifact (default 1.0 each).
         with_dense: Also copy densely trained tensors (heads); the last artifact's wins.
+        overwrite: Replace an existing non-empty ``output``.
 
     Returns:
         The output folder.
@@ -285,8 +294,12 @@ def apply_sparse(
     Raises:
         ValueError: If ``scales`` does not match ``artifacts`` or an artifact does not fit the base.
     """
+    from lightning_ft.core.io import check_output
     from lightning_ft.merging.engine import save_hf_folder
 
+    paths = [a for a in artifacts if not isinstance(a, SparseDelta)]
+    check_output(output, [("base", resolve_path(base)), *(("artifact", p) for p in paths)], kind="folder",
+                 overwrite=overwrite, argument="output", overwrite_flag="overwrite=True")  # fmt: skip
     deltas = [a if isinstance(a, SparseDelta) else SparseDelta.load(a) for a in artifacts]
     factors = list(scales) if scales is not None else [1.0] * len(deltas)
     if len(factors) != len(deltas):
@@ -310,9 +323,8 @@ def apply_sparse(
         state[key] = tensor
     report = {"base": str(base), "artifacts": [str(a) if not isinstance(a, SparseDelta) else "<in memory>"
                                                for a in artifacts], "scales": factors}  # fmt: skip
-    out = save_hf_folder(state, str(base), str(output))
-    (Path(out) / "sparse_apply.json").write_text(json.dumps(report, indent=2))
-    return out
+    extra = {"sparse_apply.json": json.dumps(report, indent=2)}
+    return save_hf_folder(state, str(base), output, extra_files=extra, inputs=paths, overwrite=overwrite)
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
