@@ -18,12 +18,12 @@ import importlib.util
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lightning_ft.errors import UserError
 
 __all__ = [
     "AssetMissingError",
@@ -38,8 +38,8 @@ __all__ = [
 Record = dict[str, Any]
 
 
-class AssetMissingError(ModuleNotFoundError):
-    """A bundled asset's PyPI package is not installed."""
+class AssetMissingError(UserError, ModuleNotFoundError):
+    """A bundled asset's PyPI package is not installed (a user error: the CLI prints its one sentence)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 }
 
 _CONVERTED_FORMAT = 1  # bump when the conversion recipe changes, to invalidate old cache entries
+_MODEL_FILES = ("config.json", "adapter_config.json")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 def package_dir(module: str, requirement: str) -> Path:
@@ -105,17 +107,23 @@ def is_bundled_model(name: str) -> bool:
     return name in BUNDLED_MODELS
 
 
-def resolve_model(name_or_path: str | os.PathLike[str]) -> str:
+def resolve_model(name_or_path: str | os.PathLike[str], *, weights: bool = False) -> str:
     """Turn a bundled alias, a local folder or a Hub id into something ``from_pretrained`` can load.
 
     Bundled aliases resolve to a local folder (the GGUF model is converted once and cached). A local
-    folder is returned as it is. Anything else is treated as a Hub id; with ``HF_HUB_OFFLINE=1`` that
+    folder is returned as it is when it holds a saved model (``config.json``) or peft adapter
+    (``adapter_config.json``), or, unless ``weights``, a tokenizer alone (``tokenizer_config.json`` /
+    ``tokenizer.json``). Anything else is treated as a Hub id; with ``HF_HUB_OFFLINE=1`` that
     can only work if it is already in the Hugging Face cache, so an unknown name then fails here with
     one sentence instead of deep inside transformers.
 
+    Args:
+        name_or_path: The alias, folder or Hub id.
+        weights: The caller loads model weights from it (a folder holding only a tokenizer is refused).
+
     Raises:
         AssetMissingError: the alias's package is not installed.
-        ValueError: an unknown name while the Hub is offline.
+        UserError: a folder holding no saved model, or an unknown name while the Hub is offline.
     """
     name = str(name_or_path)
     if name in BUNDLED_MODELS:
@@ -124,10 +132,19 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> str:
         if spec.gguf_file is not None:
             return str(_converted_gguf(name, root / spec.gguf_file))
         return str(root / spec.subdir if spec.subdir else root)
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        loadable = _MODEL_FILES if weights else _MODEL_FILES + _TOKENIZER_FILES
+        if not any((folder / file).is_file() for file in loadable):
+            inside = next((sub for sub in ("hf_model", "merged") if (folder / sub / "config.json").is_file()), None)
+            hint = f" ({folder / inside} holds one)" if inside else ""
+            raise UserError(
+                f"model={name!r} is a folder without config.json{hint}: give a saved Hugging Face model folder or a "
+                "bundled alias."
+            )
+        return str(folder)
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") and not _in_hf_cache(name):
-        raise ValueError(
+        raise UserError(
             f"model={name!r} is neither a bundled alias ({', '.join(sorted(BUNDLED_MODELS))}) nor a local folder, "
             "and the Hub is offline (HF_HUB_OFFLINE=1): pass a bundled alias or the path of a saved model folder."
         )
@@ -152,18 +169,13 @@ def _converted_gguf(alias: str, gguf_path: Path) -> Path:
         return target
     from filelock import FileLock
 
+    from lightning_ft.core.io import atomic_dir
+
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir()))
-        try:
+        with atomic_dir(target) as tmp:
             _write_plain_copy(gguf_path, tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -263,55 +275,24 @@ BUNDLED_DATASETS: dict[str, Callable[[], list[Record]]] = {
 
 
 def load_dataset_records(source: str, *, shuffle_seed: int | None = None) -> list[Record]:
-    """Load a bundled dataset by name, or a local JSONL / JSON / CSV / parquet file, as a list of dicts.
+    """Load a bundled dataset by name, or a local JSONL / JSON / CSV / TSV / parquet file, as a list of dicts.
+
+    Local files are read by :func:`lightning_ft.data.files.load_records` (the one reader of data files).
 
     Args:
         source: a bundled name (``rotten_tomatoes``, ``chitchat``, ``humaneval``, ``hamlet``,
-            ``reuters_r8``, ``trivia``) or a path (``.jsonl``, ``.json``, ``.csv``, ``.parquet``,
+            ``reuters_r8``, ``trivia``) or a path (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``,
             optionally ``.gz``/``.bz2`` compressed).
         shuffle_seed: if given, the records are shuffled with this seed (deterministically).
 
     Raises:
-        ValueError: an unknown name or an unreadable file type.
+        UserError: an unknown name, an unreadable file type or a malformed file (naming the line).
     """
-    if source in BUNDLED_DATASETS:
-        records = BUNDLED_DATASETS[source]()
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ValueError(
-                f"dataset {source!r} is neither a bundled dataset ({', '.join(sorted(BUNDLED_DATASETS))}) "
-                "nor an existing file: pass one of those names or the path of a .jsonl/.json/.csv/.parquet file."
-            )
-        records = _read_file(path)
+    if source not in BUNDLED_DATASETS:
+        from lightning_ft.data.files import load_records  # imported here: lightning_ft.data imports this module
+
+        return load_records(source, shuffle_seed=shuffle_seed)
+    records = BUNDLED_DATASETS[source]()
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(records)
     return records
-
-
-def _open_text(path: Path) -> Any:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _read_file(path: Path) -> list[Record]:
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2")]
-    kind = suffixes[-1] if suffixes else ""
-    if kind == ".parquet":
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict(orient="records")
-    with _open_text(path) as f:
-        if kind == ".jsonl":
-            return [json.loads(line) for line in f if line.strip()]
-        if kind == ".json":
-            data = json.load(f)
-            if isinstance(data, list):
-                return data
-            raise ValueError(f"dataset file {str(path)!r} must hold a JSON list of objects, got {type(data).__name__}.")
-        if kind in (".csv", ".tsv"):
-            return list(csv.DictReader(f, delimiter="\t" if kind == ".tsv" else ","))
-    raise ValueError(f"dataset file {str(path)!r} has an unsupported type {kind!r}: use .jsonl, .json, .csv or .parquet.")

