@@ -9,7 +9,8 @@ OwLore layer sampling) delegates the mechanics to this module, so they behave th
   tensors to the group they came from, and can reset newly frozen tensors to a reset target (theta_0 by
   default).
 * :class:`SelectionCallback` is the Lightning side: it finds the model, refuses strategies that cannot
-  work, applies the first selection at the right moment (``setup`` for a static selection, so DDP and
+  work and a second weight-selecting callback in the same fit (two selections would silently intersect),
+  applies the first selection at the right moment (``setup`` for a static selection, so DDP and
   ``configure_optimizers`` only ever see the trainable tensors; ``on_fit_start`` for a schedule that
   changes, so that every candidate has an optimizer group to come back to), redraws whenever the
   subclass's schedule key changes (only at optimizer-step boundaries), logs what trains, and saves /
@@ -28,6 +29,7 @@ from typing_extensions import override
 
 from lightning_ft.core.layer_map import LayerMap, find_transformer
 from lightning_ft.core.snapshot import PretrainedSnapshot
+from lightning_ft.errors import UserError
 from lightning_ft.support import check_support
 
 __all__ = ["ParameterSelection", "SelectionCallback", "draw_rng"]
@@ -217,6 +219,13 @@ class SelectionCallback(L.Callback):
         if stage != "fit":
             return
         name = type(self).__name__
+        callbacks = getattr(trainer, "callbacks", None) or []
+        others = [c for c in callbacks if isinstance(c, SelectionCallback) and c is not self]
+        if others:  # two selections would silently intersect: their composition is not defined
+            raise UserError(
+                f"{name} and {type(others[0]).__name__} both decide which weights train: use one of them per fit "
+                "(or one per stage of a multi-stage run)."
+            )
         model = find_transformer(pl_module, self.module)
         check_support(name, trainer, model)  # the declared support matrix (lightning_ft.support)
         if self.dynamic and _is_ddp(trainer) and not trainer.strategy._ddp_kwargs.get("find_unused_parameters"):
