@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_ft.core.io import atomic_file, write_text_atomic
 from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer, plain_name
 from lightning_ft.core.snapshot import PretrainedSnapshot, _safetensors_files
 from lightning_ft.merging.ops import NonBlockScale, lines_factor, lines_scale
@@ -281,10 +282,10 @@ class LiNeS(L.Callback):
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
         columns = list(rows[0])
-        (root / "lines_sweep.json").write_text(json.dumps({"chosen_alpha": best, "rows": rows}, indent=2))
+        write_text_atomic(root / "lines_sweep.json", json.dumps({"chosen_alpha": best, "rows": rows}, indent=2))
         table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         table += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
-        (root / "lines_sweep.md").write_text(f"LiNeS sweep (chosen alpha = {best})\n\n" + "\n".join(table) + "\n")
+        write_text_atomic(root / "lines_sweep.md", f"LiNeS sweep (chosen alpha = {best})\n\n" + "\n".join(table) + "\n")
         figure = _plot(rows, best, root / "lines_sweep.png")
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):
@@ -400,6 +401,7 @@ def _plot(rows: list[dict[str, float]], best: float, path: Path) -> Path | None:
     ax.set_xlabel("alpha (beta = 1 - alpha)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path

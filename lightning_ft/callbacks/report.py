@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lightning_ft.core.io import write_text_atomic
+
 __all__ = ["ForgettingReport"]
 
 _ROWS = (
@@ -140,12 +142,13 @@ class ForgettingReport(L.Callback):
         if self.filename:
             root = Path(trainer.default_root_dir)
             root.mkdir(parents=True, exist_ok=True)
-            (root / f"{self.filename}.json").write_text(
-                json.dumps({"before": self.before, "after": self.after, "step": trainer.global_step}, indent=2)
+            write_text_atomic(
+                root / f"{self.filename}.json",
+                json.dumps({"before": self.before, "after": self.after, "step": trainer.global_step}, indent=2),
             )
             lines = ["| metric | before | after | change |", "|---|---|---|---|"]
             lines += [f"| {' | '.join(r)} |" for r in rows]
-            (root / f"{self.filename}.md").write_text("\n".join(lines) + "\n")
+            write_text_atomic(root / f"{self.filename}.md", "\n".join(lines) + "\n")
 
     @override
     def state_dict(self) -> dict[str, Any]:

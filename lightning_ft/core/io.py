@@ -36,7 +36,7 @@ from lightning_ft.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_dir", "atomic_file", "check_finite", "check_output"]
+__all__ = ["atomic_dir", "atomic_file", "check_finite", "check_output", "write_text_atomic"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -169,6 +169,13 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``target`` through :func:`atomic_file`; returns ``target`` as a path."""
+    with atomic_file(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
 
 
 def _relation(output: Path, source: Path) -> str | None:

@@ -256,3 +256,37 @@ def test_copilot_lambda_rewrite_keeps_the_last_link_and_a_failed_write_keeps_the
     checkpoint = torch.load(folder / "last.ckpt", weights_only=False)
     assert checkpoint["copilot"]["lambda"] == 0.5 and float(checkpoint["state_dict"]["copilot_lambda_value"]) == 0.5
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+
+
+def test_reports_and_predictions_keep_the_previous_file_when_a_write_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_ft.callbacks.predictions import JsonlPredictionWriter
+    from lightning_ft.core.io import write_text_atomic
+
+    target = write_text_atomic(tmp_path / "report.json", "old")
+
+    def half_written(self: Path, text: str, encoding: str | None = None) -> int:
+        with open(self, "w", encoding=encoding) as f:
+            f.write(text[:1])
+        raise DiskFull(self)
+
+    monkeypatch.setattr(Path, "write_text", half_written)
+    with pytest.raises(DiskFull):
+        write_text_atomic(target, "new and longer")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    import lightning_ft.callbacks.lines as lines_module
+    import lightning_ft.callbacks.report as report_module
+
+    assert report_module.write_text_atomic is write_text_atomic is lines_module.write_text_atomic
+    # predictions: records stream into a partial file that replaces predictions.jsonl only when predict ends
+    (tmp_path / "predictions.jsonl").write_text('{"old": 1}\n')
+    writer = JsonlPredictionWriter(output_dir=str(tmp_path))
+    pred_trainer = types.SimpleNamespace(default_root_dir=str(tmp_path), global_rank=0, world_size=1)
+    writer.on_predict_start(pred_trainer, None)  # type: ignore[arg-type]
+    writer.write_on_batch_end(pred_trainer, None, [{"completion": "a"}], None, None, 0, 0)  # type: ignore[arg-type]
+    assert (tmp_path / "predictions.jsonl").read_text() == '{"old": 1}\n'  # interrupted here: the old file is whole
+    writer.on_predict_end(pred_trainer, None)  # type: ignore[arg-type]
+    assert (tmp_path / "predictions.jsonl").read_text() == '{"completion": "a"}\n'
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
