@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_ft.assets import resolve_model
-from lightning_ft.core.io import atomic_dir
+from lightning_ft.core.io import atomic_dir, check_finite
 
 __all__ = [
     "atomic_dir", "build_peft_config", "export_path", "is_peft_model", "load_backbone", "quantization_config",
@@ -133,8 +133,10 @@ def is_peft_model(module: nn.Module) -> bool:
 def save_pretrained_atomic(backbone: nn.Module, tokenizer: Any, output_dir: str | os.PathLike[str]) -> Path:
     """Save model (or peft adapter) and tokenizer into ``output_dir``, replacing it only once complete.
 
-    Written through :func:`lightning_ft.core.io.atomic_dir`: a failed save leaves the previous folder whole.
+    Written through :func:`lightning_ft.core.io.atomic_dir`: a failed save leaves the previous folder whole, and
+    weights holding NaN or inf (a fit that diverged) are refused before anything is written.
     """
+    check_finite({n: p.detach() for n, p in backbone.named_parameters()}, f"the model exported to {output_dir}")
     with atomic_dir(output_dir) as tmp:
         backbone.save_pretrained(tmp)
         if tokenizer is not None:

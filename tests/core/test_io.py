@@ -290,3 +290,19 @@ def test_reports_and_predictions_keep_the_previous_file_when_a_write_stops(
     writer.on_predict_end(pred_trainer, None)  # type: ignore[arg-type]
     assert (tmp_path / "predictions.jsonl").read_text() == '{"completion": "a"}\n'
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_a_diverged_model_is_not_exported_over_the_previous_export(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_ft.modules.backbone import save_pretrained_atomic
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    out = save_pretrained_atomic(model, None, tmp_path / "hf_model")
+    before = _tree(out)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"the model exported to .*hf_model would hold NaN or inf values in "
+                                        r"'model.layers.0.mlp.up_proj.weight' \(the fit diverged\)"):  # fmt: skip
+        save_pretrained_atomic(model, None, out)
+    assert _tree(out) == before
