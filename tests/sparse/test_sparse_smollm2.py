@@ -44,7 +44,7 @@ def test_lift_on_smollm2_learns_and_the_artifact_rebuilds_the_model(smollm2_dir:
         if key not in delta.values:
             assert changed.numel() == 0, f"{key} is not eligible but changed"
             continue
-        # entries outside the union of the two selections (steps 0 and 4) never move; the artifact holds them all
+        # entries outside the union of the two selections (steps 0 and 3) never move; the artifact holds them all
         assert set(changed.tolist()) == set(delta.indices[key].long().tolist()), key
         rows, cols = value.shape
         assert changed.numel() <= 2 * min((rows + cols) * 8, rows * cols)
