@@ -223,6 +223,15 @@ def classify(
     return None, ParamKind.OTHER
 
 
+_QUANTIZED_PARAM_TYPES = frozenset({"Params4bit", "Int8Params"})
+
+
+def is_quantized_param(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a bitsandbytes 4-bit or 8-bit weight (checked by class name, so bitsandbytes need not
+    be importable)."""
+    return type(param).__name__ in _QUANTIZED_PARAM_TYPES
+
+
 def _logical_shape(param: torch.Tensor) -> tuple[int, ...]:
     """Shape of a parameter, looking through bitsandbytes 4-bit packing."""
     quant_state = getattr(param, "quant_state", None)
