@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
+from lightning_ft.core.anatomy import decoder_parts
 from lightning_ft.modules.backbone import is_peft_model
 
 __all__ = ["CopilotLogitsProcessor", "PilotCapture", "fuse_log_probs", "fuse_probs"]
@@ -33,12 +34,6 @@ def fuse_log_probs(scores: torch.Tensor, rectification: torch.Tensor, lam: float
     return fuse_probs(scores, rectification, lam).log()
 
 
-def _decoder_layers(backbone: nn.Module) -> nn.ModuleList:
-    from lightning_ft.objectives.heads import _decoder_parts
-
-    return _decoder_parts(backbone)[0]
-
-
 class PilotCapture:
     """Forward hooks that record, for the latest forward pass of the Pilot, its input embeddings ``X``, the mean of
     its decoder layers' outputs ``pool(h)`` (fp32 running sum, detached) and optionally the LM head's output.
@@ -49,7 +44,7 @@ class PilotCapture:
     def __init__(self, backbone: nn.Module, logits: bool = False) -> None:
         base = backbone.get_base_model() if is_peft_model(backbone) else backbone
         self.embedding = base.get_input_embeddings()
-        self.layers = _decoder_layers(backbone)
+        self.layers = decoder_parts(backbone, "CopilotMixin").layers
         self.head = base.get_output_embeddings() if logits else None
         self.embeds: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None

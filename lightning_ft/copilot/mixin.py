@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -37,9 +37,11 @@ from torch import nn
 from lightning_ft.copilot.decoder import CopilotConfig, CopilotDecoder, DecoderCache
 from lightning_ft.copilot.fusion import CopilotLogitsProcessor, PilotCapture, fuse_log_probs
 from lightning_ft.copilot.log import ErrorStorage, MistakeLog, Round
+from lightning_ft.core.anatomy import decoder_parts, plain_state
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules.backbone import atomic_dir, export_path
 from lightning_ft.modules.metrics import EvalMetrics
+from lightning_ft.support import MethodSupport
 
 __all__ = ["CopilotMixin", "LAMBDA_GRID"]
 
@@ -108,6 +110,15 @@ class CopilotMixin:
         **kwargs: Arguments of the module it is mixed into (``model``, ``peft``, ``learning_rate`` ...).
     """
 
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "quantized", "lora", "mixed"}),
+        {
+            "fsdp": "{name} steps the Pilot and the Copilot by hand with two optimizers, which {strategy} would shard "
+            "together: use strategy='ddp' (or a single device)."
+        },
+        "Pilot and Copilot may both be LoRA; a quantized Pilot needs copilot_model (unquantized) for the Copilot's "
+        "initial layers; 16-mixed is refused (one loss scaler, two optimizers).",
+    )
     backbone: nn.Module
     copilot: CopilotDecoder
 
@@ -184,10 +195,8 @@ class CopilotMixin:
 
     # ------------------------------------------------------------------ building
     def _pilot_parts(self) -> tuple[Any, Any]:
-        from lightning_ft.objectives.heads import _decoder_parts
-
-        layers, _, _, config = _decoder_parts(self.backbone)
-        return layers, config
+        parts = decoder_parts(self.backbone, "CopilotMixin")
+        return parts.layers, parts.config
 
     def _build_copilot(
         self, n_layers: int, init: str, source: str | None, overrides: dict[str, Any] | None, zero_out: bool
@@ -227,10 +236,10 @@ class CopilotMixin:
         from transformers import AutoModelForCausalLM
 
         from lightning_ft.assets import resolve_model
-        from lightning_ft.objectives.heads import _decoder_parts
 
         model = AutoModelForCausalLM.from_pretrained(resolve_model(source), dtype=torch.float32)
-        layers, _, _, config = _decoder_parts(model)
+        parts = decoder_parts(model, "CopilotMixin")
+        layers, config = parts.layers, parts.config
         embedding = model.get_input_embeddings().weight.detach()
         if embedding.shape[0] != vocab:
             raise ValueError(
@@ -378,9 +387,11 @@ class CopilotMixin:
         if stage != "fit":
             return
         trainer = self.trainer  # type: ignore[attr-defined]
+        from lightning_ft.strategies.process_group import destroy_process_group_at_exit
         from lightning_ft.support import check_support
 
-        check_support("CopilotMixin", trainer, self.backbone)
+        destroy_process_group_at_exit()  # a clean gloo exit, also for this mixin in a user's own module
+        check_support(self, trainer, self.backbone)
         if str(trainer.precision) == "16-mixed":
             raise ValueError(
                 "CopilotMixin steps two optimizers, which precision='16-mixed' would share one loss scaler between: "
@@ -702,13 +713,11 @@ def _update_fused(metrics: EvalMetrics, parts: dict[str, Any], lam: float) -> No
 
 
 def _plain_layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
-    from lightning_ft.objectives.heads import _plain_state
-
     refusal = (
         "CopilotMixin cannot copy the quantized Pilot weight {name!r} into the Copilot: set copilot_model to the "
         "unquantized model (e.g. smollm2-135m) or copilot_init='random'."
     )
-    return {k: v.float() for k, v in _plain_state(layer, refusal).items()}
+    return {k: v.float() for k, v in plain_state(layer, refusal).items()}
 
 
 def _config_from(

@@ -30,16 +30,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 
-from lightning_ft.core.layer_map import _split_peft_name
+from lightning_ft.core.anatomy import DecoderParts, decoder_parts, plain_state
 from lightning_ft.data.collate import IGNORE_INDEX
-from lightning_ft.modules.backbone import export_path, is_peft_model
+from lightning_ft.modules.backbone import export_path
 from lightning_ft.objectives._common import log_train, training_progress
 
 __all__ = ["HeadSchedule", "MultiTokenHeadsMixin", "chunked_unembedding_ce", "heads_schedule"]
 
 HeadSchedule = Literal["rsine", "sine", "linear", "constant"]
 Stage = Literal["heads", "finetune"]
-_QUANTIZED = frozenset({"Params4bit", "Int8Params"})
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
@@ -117,49 +116,10 @@ class _Unembedding(nn.Module):
             yield from part.parameters(recurse)
 
 
-def _decoder_parts(backbone: nn.Module) -> tuple[nn.ModuleList, nn.Module | None, nn.Module, Any]:
-    """``(decoder layers, final norm, LM head, config)`` of a (peft-wrapped) causal LM."""
-    base = backbone.get_base_model() if is_peft_model(backbone) else backbone
-    inner = getattr(base, "base_model", base)
-    layers = next(
-        (getattr(inner, n) for n in ("layers", "h", "blocks") if isinstance(getattr(inner, n, None), nn.ModuleList)),
-        None,
-    )
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if layers is None or head is None or len(layers) < 2:
-        raise ValueError(
-            f"MultiTokenHeadsMixin needs a decoder with `layers`/`h` (2 or more) and an LM head, which "
-            f"{type(base).__name__} does not expose: use a Llama/Mistral/Qwen2/GPT-2-style AutoModelForCausalLM."
-        )
-    norm = next(
-        (
-            getattr(inner, n)
-            for n in ("norm", "ln_f", "final_layer_norm")
-            if isinstance(getattr(inner, n, None), nn.Module)
-        ),
-        None,
-    )
-    return layers, norm, head, base.config
-
-
 _HEADS_REFUSAL = (
     "MultiTokenHeadsMixin cannot copy the quantized layer weight {name!r} into a head: pre-train the heads on the "
     "unquantized model (stage: heads) and pass their file as heads_path."
 )
-
-
-def _plain_state(layer: nn.Module, refusal: str = _HEADS_REFUSAL) -> dict[str, torch.Tensor]:
-    """The layer's state dict with peft wrappers removed and adapter tensors dropped; a quantized weight raises
-    ``refusal`` (formatted with its ``name``)."""
-    for name, param in layer.named_parameters():
-        if type(param).__name__ in _QUANTIZED:
-            raise ValueError(refusal.format(name=name))
-    state = {}
-    for name, value in layer.state_dict().items():
-        base, _, adapter = _split_peft_name(name)
-        if adapter is None:
-            state[base] = value.detach().clone()
-    return state
 
 
 def _new_layer(template: nn.Module, config: Any, index: int) -> nn.Module:
@@ -263,7 +223,8 @@ class MultiTokenHeadsMixin:
             coefficient=heads_coefficient, schedule=heads_schedule, ratio=schedule_ratio, final_norm=final_norm,
             chunk=ce_chunk_size, output=heads_output,
         )  # fmt: skip
-        layers, _, _, config = _decoder_parts(self.backbone)
+        parts = self._decoder()
+        layers, config = parts.layers, parts.config
         if not -len(layers) <= init_layer < len(layers):
             raise ValueError(f"init_layer={init_layer} is outside the backbone's {len(layers)} decoder layers.")
         self.aux_heads = self._build_heads(layers, config, init_layer)
@@ -277,9 +238,12 @@ class MultiTokenHeadsMixin:
         self.head_metrics = nn.ModuleList(MeanMetric() for _ in range(num_heads))
 
     # ------------------------------------------------------------------ heads
+    def _decoder(self) -> DecoderParts:
+        return decoder_parts(self.backbone, "MultiTokenHeadsMixin")
+
     def _build_heads(self, layers: nn.ModuleList, config: Any, init_layer: int) -> nn.ModuleList:
         template = layers[init_layer]
-        state = _plain_state(template)
+        state = plain_state(template, _HEADS_REFUSAL)
         dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
         heads = nn.ModuleList()
         with torch.random.fork_rng(devices=[]):  # building the layers must not shift the user's seed stream
@@ -329,7 +293,7 @@ class MultiTokenHeadsMixin:
         self.aux_heads.load_state_dict(load_file(str(path)), strict=True)
 
     def _heads_signature(self) -> dict[str, Any]:
-        config = _decoder_parts(self.backbone)[3]
+        config = self._decoder().config
         return {"num_heads": self.caft["num_heads"], "layers_per_head": self.caft["layers_per_head"],
                 "layer": type(self.aux_heads[0][0]).__name__, "hidden_size": int(config.hidden_size)}  # fmt: skip
 
@@ -341,7 +305,7 @@ class MultiTokenHeadsMixin:
     @contextmanager
     def _capture_last_layer_input(self) -> Iterator[dict[str, Any]]:
         """Record the arguments of the last decoder layer's call while the context is open."""
-        layers = _decoder_parts(self.backbone)[0]
+        layers = self._decoder().layers
         store: dict[str, Any] = {}
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -367,7 +331,7 @@ class MultiTokenHeadsMixin:
         rest = {k: (None if isinstance(v, Cache) or k in _CACHE_ARGS else v) for k, v in arguments.items()}
         if "use_cache" in rest:
             rest["use_cache"] = False
-        impl = getattr(_decoder_parts(self.backbone)[3], "_attn_implementation", "sdpa")
+        impl = getattr(self._decoder().config, "_attn_implementation", "sdpa")
         if "attention_mask" in names and rest.get("attention_mask") is None and impl in ("sdpa", "eager"):
             # The trunk may leave causality implicit (SDPA's is_causal); the heads always get it explicitly.
             length = hidden.shape[1]
@@ -389,8 +353,8 @@ class MultiTokenHeadsMixin:
 
     def head_ce_sums(self, store: dict[str, Any], labels: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         """``(summed CE, target count)`` per auxiliary head; head ``k`` at ``t`` predicts ``labels[t + 1 + k]``."""
-        _, norm, lm_head, _ = _decoder_parts(self.backbone)
-        unembed = _Unembedding(norm if self.caft["final_norm"] else None, lm_head)
+        parts = self._decoder()
+        unembed = _Unembedding(parts.final_norm if self.caft["final_norm"] else None, parts.head)
         sums = []
         for k, out in enumerate(self.head_hidden_states(store), start=1):
             targets = labels[:, 1 + k :]

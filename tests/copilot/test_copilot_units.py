@@ -10,6 +10,7 @@ from lightning_ft.copilot import (
     CopilotDecoder,
     DecoderCache,
     MistakeLog,
+    PilotCapture,
     Round,
     fuse_log_probs,
     fuse_probs,
@@ -177,3 +178,12 @@ def test_config_refuses_bad_shapes() -> None:
         CopilotConfig(vocab_size=V, hidden_size=D, pilot_hidden_size=D, num_layers=1)
     with pytest.raises(ValueError, match="must divide"):
         CopilotConfig(vocab_size=V, hidden_size=D, pilot_hidden_size=D, num_heads=3, num_kv_heads=3)
+
+
+def test_pilot_capture_refuses_a_model_without_decoder_layers_naming_the_copilot() -> None:
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^CopilotMixin needs a causal LM .*BertForMaskedLM"):
+        PilotCapture(transformers.BertForMaskedLM(config))

@@ -15,7 +15,7 @@ from objective_checks import first_batch, make_data, make_trainer
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules import CausalLMModule
 from lightning_ft.objectives import CAFTCausalLM, heads_schedule
-from lightning_ft.objectives.heads import _decoder_parts
+from lightning_ft.core.anatomy import decoder_parts
 
 
 def _caft(path: Path, **kwargs: Any) -> CAFTCausalLM:
@@ -24,8 +24,9 @@ def _caft(path: Path, **kwargs: Any) -> CAFTCausalLM:
 
 
 def _unembed(module: CAFTCausalLM, hidden: torch.Tensor) -> torch.Tensor:
-    _, norm, head, _ = _decoder_parts(module.backbone)
-    return head(norm(hidden))
+    parts = decoder_parts(module.backbone, "test")
+    assert parts.final_norm is not None
+    return parts.head(parts.final_norm(hidden))
 
 
 def _captured(module: CAFTCausalLM, ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Any]:
