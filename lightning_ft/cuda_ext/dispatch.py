@@ -17,7 +17,6 @@ from typing import Any, Literal
 import torch
 
 from lightning_ft.cuda_ext import _build, reference
-from lightning_ft.sparse.compact import CompactState
 
 __all__ = ["FORCE_REFERENCE_ENV", "backend", "copilot_error", "pack_bits", "sparse_adamw_", "unpack_bits"]
 
@@ -82,10 +81,10 @@ def _stream(t: torch.Tensor) -> int:
 
 @torch.no_grad()
 def sparse_adamw_(
-    param: torch.Tensor, grad: torch.Tensor, state: CompactState, *, lr: float, beta1: float, beta2: float,
+    param: torch.Tensor, grad: torch.Tensor, state: reference.AdamWState, *, lr: float, beta1: float, beta2: float,
     eps: float, weight_decay: float, maximize: bool = False,
 ) -> None:  # fmt: skip
-    """Fused compact AdamW step (see :func:`lightning_ft.sparse.compact.sparse_adamw_`, its reference).
+    """Fused compact AdamW step (see :func:`lightning_ft.cuda_ext.reference.sparse_adamw_`, its reference).
 
     The kernel runs for fp32, bf16 and fp16 weights and gradients on CUDA with a contiguous weight.
     """

@@ -4,9 +4,11 @@ Only the selected entries hold optimizer state: flat indices (int32 when the ten
 elements), the two AdamW moments in fp32 and, for weights stored in a low-precision dtype, an fp32 master copy
 of the selected values. At density d the state is about ``(8 + 4) * d`` bytes per weight instead of AdamW's 8.
 
-:func:`sparse_adamw_` is the reference of the fused kernel of the cuda_ext issue: gather the gradient at the
-indices, AdamW on the compact values and moments, write the values back. Its arithmetic is the one of
-``torch.optim.AdamW``'s single-tensor path, operation for operation, so at density 1 it reproduces AdamW bit for bit.
+:func:`sparse_adamw_` is :func:`lightning_ft.cuda_ext.sparse_adamw_`, the one dispatch of the compact AdamW step
+(the fused kernel on CUDA, else its reference :func:`lightning_ft.cuda_ext.reference.sparse_adamw_`): gather the
+gradient at the indices, AdamW on the compact values and moments, write the values back. Its arithmetic is the one
+of ``torch.optim.AdamW``'s single-tensor path, operation for operation, so at density 1 it reproduces AdamW bit for
+bit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from lightning_ft.cuda_ext import sparse_adamw_
 
 __all__ = ["CompactState", "mask_gradient_", "sparse_adamw_"]
 
@@ -109,48 +113,3 @@ def mask_gradient_(grad: torch.Tensor, indices: torch.Tensor) -> None:
     kept = flat[indices]
     flat.zero_()
     flat[indices] = kept
-
-
-@torch.no_grad()
-def sparse_adamw_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: CompactState,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-) -> None:
-    """One AdamW step on the selected entries of ``param``; every other entry is left untouched.
-
-    Args:
-        param: The dense weight (contiguous), updated in place at ``state.indices`` only.
-        grad: Its dense gradient (same shape).
-        state: The compact state, updated in place.
-        lr: Learning rate.
-        beta1: First-moment decay.
-        beta2: Second-moment decay.
-        eps: Denominator term.
-        weight_decay: Decoupled weight decay, applied to the selected entries only.
-        maximize: Ascend instead of descend.
-    """
-    flat = param.view(-1)
-    idx = state.indices
-    g = grad.reshape(-1)[idx].float()
-    if maximize:
-        g = -g
-    values = state.master if state.master is not None else flat[idx]
-    state.step += 1
-    if weight_decay != 0:
-        values.mul_(1 - lr * weight_decay)
-    state.exp_avg.lerp_(g, 1 - beta1)
-    state.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bias_correction1 = 1 - beta1**state.step
-    bias_correction2 = 1 - beta2**state.step
-    step_size = lr / bias_correction1
-    denom = (state.exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    values.addcdiv_(state.exp_avg, denom, value=-step_size)
-    flat[idx] = values.to(param.dtype)

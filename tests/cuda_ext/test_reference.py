@@ -143,3 +143,17 @@ def test_pack_bits_non_contiguous_roundtrip_and_errors() -> None:
     assert torch.equal(cuda_ext.unpack_bits(cuda_ext.pack_bits(view), view.numel()), view.flatten())
     with pytest.raises(ValueError, match="count=17 exceeds the 16 bits"):
         cuda_ext.unpack_bits(torch.zeros(2, dtype=torch.uint8), 17)
+
+
+def test_pack_bits_reference_writes_the_bytes_of_numpy_packbits() -> None:
+    """ComPEFT artifacts written before the reference moved here were packed by numpy: same bytes, both ways."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 8, 9, 63, 1001):
+        bits = torch.rand(n, generator=gen) > 0.5
+        expected = np.packbits(bits.numpy(), bitorder="little")
+        packed = reference.pack_bits(bits)
+        assert packed.dtype == torch.uint8 and packed.tolist() == expected.tolist()
+        back = np.unpackbits(expected, count=n, bitorder="little").astype(bool)
+        assert reference.unpack_bits(torch.from_numpy(expected), n).tolist() == back.tolist()
