@@ -87,7 +87,7 @@ def scorers(val_size: int, test_size: int) -> tuple[Any, Any]:
 
 
 def tensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    from lightning_ft.merging.sources import SafetensorsReader, resolve_path
+    from lightning_ft.core.weights import SafetensorsReader, resolve_path
 
     reader = SafetensorsReader(resolve_path(str(folder)))
     return {k: reader.get(k) for k in reader.keys()}

@@ -127,7 +127,7 @@ def main() -> None:
         return task_score(val(state), args.tasks)
 
     rows: list[dict[str, Any]] = []
-    from lightning_ft.merging.sources import SafetensorsReader, resolve_path
+    from lightning_ft.core.weights import SafetensorsReader, resolve_path
 
     base_reader = SafetensorsReader(resolve_path("smollm2-135m"))
     base_state = {k: base_reader.get(k) for k in base_reader.keys()}

@@ -6,12 +6,13 @@ weak registry, so every callback that asks for it gets the same object and
 the pretrained weights are never held twice.  In disk mode the snapshot keeps
 nothing in memory and re-reads each tensor from the safetensors file(s) the
 model was loaded from; tensors that are not in the file, or differ from it at
-capture time, are copied to CPU memory instead.
+capture time, are copied to CPU memory instead.  Which file holds which tensor is
+resolved by :func:`lightning_ft.core.weights.safetensors_index`, the one resolution of a
+folder, a single file or a sharded index.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import warnings
@@ -24,13 +25,11 @@ from typing import Any, Literal
 import torch
 from safetensors import safe_open
 
-from lightning_ft.core.layer_map import LayerMap, ParamInfo, plain_name
+from lightning_ft.core.layer_map import LayerMap, ParamInfo, is_quantized_param, plain_name
+from lightning_ft.core.weights import INDEX_FILE, SINGLE_FILE, safetensors_index
 
 Storage = Literal["auto", "disk", "memory"]
-
-_SINGLE_FILE = "model.safetensors"
-_INDEX_FILE = "model.safetensors.index.json"
-_QUANTIZED_PARAM_TYPES = frozenset({"Params4bit", "Int8Params"})
+_safetensors_files = safetensors_index  # the former private name (callbacks/lines.py imported it); use the public one
 
 
 @dataclass(frozen=True)
@@ -40,34 +39,6 @@ class _DiskRef:
     file: str
     key: str
     dtype: torch.dtype
-
-
-def _safetensors_files(path: Path) -> dict[str, str] | None:
-    """Map each tensor key to its safetensors file for a folder or file.
-
-    Args:
-        path: A folder holding ``model.safetensors`` or a sharded index, a
-            ``.safetensors`` file, or a ``.safetensors.index.json`` file.
-
-    Returns:
-        Key -> file path, or ``None`` when ``path`` holds no safetensors.
-    """
-    if path.is_dir():
-        if (path / _SINGLE_FILE).is_file():
-            path = path / _SINGLE_FILE
-        elif (path / _INDEX_FILE).is_file():
-            path = path / _INDEX_FILE
-        else:
-            return None
-    if not path.is_file():
-        return None
-    if path.name.endswith(".index.json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
-        return {key: str(path.parent / shard) for key, shard in weight_map.items()}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: str(path) for key in handle.keys()}
-    return None
 
 
 def _candidate_sources(model: torch.nn.Module) -> list[str]:
@@ -91,15 +62,10 @@ def _resolve_index(
     """Return ``(path, key -> file map)`` of ``source`` or of the model's own folder."""
     candidates = [os.fspath(source)] if source is not None else _candidate_sources(model)
     for candidate in candidates:
-        index = _safetensors_files(Path(candidate).expanduser())
+        index = safetensors_index(Path(candidate).expanduser())
         if index is not None:
             return candidate, index
     return None
-
-
-def _is_quantized(param: torch.Tensor) -> bool:
-    """Whether ``param`` is a bitsandbytes quantized parameter."""
-    return type(param).__name__ in _QUANTIZED_PARAM_TYPES
 
 
 def _cpu_copy(param: torch.Tensor) -> torch.Tensor:
@@ -225,7 +191,7 @@ class PretrainedSnapshot:
         if storage == "disk" and found is None:
             raise ValueError(
                 "storage='disk' needs `source=` to name a local folder (or file) holding "
-                f"{_SINGLE_FILE} or {_INDEX_FILE}, and none was found."
+                f"{SINGLE_FILE} or {INDEX_FILE}, and none was found."
             )
         snapshot = cls(LayerMap.from_model(model), found)
         params = snapshot.layer_map.parameters(model)
@@ -272,9 +238,9 @@ class PretrainedSnapshot:
             ValueError: If ``source`` holds no safetensors, or lacks one of ``names``, or holds it with
                 another shape than the model's (the message names the first such tensor).
         """
-        index = _safetensors_files(Path(source).expanduser())
+        index = safetensors_index(Path(source).expanduser())
         if index is None:
-            raise ValueError(f"{os.fspath(source)} holds no {_SINGLE_FILE} or {_INDEX_FILE}")
+            raise ValueError(f"{os.fspath(source)} holds no {SINGLE_FILE} or {INDEX_FILE}")
         snapshot = cls(LayerMap.from_model(model), (os.fspath(source), index))
         params = snapshot.layer_map.parameters(model)
         chosen = [snapshot.layer_map.canonical(n) for n in names]
@@ -306,7 +272,7 @@ class PretrainedSnapshot:
 
     def _find_on_disk(self, info: ParamInfo, param: torch.Tensor) -> _DiskRef | None:
         """Return the file tensor equal to ``param``, or ``None``."""
-        if not self._index or info.adapter is not None or _is_quantized(param):
+        if not self._index or info.adapter is not None or is_quantized_param(param):
             return None
         for key in [info.base_name, *map(plain_name, info.aliases)]:
             file = self._index.get(key)

@@ -3,11 +3,14 @@ ComPEFT, LiNeS.
 
 The pure per-tensor functions live in :mod:`~lightning_ft.merging.ops` (the merge methods compute what mergekit
 0.1.5 computes), the method registry in :mod:`~lightning_ft.merging.registry`, the streaming engine in
-:mod:`~lightning_ft.merging.engine`, readers of every ingredient format in :mod:`~lightning_ft.merging.sources` and
-ComPEFT artifacts in :mod:`~lightning_ft.merging.compeft`. The ``lightning-ft merge|compress|decompress`` commands
-(which also run mergekit recipes) are in :mod:`~lightning_ft.merging.cli`.
+:mod:`~lightning_ft.merging.engine` and ComPEFT artifacts in :mod:`~lightning_ft.merging.compeft` (which registers
+the format with :func:`lightning_ft.core.weights.register_format`). Readers of every ingredient format live in
+:mod:`lightning_ft.core.weights` (re-exported by :mod:`~lightning_ft.merging.sources` for old imports). The
+``lightning-ft merge|compress|decompress`` commands (which also run mergekit recipes) are in
+:mod:`~lightning_ft.merging.cli`.
 """
 
+from lightning_ft.core.weights import open_source
 from lightning_ft.merging.compeft import CompressReport, compress, open_artifact
 from lightning_ft.merging.engine import MergePlan, MergeResult, check_compatible, merge, parse_dtype, save_hf_folder
 from lightning_ft.merging.ops import (
@@ -32,7 +35,6 @@ from lightning_ft.merging.ops import (
     uniform_soup,
 )
 from lightning_ft.merging.registry import MERGE_METHODS, MergeMethod, ResolvedParams, get_method, register
-from lightning_ft.merging.sources import open_source
 
 __all__ = [
     "MERGE_METHODS",

@@ -29,11 +29,12 @@ from typing import Any, Literal, NoReturn
 import yaml
 
 from lightning_ft.core.io import check_output
+from lightning_ft.core.weights import resolve_path
 from lightning_ft.errors import UsageError, UserError, did_you_mean
 from lightning_ft.merging.compeft import compress, is_compeft_artifact
 from lightning_ft.merging.engine import MergePlan, ScoreFn, merge, parse_dtype, save_hf_folder
 from lightning_ft.merging.registry import MERGE_METHODS, get_method
-from lightning_ft.merging.sources import resolve_path
+from lightning_ft.sparse.artifact import apply_sparse, is_sparse_artifact
 
 __all__ = ["build_score", "main"]
 
@@ -417,8 +418,6 @@ def main(argv: list[str]) -> None:
         raise UsageError(f"a post-hoc command is needed: one of {', '.join(commands)}.", usage)
     command, rest = argv[0], argv[1:]
     if command == "sparse-apply":
-        from lightning_ft.sparse.artifact import apply_sparse, is_sparse_artifact
-
         args = _sparse_apply_parser().parse_args(rest)
         _check_output(args, args.output, [("--base", args.base), *(("--sft", a) for a in args.sft)], "folder")
         for artifact in args.sft:
@@ -436,8 +435,6 @@ def main(argv: list[str]) -> None:
         report = compress(args.base, args.model, args.output, args.density, args.alpha, args.scope, args.overwrite)
         print(report.markdown())
     else:
-        from lightning_ft.sparse.artifact import is_sparse_artifact
-
         args = _decompress_parser().parse_args(rest)
         _check_output(args, args.output, [("--base", args.base), ("--artifact", args.artifact)], "folder")
         if not (is_compeft_artifact(args.artifact) or is_sparse_artifact(args.artifact)):

@@ -12,6 +12,11 @@ Unchanged entries are never kept: ``k`` is at most the number of non-zero entrie
 chosen scope), so every entry with ``tau == 0`` decompresses to exactly 0, as ``sign(0) = 0`` gives in the
 official code. A fine-tune that leaves most entries alone (sparse, layer-frozen, HFT) therefore keeps
 fewer than ``floor(density * n)`` entries.
+
+Bits are packed and unpacked by :func:`lightning_ft.cuda_ext.pack_bits` / :func:`~lightning_ft.cuda_ext.unpack_bits`
+(the CUDA kernel for CUDA tensors, else the PyTorch reference), whose bytes are those of
+``numpy.packbits(..., bitorder="little")``, the format of every artifact written so far. Importing this module
+registers the format with :func:`lightning_ft.core.weights.register_format`, so ``open_source`` opens artifacts.
 """
 
 from __future__ import annotations
@@ -24,29 +29,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_ft.core.io import atomic_file, check_output
+from lightning_ft.core.weights import (
+    LoRASource,
+    SafetensorsReader,
+    TensorSource,
+    open_source,
+    register_format,
+    resolve_path,
+)
+from lightning_ft.cuda_ext import pack_bits, unpack_bits
 from lightning_ft.merging.ops import ternarize
-from lightning_ft.merging.sources import LoRASource, SafetensorsReader, TensorSource, open_source, resolve_path
 
 FORMAT = "lightning_ft.compeft"
 Scope = Literal["global", "tensor"]
 
 __all__ = ["CompressReport", "compress", "is_compeft_artifact", "open_artifact", "pack_bits", "unpack_bits"]
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor (flattened) into uint8, 8 bits per byte, little bit order."""
-    return torch.from_numpy(np.packbits(bits.flatten().cpu().numpy().astype(bool), bitorder="little"))
-
-
-def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``count`` bits as a boolean tensor."""
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count, bitorder="little").astype(bool))
 
 
 @dataclass
@@ -198,7 +200,9 @@ def compress(
 
 
 def is_compeft_artifact(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a ComPEFT artifact written by :func:`compress`."""
+    """Whether ``path`` is a ComPEFT artifact written by :func:`compress` (checked from its metadata only)."""
+    if not Path(path).is_file():
+        return False
     try:
         with safe_open(str(path), framework="pt") as handle:
             return (handle.metadata() or {}).get("format") == FORMAT
@@ -263,3 +267,6 @@ def open_artifact(path: str | os.PathLike[str]) -> TensorSource:
         source.kind = "compeft"
         return source
     return CompeftSource(artifact)
+
+
+register_format("compeft", is_compeft_artifact, open_artifact, "a ComPEFT artifact")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,19 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from lightning_ft.core.io import atomic_dir, check_output
 from lightning_ft.core.layer_map import classify
+from lightning_ft.core.weights import SafetensorsReader, TensorSource, open_source, resolve_path
+from lightning_ft.core.weights import save_hf_folder as write_hf_folder
 from lightning_ft.merging.ops import NonBlockScale, lines_alpha_from_norms, lines_factor
 from lightning_ft.merging.registry import MergeMethod, get_method
-from lightning_ft.merging.sources import SafetensorsReader, TensorSource, open_source, resolve_path
 
 ScoreFn = Callable[[dict[str, torch.Tensor]], float]
 
 __all__ = ["MergePlan", "MergeResult", "check_compatible", "merge", "parse_dtype", "save_hf_folder"]
-
-_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def check_compatible(base: SafetensorsReader, sources: Sequence[TensorSource]) -> None:
@@ -342,43 +338,26 @@ def save_hf_folder(
     inputs: Sequence[str | os.PathLike[str]] = (),
     overwrite: bool = False,
 ) -> Path:
-    """Write ``state`` as ``model.safetensors`` next to the base's config and tokenizer files (+ report).
-
-    The folder is written whole or not at all (:func:`lightning_ft.core.io.atomic_dir`): a failed write leaves a
-    previous ``output`` byte-identical. An ``output`` that is, holds or sits inside the base or one of ``inputs`` is
-    refused, and so is an existing non-empty one unless ``overwrite``.
+    """:func:`lightning_ft.core.weights.save_hf_folder` with a merge report (``merge_report.json`` and ``.md``).
 
     Args:
         state: The tensors to save.
         base: The base model (folder or bundled alias) whose config and tokenizer files are copied.
-        output: The folder to write.
+        output: The folder to write (whole or not at all).
         report: A merge report, written as ``merge_report.json`` and ``merge_report.md``.
         dtype: The merge's output dtype (when it was set), written into ``config.json``.
         extra_files: More text files to write into the folder (name -> text).
         inputs: The other inputs the output must not touch.
         overwrite: Replace an existing non-empty ``output``.
+
+    Returns:
+        The output folder.
     """
-    src = resolve_path(base)
-    check_output(output, [("base", src), *(("input", p) for p in inputs)], kind="folder", overwrite=overwrite,
-                 argument="output", overwrite_flag="overwrite=True")  # fmt: skip
-    with atomic_dir(output) as out:
-        if src.is_dir():
-            for item in src.iterdir():
-                if item.is_file() and not item.name.endswith(_WEIGHT_FILES) and not item.name.endswith(".index.json"):
-                    shutil.copy2(item, out / item.name)
-        if dtype is not None and (out / "config.json").is_file():
-            config = json.loads((out / "config.json").read_text())
-            name = str(dtype).removeprefix("torch.")
-            config.update({"dtype": name}, **({"torch_dtype": name} if "torch_dtype" in config else {}))
-            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tensors = {k: v.contiguous() for k, v in state.items()}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        if report is not None:
-            (out / "merge_report.json").write_text(json.dumps(report, indent=2, default=str))
-            (out / "merge_report.md").write_text(report_markdown(report))
-        for name, text in (extra_files or {}).items():
-            (out / name).write_text(text)
-    return Path(output)
+    files = dict(extra_files or {})
+    if report is not None:
+        files = {"merge_report.json": json.dumps(report, indent=2, default=str),
+                 "merge_report.md": report_markdown(report), **files}  # fmt: skip
+    return write_hf_folder(state, base, output, dtype=dtype, extra_files=files, inputs=inputs, overwrite=overwrite)
 
 
 def report_markdown(report: dict[str, Any]) -> str:

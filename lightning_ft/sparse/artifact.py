@@ -8,7 +8,8 @@ does the same from the command line. The file is written whole or not at all, an
 
 File layout (one ``.safetensors``): ``<key>::indices`` (int32, or int64 for tensors of 2**31 entries or more),
 ``<key>::values`` (fp32), ``<key>::dense`` (the tensor's own dtype); metadata ``format``, ``version``,
-``shapes`` and ``base`` (the model it was trained from).
+``shapes`` and ``base`` (the model it was trained from). Importing this module registers the format with
+:func:`lightning_ft.core.weights.register_format`, so ``open_source`` (merging) opens artifacts as ingredients.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from lightning_ft.core.io import atomic_file, check_finite, check_output
+from lightning_ft.core.layer_map import plain_name
+from lightning_ft.core.weights import SafetensorsReader, TensorSource, register_format, resolve_path, save_hf_folder
 from lightning_ft.errors import UserError
-from lightning_ft.merging.sources import SafetensorsReader, TensorSource, resolve_path
 
 __all__ = ["FORMAT", "SparseDelta", "SparseSource", "apply_sparse", "is_sparse_artifact"]
 
@@ -188,10 +193,6 @@ class SparseDelta:
         Raises:
             UserError: A value is NaN or inf (a fit that diverged): nothing is written and a previous file stays.
         """
-        from safetensors.torch import save_file
-
-        from lightning_ft.core.io import atomic_file, check_finite
-
         check_finite({**self.values, **self.dense}, f"the sparse delta {path}")
         tensors: dict[str, torch.Tensor] = {}
         for key in self.values:
@@ -214,8 +215,6 @@ class SparseDelta:
         Raises:
             ValueError: If the file is not a sparse fine-tuning artifact.
         """
-        from safetensors import safe_open
-
         p = Path(path)
         if not is_sparse_artifact(p):
             raise UserError(f"{p} is not a lightning-ft sparse fine-tuning artifact (.safetensors written by "
@@ -235,8 +234,6 @@ def is_sparse_artifact(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
     if not p.is_file() or p.suffix != ".safetensors":
         return False
-    from safetensors import safe_open
-
     try:
         with safe_open(str(p), framework="pt") as handle:
             return (handle.metadata() or {}).get("format") == FORMAT
@@ -294,9 +291,6 @@ def apply_sparse(
     Raises:
         ValueError: If ``scales`` does not match ``artifacts`` or an artifact does not fit the base.
     """
-    from lightning_ft.core.io import check_output
-    from lightning_ft.merging.engine import save_hf_folder
-
     paths = [a for a in artifacts if not isinstance(a, SparseDelta)]
     check_output(output, [("base", resolve_path(base)), *(("artifact", p) for p in paths)], kind="folder",
                  overwrite=overwrite, argument="output", overwrite_flag="overwrite=True")  # fmt: skip
@@ -329,8 +323,6 @@ def apply_sparse(
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Plain transformers key -> live tensor (peft and tied aliases resolved through the state dict)."""
-    from lightning_ft.core.layer_map import plain_name
-
     return {plain_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
 
 
@@ -343,3 +335,7 @@ def _prod(shape: Iterable[int]) -> int:
     for s in shape:
         out *= s
     return out
+
+
+register_format("sparse", is_sparse_artifact, SparseSource,
+                "a sparse fine-tuning artifact (sparse_delta.safetensors)")  # fmt: skip

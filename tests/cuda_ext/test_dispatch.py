@@ -55,3 +55,11 @@ def test_sparse_fine_tuning_steps_through_the_dispatch() -> None:
     from lightning_ft.callbacks import sparse
 
     assert sparse.sparse_adamw_ is cuda_ext.sparse_adamw_
+
+
+def test_methods_call_the_dispatch_and_have_no_copy_of_the_kernels_math() -> None:
+    from lightning_ft.merging import compeft
+    from lightning_ft.sparse import compact
+
+    assert compact.sparse_adamw_ is cuda_ext.sparse_adamw_
+    assert compeft.pack_bits is cuda_ext.pack_bits and compeft.unpack_bits is cuda_ext.unpack_bits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,34 @@ def test_mismatches_are_refused_naming_the_first_tensor(
     plan = MergePlan.build(str(tiny["base"]), [str(tiny["a"])], "task_arithmetic", lines=True)
     with pytest.raises(ValueError, match="give eval data"):
         merge(plan, beta="sweep")
+
+
+def test_open_source_imports_the_format_modules_by_name_and_asks_their_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_ft.core.weights import open_source, sources
+
+    (tmp_path / "lft_test_format.py").write_text(
+        "from lightning_ft.core.weights import TensorSource, register_format\n"
+        "class Marked(TensorSource):\n"
+        "    kind = 'marked'\n"
+        "    def __init__(self, path):\n"
+        "        self.name = str(path)\n"
+        "register_format('marked', lambda p: p.suffix == '.marked', Marked, 'a marked file')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lft_test_format", raising=False)
+    monkeypatch.setattr(sources, "_FORMATS", {})
+    monkeypatch.setattr(sources, "FORMAT_MODULES", ("lft_test_format",))
+    (tmp_path / "x.marked").write_bytes(b"")
+    source = open_source(tmp_path / "x.marked", [])
+    assert (source.kind, source.name) == ("marked", str(tmp_path / "x.marked"))
+    with pytest.raises(ValueError) as err:
+        open_source(tmp_path, [])
+    assert str(err.value) == (
+        f"{tmp_path} is not an HF folder (model.safetensors), a peft adapter folder, a Lightning .ckpt or a marked "
+        "file."
+    )
 
 
 def test_greedy_soup_keeps_ingredients_that_improve_the_score(tiny: dict[str, Path], tmp_path: Path) -> None:
