@@ -188,15 +188,16 @@ def compress(
         else:
             tensors[f"{key}::index"] = index
         tensors[f"{key}::scale"] = torch.tensor([scale], dtype=torch.float32)
+    kind = "lora" if isinstance(source, LoRASource) else "full"
     header = {
-        "kind": "lora" if isinstance(source, LoRASource) else "full",
+        "kind": kind,
         "density": density, "alpha": alpha, "scope": scope, "base": str(base), "source": str(model),
         "tensors": meta, "lora_config": getattr(source, "config", None),
     }  # fmt: skip
     out = Path(output)
     with atomic_file(out) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "compeft": json.dumps(header)})
-    return CompressReport(str(out), header["kind"], len(meta), kept, total, dense, out.stat().st_size)
+    return CompressReport(str(out), kind, len(meta), kept, total, dense, out.stat().st_size)
 
 
 def is_compeft_artifact(path: str | os.PathLike[str]) -> bool:
