@@ -8,14 +8,17 @@ wrappers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from lightning_ft.core.layer_map import _split_peft_name, is_quantized_param
 
-__all__ = ["DecoderParts", "decoder_parts", "plain_state"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["DecoderParts", "decoder_parts", "input_embeddings", "plain_state"]
 
 _LAYER_ATTRS = ("layers", "h", "blocks")
 _NORM_ATTRS = ("norm", "ln_f", "final_layer_norm")
@@ -38,11 +41,16 @@ class DecoderParts:
     config: Any
 
 
-def _unwrapped(backbone: nn.Module) -> nn.Module:
+def _unwrapped(backbone: nn.Module) -> PreTrainedModel:
     """The transformers model inside a peft wrapper (the model itself otherwise)."""
     from peft import PeftModel
 
-    return backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+    return cast("PreTrainedModel", backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone)
+
+
+def input_embeddings(backbone: nn.Module) -> nn.Embedding:
+    """The input embedding table of a (peft-wrapped) transformers model."""
+    return cast(nn.Embedding, _unwrapped(backbone).get_input_embeddings())
 
 
 def _child(module: nn.Module, names: tuple[str, ...], kind: type) -> Any:

@@ -22,20 +22,23 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 from lightning_ft.core.anatomy import DecoderParts, decoder_parts, plain_state
+from lightning_ft.core.host import MixinBase, ModuleHost
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules.backbone import export_path
 from lightning_ft.objectives._common import log_train, training_progress
 
-__all__ = ["HeadSchedule", "MultiTokenHeadsMixin", "chunked_unembedding_ce", "heads_schedule"]
+__all__ = ["CAFTSettings", "HeadSchedule", "MultiTokenHeadsMixin", "chunked_unembedding_ce", "heads_schedule"]
 
 HeadSchedule = Literal["rsine", "sine", "linear", "constant"]
 Stage = Literal["heads", "finetune"]
@@ -111,7 +114,7 @@ class _Unembedding(nn.Module):
             rows = part(rows)
         return rows
 
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:  # type: ignore[override]
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         for part in self.parts:
             yield from part.parameters(recurse)
 
@@ -129,7 +132,61 @@ def _new_layer(template: nn.Module, config: Any, index: int) -> nn.Module:
         return type(template)(config)
 
 
-class MultiTokenHeadsMixin:
+@dataclass(frozen=True)
+class CAFTSettings:
+    """The settings of :class:`MultiTokenHeadsMixin`, named as its arguments; invalid values raise one sentence.
+
+    Attributes:
+        num_heads: Auxiliary heads.
+        layers_per_head: Decoder layers per head.
+        stage: ``heads`` or ``finetune``.
+        train_heads: Whether the heads train (``None``: in stage ``heads`` only; see :attr:`trains_heads`).
+        decay: ``gamma``.
+        heads_coefficient: ``alpha``.
+        heads_schedule: ``s(t)``.
+        schedule_ratio: Fraction of training over which ``sine`` rises.
+        final_norm: Pass the head outputs through the final norm.
+        ce_chunk_size: Rows per chunk of the auxiliary cross-entropies.
+        heads_output: Where ``on_fit_end`` writes the heads (``None``: default, ``""``: disabled).
+    """
+
+    num_heads: int = 4
+    layers_per_head: int = 1
+    stage: Stage = "finetune"
+    train_heads: bool | None = None
+    decay: float = 0.8
+    heads_coefficient: float = 0.01
+    heads_schedule: HeadSchedule = "rsine"
+    schedule_ratio: float = 1.0
+    final_norm: bool = True
+    ce_chunk_size: int = 1024
+    heads_output: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_heads >= 1, f"num_heads={self.num_heads} must be at least 1."),
+            (self.layers_per_head >= 1, f"layers_per_head={self.layers_per_head} must be at least 1."),
+            (self.stage in ("heads", "finetune"), f"stage={self.stage!r} is not a stage: use 'heads' or 'finetune'."),
+            (0 < self.decay <= 1, f"decay={self.decay} must be in (0, 1]: the paper uses 0.8."),
+            (self.heads_coefficient >= 0, f"heads_coefficient={self.heads_coefficient} must be zero or positive."),
+            (self.heads_schedule in ("rsine", "sine", "linear", "constant"),
+             f"heads_schedule={self.heads_schedule!r} is not a schedule: use 'rsine', 'sine', 'linear' or 'constant'."),
+            (0 < self.schedule_ratio <= 1, f"schedule_ratio={self.schedule_ratio} must be in (0, 1]."),
+            (self.ce_chunk_size >= 1, f"ce_chunk_size={self.ce_chunk_size} must be at least 1."),
+            (not (self.stage == "heads" and self.train_heads is False),
+             "stage='heads' with train_heads=false trains nothing: drop train_heads or use stage: finetune."),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def trains_heads(self) -> bool:
+        """Whether the heads train: ``train_heads``, by default in stage ``heads`` only."""
+        return self.stage == "heads" if self.train_heads is None else self.train_heads
+
+
+class MultiTokenHeadsMixin(MixinBase):
     """CAFT: auxiliary heads predicting tokens ``t+2 .. t+n`` whose losses shape the trunk during fine-tuning.
 
     Mix into :class:`~lightning_ft.modules.CausalLMModule` (``class M(MultiTokenHeadsMixin, CausalLMModule)``,
@@ -199,30 +256,17 @@ class MultiTokenHeadsMixin:
         heads_output: str | None = None,
         **kwargs: Any,
     ) -> None:
-        checks = [
-            (num_heads >= 1, f"num_heads={num_heads} must be at least 1."),
-            (layers_per_head >= 1, f"layers_per_head={layers_per_head} must be at least 1."),
-            (stage in ("heads", "finetune"), f"stage={stage!r} is not a stage: use 'heads' or 'finetune'."),
-            (0 < decay <= 1, f"decay={decay} must be in (0, 1]: the paper uses 0.8."),
-            (heads_coefficient >= 0, f"heads_coefficient={heads_coefficient} must be zero or positive."),
-            (heads_schedule in ("rsine", "sine", "linear", "constant"),
-             f"heads_schedule={heads_schedule!r} is not a schedule: use 'rsine', 'sine', 'linear' or 'constant'."),
-            (0 < schedule_ratio <= 1, f"schedule_ratio={schedule_ratio} must be in (0, 1]."),
-            (ce_chunk_size >= 1, f"ce_chunk_size={ce_chunk_size} must be at least 1."),
-            (not (stage == "heads" and train_heads is False),
-             "stage='heads' with train_heads=false trains nothing: drop train_heads or use stage: finetune."),
-            (not (stage == "heads" and kwargs.get("peft")),
-             "stage='heads' freezes the whole backbone, so peft would train nothing: set peft to null for this stage."),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        super().__init__(**kwargs)
-        self.caft = dict(
-            num_heads=num_heads, layers_per_head=layers_per_head, stage=stage, decay=decay,
-            coefficient=heads_coefficient, schedule=heads_schedule, ratio=schedule_ratio, final_norm=final_norm,
-            chunk=ce_chunk_size, output=heads_output,
+        if stage == "heads" and kwargs.get("peft"):
+            raise ValueError(
+                "stage='heads' freezes the whole backbone, so peft would train nothing: set peft to null for this stage."
+            )
+        settings = CAFTSettings(
+            num_heads=num_heads, layers_per_head=layers_per_head, stage=stage, train_heads=train_heads, decay=decay,
+            heads_coefficient=heads_coefficient, heads_schedule=heads_schedule, schedule_ratio=schedule_ratio,
+            final_norm=final_norm, ce_chunk_size=ce_chunk_size, heads_output=heads_output,
         )  # fmt: skip
+        super().__init__(**kwargs)
+        self.caft_settings = settings
         parts = self._decoder()
         layers, config = parts.layers, parts.config
         if not -len(layers) <= init_layer < len(layers):
@@ -233,8 +277,7 @@ class MultiTokenHeadsMixin:
         if stage == "heads":
             for param in self.backbone.parameters():
                 param.requires_grad_(False)
-        train = stage == "heads" if train_heads is None else train_heads
-        self.aux_heads.requires_grad_(train)
+        self.aux_heads.requires_grad_(settings.trains_heads)
         self.head_metrics = nn.ModuleList(MeanMetric() for _ in range(num_heads))
 
     # ------------------------------------------------------------------ heads
@@ -247,10 +290,11 @@ class MultiTokenHeadsMixin:
         dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
         heads = nn.ModuleList()
         with torch.random.fork_rng(devices=[]):  # building the layers must not shift the user's seed stream
-            for k in range(self.caft["num_heads"]):
+            per_head = self.caft_settings.layers_per_head
+            for k in range(self.caft_settings.num_heads):
                 head = nn.ModuleList()
-                for j in range(self.caft["layers_per_head"]):
-                    layer = _new_layer(template, config, len(layers) + k * self.caft["layers_per_head"] + j)
+                for j in range(per_head):
+                    layer = _new_layer(template, config, len(layers) + k * per_head + j)
                     layer.load_state_dict(state, strict=True)
                     head.append(layer.to(dtype))
                 heads.append(head)
@@ -294,12 +338,12 @@ class MultiTokenHeadsMixin:
 
     def _heads_signature(self) -> dict[str, Any]:
         config = self._decoder().config
-        return {"num_heads": self.caft["num_heads"], "layers_per_head": self.caft["layers_per_head"],
+        return {"num_heads": self.caft_settings.num_heads, "layers_per_head": self.caft_settings.layers_per_head,
                 "layer": type(self.aux_heads[0][0]).__name__, "hidden_size": int(config.hidden_size)}  # fmt: skip
 
     def heads_output_path(self) -> Path | None:
         """Where ``on_fit_end`` writes the heads, or ``None`` when disabled."""
-        return export_path(self.caft["output"], getattr(self, "_trainer", None), "aux_heads.safetensors")
+        return export_path(self.caft_settings.heads_output, self._trainer, "aux_heads.safetensors")
 
     # ------------------------------------------------------------------ forward
     @contextmanager
@@ -354,43 +398,44 @@ class MultiTokenHeadsMixin:
     def head_ce_sums(self, store: dict[str, Any], labels: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         """``(summed CE, target count)`` per auxiliary head; head ``k`` at ``t`` predicts ``labels[t + 1 + k]``."""
         parts = self._decoder()
-        unembed = _Unembedding(parts.final_norm if self.caft["final_norm"] else None, parts.head)
+        unembed = _Unembedding(parts.final_norm if self.caft_settings.final_norm else None, parts.head)
         sums = []
         for k, out in enumerate(self.head_hidden_states(store), start=1):
             targets = labels[:, 1 + k :]
             keep = targets != IGNORE_INDEX
             rows = out[:, : targets.shape[1]][keep]
-            sums.append((chunked_unembedding_ce(rows, targets[keep], unembed, self.caft["chunk"]), int(keep.sum())))
+            sums.append((chunked_unembedding_ce(rows, targets[keep], unembed, self.caft_settings.ce_chunk_size), int(keep.sum())))
         return sums
 
     def head_weights(self) -> list[float]:
         """The current weight of each auxiliary CE (``decay^k`` in stage heads, ``decay^k alpha s(t)`` after)."""
-        gammas = [self.caft["decay"] ** k for k in range(1, self.caft["num_heads"] + 1)]
-        if self.caft["stage"] == "heads":
+        cfg = self.caft_settings
+        gammas = [cfg.decay**k for k in range(1, cfg.num_heads + 1)]
+        if cfg.stage == "heads":
             return gammas
-        step, total = training_progress(self)  # type: ignore[arg-type]
-        scale = self.caft["coefficient"] * heads_schedule(self.caft["schedule"], step, total, self.caft["ratio"])
+        step, total = training_progress(self)
+        scale = cfg.heads_coefficient * heads_schedule(cfg.heads_schedule, step, total, cfg.schedule_ratio)
         return [g * scale for g in gammas]
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Main CE plus the weighted auxiliary CEs (stage ``finetune``), or the auxiliary CEs alone (``heads``)."""
         with self._capture_last_layer_input() as store:
-            if self.caft["stage"] == "heads":
+            if self.caft_settings.stage == "heads":
                 with torch.no_grad():
                     self._trunk_forward(batch)
                 main = None
             else:
-                main = super().compute_loss(batch)  # type: ignore[misc]
+                main = cast(ModuleHost, super()).compute_loss(batch)
         weights = self.head_weights()
         aux_needed = any(w > 0 for w in weights)
         with torch.set_grad_enabled(torch.is_grad_enabled() and aux_needed):
             ces = [s / max(n, 1) for s, n in self.head_ce_sums(store, batch["labels"])]
         size = batch["input_ids"].shape[0]
         for k, ce in enumerate(ces, start=1):
-            log_train(self, f"train/head_{k}_loss", ce.detach(), size)  # type: ignore[arg-type]
+            log_train(self, f"train/head_{k}_loss", ce.detach(), size)
         if main is not None:
-            log_train(self, "train/main_loss", main.detach(), size)  # type: ignore[arg-type]
-            log_train(self, "train/heads_weight", weights[0] / self.caft["decay"], size)  # type: ignore[arg-type]
+            log_train(self, "train/main_loss", main.detach(), size)
+            log_train(self, "train/heads_weight", weights[0] / self.caft_settings.decay, size)
             if not aux_needed:
                 return main  # weight 0: exactly the plain loss
         aux = sum(w * ce for w, ce in zip(weights, ces))
@@ -398,16 +443,16 @@ class MultiTokenHeadsMixin:
 
     def _trunk_forward(self, batch: dict[str, Any]) -> None:
         extra = {"logits_to_keep": 1} if getattr(self, "_keeps_logits", False) else {}
-        self(batch["input_ids"], batch.get("attention_mask"), **extra)  # type: ignore[operator]
+        self(batch["input_ids"], batch.get("attention_mask"), **extra)
 
     # ------------------------------------------------------------------ evaluation
     def eval_update(self, batch: dict[str, Any]) -> None:
         """The module's metrics, plus per-head CE on language-modelling batches (not on option scoring)."""
         if "labels" not in batch or "label_index" in batch:
-            super().eval_update(batch)  # type: ignore[misc]
+            cast(ModuleHost, super()).eval_update(batch)
             return
         with self._capture_last_layer_input() as store:
-            super().eval_update(batch)  # type: ignore[misc]
+            cast(ModuleHost, super()).eval_update(batch)
         if "bound" not in store:
             return
         with torch.no_grad():
@@ -424,23 +469,24 @@ class MultiTokenHeadsMixin:
         return out
 
     def _log_eval(self, prefix: str) -> None:
-        super()._log_eval(prefix)  # type: ignore[misc]
+        cast(ModuleHost, super())._log_eval(prefix)
         for key, value in self._head_metrics_and_reset().items():
-            self.log(f"{prefix}/{key}", value)  # type: ignore[attr-defined]
+            self.log(f"{prefix}/{key}", value)
 
     @torch.no_grad()
     def evaluate(self, dataloaders: list[Any]) -> dict[str, float]:
         """The module's evaluation outside the Trainer, plus ``head_<k>_loss`` on language-modelling batches."""
         self._head_metrics_and_reset()
-        out = super().evaluate(dataloaders)  # type: ignore[misc]
+        out = cast(ModuleHost, super()).evaluate(dataloaders)
         return {**out, **self._head_metrics_and_reset()}
 
     # ------------------------------------------------------------------ saving
+    @override
     def on_fit_end(self) -> None:
         """Export the backbone (without heads) as the module does, then write the heads file beside it."""
-        super().on_fit_end()  # type: ignore[misc]
+        super().on_fit_end()
         path = self.heads_output_path()
-        trainer = self.trainer  # type: ignore[attr-defined]
+        trainer = self.trainer
         if path is not None and trainer.is_global_zero:
             self.save_heads(path)
         trainer.strategy.barrier("lightning_ft.save_heads")

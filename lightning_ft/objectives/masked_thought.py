@@ -10,14 +10,19 @@ original tokens, so the model learns to predict the reasoning from a corrupted h
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import torch
+from torch import nn
+from typing_extensions import override
 
+from lightning_ft.core.anatomy import input_embeddings
+from lightning_ft.core.host import MixinBase, ModuleHost
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.objectives._common import batch_generator, log_train, training_progress
 
-__all__ = ["MaskedThoughtMixin", "mask_response_tokens", "masked_thought_rate"]
+__all__ = ["MaskedThoughtMixin", "MaskedThoughtSettings", "mask_response_tokens", "masked_thought_rate"]
 
 Replacement = Literal["random", "mask"]
 
@@ -52,7 +57,26 @@ def mask_response_tokens(
     return torch.where(chosen, fill, input_ids)
 
 
-class MaskedThoughtMixin:
+@dataclass(frozen=True)
+class MaskedThoughtSettings:
+    """The settings of :class:`MaskedThoughtMixin`, as its arguments, once the mask id and vocabulary are resolved.
+
+    Attributes:
+        max_rate: ``p_max``.
+        warmup: ``w``.
+        mask_token_id: The replacement id, or ``None`` for uniform random ids.
+        seed: Seed of the masking draws.
+        vocab_size: Random replacements are drawn from ``[0, vocab_size)``.
+    """
+
+    max_rate: float
+    warmup: float
+    mask_token_id: int | None
+    seed: int
+    vocab_size: int
+
+
+class MaskedThoughtMixin(MixinBase):
     """Masked Thought: corrupt response inputs with a ramped probability; labels unchanged (training only).
 
     Mix into :class:`~lightning_ft.modules.CausalLMModule` (ready made as
@@ -73,6 +97,8 @@ class MaskedThoughtMixin:
         seed: Seed of the masking draws.
         **kwargs: Arguments of the LightningModule it is mixed into.
     """
+
+    backbone: nn.Module
 
     def __init__(
         self,
@@ -102,37 +128,34 @@ class MaskedThoughtMixin:
                     "set mask_token_id or use replacement: random."
                 )
         vocab = len(tokenizer) if tokenizer is not None else 0
-        embeddings = self.backbone.get_input_embeddings()  # type: ignore[attr-defined]
-        self.masked_thought = dict(
+        rows = input_embeddings(self.backbone).num_embeddings
+        self.masked_thought_settings = MaskedThoughtSettings(
             max_rate=max_rate, warmup=warmup, mask_token_id=mask_token_id if replacement == "mask" else None, seed=seed,
-            vocab_size=min(vocab, embeddings.num_embeddings) if vocab else embeddings.num_embeddings,
+            vocab_size=min(vocab, rows) if vocab else rows,
         )  # fmt: skip
         self._mt_batch_idx = 0
 
     def mask_rate(self) -> float:
         """``p_t`` at the current optimizer step."""
-        step, total = training_progress(self)  # type: ignore[arg-type]
-        return masked_thought_rate(step, total, self.masked_thought["max_rate"], self.masked_thought["warmup"])
+        step, total = training_progress(self)
+        settings = self.masked_thought_settings
+        return masked_thought_rate(step, total, settings.max_rate, settings.warmup)
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         self._mt_batch_idx = batch_idx
-        return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+        return super().on_train_batch_start(batch, batch_idx)
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The wrapped loss on a batch whose response inputs are masked (only while training)."""
         if getattr(self, "training", False):
             rate = self.mask_rate()
-            log_train(self, "train/mask_rate", rate, batch["input_ids"].shape[0])  # type: ignore[arg-type]
+            log_train(self, "train/mask_rate", rate, batch["input_ids"].shape[0])
             if rate > 0:
-                cfg = self.masked_thought
-                generator = batch_generator(
-                    cfg["seed"],
-                    self.global_step,
-                    self._mt_batch_idx,
-                    self.global_rank,  # type: ignore[attr-defined]
-                )
+                cfg = self.masked_thought_settings
+                generator = batch_generator(cfg.seed, self.global_step, self._mt_batch_idx, self.global_rank)
                 masked = mask_response_tokens(
-                    batch["input_ids"], batch["labels"], rate, generator, cfg["vocab_size"], cfg["mask_token_id"]
+                    batch["input_ids"], batch["labels"], rate, generator, cfg.vocab_size, cfg.mask_token_id
                 )
                 batch = {**batch, "input_ids": masked}
-        return super().compute_loss(batch)  # type: ignore[misc]
+        return cast(ModuleHost, super()).compute_loss(batch)

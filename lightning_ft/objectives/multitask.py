@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_ft.core.host import MixinBase, ModuleHost
 from lightning_ft.data.collate import IGNORE_INDEX, LMCollator, PromptCollator
 from lightning_ft.data.instruction import InstructionDataModule, resolve_tokenizer
 from lightning_ft.data.sampling import train_loader
@@ -270,7 +271,7 @@ def task_balanced_loss(
     return (tw[present] * task_sums[present] / task_counts[present]).sum() / tw[present].sum()
 
 
-class TaskBalancedLossMixin:
+class TaskBalancedLossMixin(MixinBase):
     """MFTCoder's balanced losses: average per task (or per sample), not per token.
 
     Mix into :class:`~lightning_ft.modules.CausalLMModule` (ready made as
@@ -300,14 +301,14 @@ class TaskBalancedLossMixin:
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The task- or sample-balanced loss of the batch (``token``: the wrapped module's loss)."""
         if self.task_balance == "token":
-            return super().compute_loss(batch)  # type: ignore[misc]
+            return cast(ModuleHost, super()).compute_loss(batch)
         if self.task_balance == "task" and "task_id" not in batch:
             raise ValueError(
                 "task_balance='task' needs a task_id per example, which this batch lacks: train with "
                 "MultiTaskDataModule or set task_balance to 'sample' or 'token'."
             )
-        logits, targets, weights = self.aligned_logits(batch)  # type: ignore[attr-defined]
+        logits, targets, weights = cast(ModuleHost, self).aligned_logits(batch)
         nll = aligned_nll(logits, targets)
         task_id = batch.get("task_id", torch.zeros(targets.shape[0], dtype=torch.long, device=targets.device))
-        normalize = self.hparams.loss_normalization  # type: ignore[attr-defined]
+        normalize = self.hparams["loss_normalization"]
         return task_balanced_loss(nll, targets, task_id, weights, self.task_weights, self.task_balance, normalize)

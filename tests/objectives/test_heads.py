@@ -3,6 +3,7 @@ export without heads, both stages from the shipped YAML, one-sentence errors, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_aux_ce_never_holds_more_than_a_chunk_of_logits(tiny_llama_dir: Path) ->
     aux = [shape for shape in rows if len(shape) == 2]
     assert aux and max(shape[0] for shape in aux) <= chunk  # forward and backward recomputation alike
     module.zero_grad()
-    module.caft["chunk"] = 10_000
+    module.caft_settings = dataclasses.replace(module.caft_settings, ce_chunk_size=10_000)
     whole = module.compute_loss(batch)
     whole.backward()
     assert whole.item() == pytest.approx(loss.item(), rel=1e-6)
