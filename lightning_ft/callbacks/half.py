@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Hashable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -21,6 +21,7 @@ from lightning_ft.core.layer_map import KIND_GROUPS, LayerMap, ParamKind
 from lightning_ft.core.selection import SelectionCallback, draw_rng
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.data.sequential import current_task
+from lightning_ft.support import MethodSupport, sharded_refusal
 
 __all__ = ["HalfFineTuning", "hft_frozen"]
 
@@ -143,6 +144,18 @@ class HalfFineTuning(SelectionCallback):
         module: Dotted attribute path to the transformers model inside the LightningModule; default:
             found automatically.
     """
+
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "mixed"}),
+        {
+            "fsdp": sharded_refusal("freezes whole tensors"),
+            "quantized": "{name} trains whole base weights and cannot train a quantized backbone: load the model "
+            "unquantized (quantization: null).",
+            "lora": "{name} trains half of the base weights, but every base weight of {model} is frozen (a peft "
+            "adapter?): use full fine-tuning (peft: null).",
+        },
+        "Redrawing during a fit needs strategy='ddp_find_unused_parameters_true'.",
+    )
 
     def __init__(
         self,

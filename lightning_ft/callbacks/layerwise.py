@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lightning_ft.core.galore import GaLoreProjection
-from lightning_ft.core.layer_map import LayerMap, ParamKind
+from lightning_ft.core.layer_map import LayerMap, ParamKind, is_quantized_param
 from lightning_ft.core.selection import SelectionCallback, draw_rng
+from lightning_ft.support import MethodSupport, sharded_refusal
 
 __all__ = [
     "LayerFreezing", "LayerwiseSampling", "calibration_batches", "input_norms", "outlier_ratios", "sample_blocks",
@@ -49,6 +50,12 @@ class LayerFreezing(SelectionCallback):
         train_pattern: Regex searched in parameter names; matches train.
         module: Dotted attribute path to the transformers model; default: found automatically.
     """
+
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "quantized", "lora", "mixed"}),
+        {"fsdp": sharded_refusal("freezes whole tensors")},
+        "With a LoRA backbone it freezes or trains the adapters of the chosen blocks.",
+    )
 
     def __init__(
         self,
@@ -364,6 +371,12 @@ class LayerwiseSampling(SelectionCallback):
         module: Dotted attribute path to the transformers model; default: found automatically.
     """
 
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "quantized", "lora", "mixed"}),
+        {"fsdp": sharded_refusal("freezes whole tensors")},
+        "Needs strategy='ddp_find_unused_parameters_true'; outlier scores of a quantized backbone must be given.",
+    )
+
     def __init__(
         self,
         num_active: int | None = None,
@@ -444,10 +457,7 @@ class LayerwiseSampling(SelectionCallback):
             raise ValueError(
                 f"num_active={self.gamma} must be between 1 and the model's {layer_map.num_blocks} blocks."
             )
-        quantized = any(
-            type(model.get_parameter(i.name)).__name__ in ("Params4bit", "Int8Params")
-            for i in layer_map.select(kinds=["matrices"])
-        )
+        quantized = any(is_quantized_param(model.get_parameter(i.name)) for i in layer_map.select(kinds=["matrices"]))
         if self.sampling == "outlier" and self.ratios is None and quantized:
             raise ValueError(
                 "LayerwiseSampling cannot score outliers on quantized weights: pass outlier_ratios "

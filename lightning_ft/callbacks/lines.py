@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import re
 
@@ -24,16 +24,16 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_ft.core.io import atomic_file, write_text_atomic
-from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer, plain_name
+from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer, is_quantized_param, plain_name
 from lightning_ft.core.snapshot import PretrainedSnapshot, _safetensors_files
 from lightning_ft.merging.ops import NonBlockScale, lines_factor, lines_scale
-from lightning_ft.support import check_support
+from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+from lightning_ft.support import MethodSupport, check_support, sharded_refusal
 
 __all__ = ["LiNeS"]
 
 ALPHA_GRID = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))  # official: np.arange(0, 1.1, 0.1)[::-1]
 _SKIPPED_ADAPTERS = frozenset({"lora_A", "lora_embedding_A"})  # the low-rank update is scaled through B
-_QUANTIZED = frozenset({"Params4bit", "Int8Params"})
 _SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")  # peft's trainable copy of a module
 _SLACK = 1e-9  # float slack on alpha + beta <= 1 (0.7 + 0.3 is not exactly 1.0)
 
@@ -80,6 +80,12 @@ class LiNeS(L.Callback):
         module: Dotted attribute path to the transformers model inside the LightningModule.
         resave_checkpoint: Re-save each ``ModelCheckpoint``'s ``last_model_path`` after the edit.
     """
+
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "quantized", "lora", "mixed"}),
+        {"fsdp": sharded_refusal("rescales whole tensors at the end of fit")},
+        "With a LoRA or quantized backbone it scales the adapters (not DoRA).",
+    )
 
     def __init__(
         self,
@@ -130,8 +136,9 @@ class LiNeS(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        destroy_process_group_at_exit()  # a clean gloo exit, also for this callback in a user's own module
         self._model = find_transformer(pl_module, self.module)
-        check_support("LiNeS", trainer, self._model)
+        check_support(self, trainer, self._model)
         self._snapshot = PretrainedSnapshot.of(self._model)
         dora = next((i.name for i in self._snapshot.layer_map if i.adapter == "lora_magnitude_vector"), None)
         if dora is not None:
@@ -192,7 +199,7 @@ class LiNeS(L.Callback):
         chosen = []
         for info in snapshot.layer_map:
             param = model.get_parameter(info.name)
-            if info.adapter in _SKIPPED_ADAPTERS or type(param).__name__ in _QUANTIZED:
+            if info.adapter in _SKIPPED_ADAPTERS or is_quantized_param(param):
                 continue
             if not param.is_floating_point():
                 continue

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -48,7 +48,8 @@ from lightning_ft.sparse.compact import CompactState, mask_gradient_
 from lightning_ft.sparse.rules import LotteryTicket, SelectionContext, SelectionRule
 from lightning_ft.sparse.topk import allocate, global_topk, tensor_topk
 from lightning_ft.strategies.sparse_ddp import SparseCommState, sparse_allreduce_hook
-from lightning_ft.support import check_support, used_features
+from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+from lightning_ft.support import MethodSupport, check_support, sharded_refusal, used_features
 
 __all__ = ["SparseFineTuning"]
 
@@ -101,6 +102,18 @@ class SparseFineTuning(L.Callback):
 
     Without a budget the rule's default is used (``density=0.01``; ``rank=8`` for ``PrincipalWeights``).
     """
+
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "mixed"}),
+        {
+            "fsdp": sharded_refusal("keeps masks over whole tensors"),
+            "quantized": "{name} adds fp32 differences to the weights, which a quantized backbone cannot hold: load "
+            "the model without `quantization` (bf16 weights work).",
+            "lora": "{name} trains the backbone's own weights, but this backbone is LoRA-wrapped (peft): drop `peft` "
+            "from the module (sparse fine-tuning already keeps optimizer state for the selected entries only).",
+        },
+        "DDP all-reduces only the selected entries (sparse communication hook); bf16 weights keep fp32 masters.",
+    )
 
     def __init__(
         self,
@@ -198,8 +211,9 @@ class SparseFineTuning(L.Callback):
             raise ValueError(
                 f"SparseFineTuning and {others[0]} both decide which weights train: use one of them per fit."
             )
+        destroy_process_group_at_exit()  # a clean gloo exit, also for this callback in a user's own module
         model = find_transformer(pl_module, self.module)
-        check_support("SparseFineTuning", trainer, model)
+        check_support(self, trainer, model)
         layer_map = LayerMap.from_model(model)
         eligible = _select_infos(layer_map, self.targets, "targets")
         if not eligible:

@@ -27,10 +27,10 @@ def destroy_process_group_at_exit() -> None:
     """Make this process destroy its default process group, if it still has one, when the interpreter exits.
 
     Idempotent and cheap; :class:`~lightning_ft.modules.CausalLMModule`,
-    :class:`~lightning_ft.modules.SequenceClassificationModule` and every method callback (through
-    :func:`~lightning_ft.support.check_support`) call it in ``setup()``, so every rank of a Lightning DDP run
-    (``ddp`` or ``ddp_spawn``) registers it. Call it from your own module's ``setup()`` when you run DDP on CPU
-    without any of them.
+    :class:`~lightning_ft.modules.SequenceClassificationModule`, every method callback and
+    :class:`~lightning_ft.copilot.CopilotMixin` call it in ``setup()`` (itself, not through the support check), so
+    every rank of a Lightning DDP run (``ddp`` or ``ddp_spawn``) registers it, also when a callback runs in a user's
+    own module. Call it from your own module's ``setup()`` when you run DDP on CPU without any of them.
     """
     global _registered
     if not _registered:

@@ -1,23 +1,41 @@
-"""The declared support matrix: it drives the callbacks' setup() refusals (FSDP for every weight-selecting or
-weight-editing callback: FSDP cannot run on CPU, so the refusal is what is tested), and the README's
-compatibility table is exactly its rendering."""
+"""The declared support matrix: each method class declares its support in its own body (inherited by subclasses);
+it drives the callbacks' setup() refusals (FSDP for every weight-selecting or weight-editing callback: FSDP cannot
+run on CPU, so the refusal is what is tested) and the CLI's early check, and the README's compatibility table is
+exactly its rendering over the exported classes."""
 
 from __future__ import annotations
 
+import atexit
 import re
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import pytest
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_ft.callbacks import HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, Magnitude, SparseFineTuning
+from lightning_ft.copilot import CopilotMixin
 from lightning_ft.core.layer_map import find_transformer
 from lightning_ft.modules import CausalLMModule
-from lightning_ft.support import GENERIC, SUPPORT, TABLE_BEGIN, TABLE_END, MethodSupport, check_support, render_table
+from lightning_ft.strategies import process_group
+from lightning_ft.support import (
+    FEATURES,
+    GENERIC,
+    TABLE_BEGIN,
+    TABLE_END,
+    MethodSupport,
+    check_strategy_support,
+    check_support,
+    declared_methods,
+    render_table,
+    support_of,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
+_HFT_FSDP = ("{} freezes whole tensors, which FSDPStrategy shards into flat pieces: use strategy='ddp' (or a single "
+             "device).")
 
 
 def _callbacks() -> list[L.Callback]:
@@ -25,43 +43,119 @@ def _callbacks() -> list[L.Callback]:
             LayerwiseSampling(num_active=1), LiNeS(alpha=0.5)]  # fmt: skip
 
 
-def test_every_weight_editing_callback_is_declared() -> None:
-    mixins = {"CopilotMixin"}  # module mixins declared in the same matrix (tested in tests/copilot)
-    assert {type(c).__name__ for c in _callbacks()} | mixins == set(SUPPORT)
+def _trainer(strategy: object, precision: str = "bf16-mixed") -> types.SimpleNamespace:
+    return types.SimpleNamespace(strategy=strategy, precision=precision, callbacks=[], datamodule=None)
+
+
+def _ddp() -> object:
+    return type("DDPStrategy", (), {})()
+
+
+class MyHFT(HalfFineTuning):
+    """A user's subclass: it inherits HalfFineTuning's declaration."""
+
+
+class MySparse(SparseFineTuning):
+    """A user's subclass of a callback that is not a SelectionCallback."""
+
+
+class EverywhereFreezing(LayerFreezing):
+    """A subclass that overrides the declaration it would inherit."""
+
+    support: ClassVar[MethodSupport] = MethodSupport(frozenset(FEATURES), notes="supports everything")
+
+
+def test_the_exported_declared_classes_are_the_weight_editing_methods() -> None:
+    expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, CopilotMixin}
+    assert set(declared_methods()) == expected
+    assert all(support_of(cls) is vars(cls)["support"] for cls in expected)
+    assert support_of(CausalLMModule) is GENERIC and support_of(object()) is GENERIC  # no declaration in the MRO
 
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy, ModelParallelStrategy], ids=["fsdp", "model_parallel"])
 def test_sharded_strategies_are_refused_in_setup_with_one_sentence(tiny_llama_dir: Path, strategy: type) -> None:
     module = CausalLMModule(model=str(tiny_llama_dir), output_dir="")
-    trainer = types.SimpleNamespace(strategy=strategy(), precision="bf16-mixed", callbacks=[], datamodule=None)
     for callback in _callbacks():
         with pytest.raises(ValueError) as err:
-            callback.setup(trainer, module, "fit")  # type: ignore[arg-type]
+            callback.setup(_trainer(strategy()), module, "fit")  # type: ignore[arg-type]
         message = str(err.value)
         name = type(callback).__name__
         assert message.startswith(name) and strategy.__name__ in message, message
         assert "use strategy='ddp' (or a single device)." in message and message.count(". ") == 0, message
 
 
+def test_a_users_subclass_is_refused_with_the_declaration_it_inherits_named_as_itself(tiny_llama_dir: Path) -> None:
+    module = CausalLMModule(model=str(tiny_llama_dir), output_dir="")
+    with pytest.raises(ValueError) as err:
+        MyHFT().setup(_trainer(FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
+    assert str(err.value) == _HFT_FSDP.format("MyHFT")  # not the generic "freezes or edits whole tensors"
+    with pytest.raises(ValueError) as err:
+        MySparse(Magnitude()).setup(_trainer(FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
+    assert str(err.value).startswith("MySparse keeps masks over whole tensors, which FSDPStrategy"), str(err.value)
+    with pytest.raises(ValueError) as err:  # the generic row would have let a LoRA backbone through
+        check_support(MyHFT(), _trainer(_ddp()), find_transformer(_lora(tiny_llama_dir)))
+    assert str(err.value).startswith("MyHFT trains half of the base weights, but every base weight of "), str(err.value)
+    with pytest.raises(ValueError) as err:  # the CLI's check before anything is built
+        check_strategy_support([MyHFT], "fsdp")
+    assert str(err.value) == _HFT_FSDP.format("MyHFT")
+
+
+def test_a_subclass_may_override_the_declaration(tiny_llama_dir: Path) -> None:
+    assert support_of(EverywhereFreezing) is EverywhereFreezing.support is not LayerFreezing.support
+    assert support_of(EverywhereFreezing(freeze_bottom=1)) is EverywhereFreezing.support
+    check_support(EverywhereFreezing(freeze_bottom=1), _trainer(FSDPStrategy()))  # its own row: FSDP is supported
+    check_strategy_support([EverywhereFreezing], "fsdp")
+    with pytest.raises(ValueError, match=re.escape("LayerFreezing freezes whole tensors, which FSDPStrategy")):
+        check_support(LayerFreezing(freeze_bottom=1), _trainer(FSDPStrategy()))
+
+
+def _lora(model_dir: Path) -> CausalLMModule:
+    return CausalLMModule(model=str(model_dir), peft={"r": 2, "target_modules": ["q_proj"]}, output_dir="")
+
+
 def test_declared_support_drives_the_refusals(tiny_llama_dir: Path) -> None:
-    ddp = types.SimpleNamespace(strategy=type("DDPStrategy", (), {})(), precision="16-mixed")
-    check_support("SparseFineTuning", ddp)  # DDP and mixed precision are declared supported
-    lora = CausalLMModule(model=str(tiny_llama_dir), peft={"r": 2, "target_modules": ["q_proj"]}, output_dir="")
-    with pytest.raises(ValueError, match=r"LoRA-wrapped \(peft\): drop `peft`"):
-        check_support("SparseFineTuning", ddp, find_transformer(lora))
-    check_support("LiNeS", ddp, find_transformer(lora))
-    check_support("MyOwnSelection", ddp, find_transformer(lora))  # undeclared methods get the generic row
+    ddp = _trainer(_ddp(), "16-mixed")
+    check_support(SparseFineTuning, ddp)  # DDP and mixed precision are declared supported
+    lora = find_transformer(_lora(tiny_llama_dir))
+    with pytest.raises(ValueError, match=r"^SparseFineTuning trains .* LoRA-wrapped \(peft\): drop `peft`"):
+        check_support(SparseFineTuning(Magnitude()), ddp, lora)
+    check_support(LiNeS(alpha=0.5), ddp, lora)
+
+    class MyOwnSelection(L.Callback):
+        pass
+
+    check_support(MyOwnSelection(), ddp, lora)  # an undeclared method gets the generic row
+    with pytest.raises(ValueError, match="^MyOwnSelection freezes or edits whole tensors, which FSDPStrategy"):
+        check_support(MyOwnSelection(), _trainer(FSDPStrategy()))
+    check_strategy_support([MyOwnSelection, CausalLMModule], "fsdp")  # the CLI checks declared classes only
     assert "fsdp" not in GENERIC.supports
     with pytest.raises(ValueError, match="add one for 'fsdp'"):
         MethodSupport(frozenset({"ddp"}))
 
 
-def test_readme_table_is_the_rendered_matrix() -> None:
+def test_setup_registers_the_exit_hook_which_check_support_does_not(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registered: list[object] = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    module = CausalLMModule(model=str(tiny_llama_dir), output_dir="")
+    for callback in _callbacks():
+        monkeypatch.setattr(process_group, "_registered", False)
+        registered.clear()
+        check_support(callback, _trainer(_ddp()))
+        assert registered == [], type(callback).__name__
+        with pytest.raises(ValueError):  # refused, but the hook is registered first, also in a user's own module
+            callback.setup(_trainer(FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
+        assert registered == [process_group._destroy], type(callback).__name__
+
+
+def test_readme_table_is_the_rendered_matrix_of_the_exported_classes() -> None:
     table = render_table()
     assert table.startswith(TABLE_BEGIN) and table.rstrip().endswith(TABLE_END)
-    for name, spec in SUPPORT.items():
-        row = next(line for line in table.splitlines() if line.startswith(f"| `{name}` |"))
-        assert row.count("| yes ") == len(spec.supports)
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == [cls.__name__ for cls in declared_methods()]
+    for row, cls in zip(rows, declared_methods()):
+        assert row.count("| yes ") == len(cls.support.supports) and row.endswith(f"| {cls.support.notes} |")
     assert (ROOT / "docs" / "support_table.md").read_text() == table, "regenerate docs/support_table.md"
     readme = (ROOT / "README.md").read_text()
     assert TABLE_BEGIN in readme, "README.md lacks the generated support table: paste docs/support_table.md into it"
