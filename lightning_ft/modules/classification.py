@@ -4,32 +4,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_ft.modules.backbone import export_path, is_peft_model, load_backbone, save_pretrained_atomic
-from lightning_ft.modules.causal_lm import (
-    CHECKPOINT_KEY,
-    Schedule,
-    _class_path,
-    _to_device,
-    build_optimizer,
-    check_checkpoint,
-)
-from lightning_ft.modules.metrics import EvalMetrics
-from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+from lightning_ft.modules.backbone import load_backbone
+from lightning_ft.modules.base import FineTuningModule, Schedule, _to_device
 
 __all__ = ["SequenceClassificationModule"]
 
 
-class SequenceClassificationModule(L.LightningModule):
+class SequenceClassificationModule(FineTuningModule):
     """Sequence classification with any ``AutoModelForSequenceClassification``.
 
     Validation logs ``val/target_acc`` and ``val/target_loss`` and, as the control (forgetting) metric,
     ``val/control_drift``: the mean ``1 - cos`` between the current and the pretrained mean-pooled
     last-layer embeddings of general text (0 before training). The pretrained embeddings are measured in
-    ``setup()``, before any checkpoint is restored.
+    ``setup()``, before any checkpoint is restored. Built on :class:`~lightning_ft.modules.base.FineTuningModule`
+    (evaluation loop, logging, optimizer, export).
 
     Args:
         model: bundled alias (``minilm-l6``), local folder or Hub id.
@@ -59,9 +50,7 @@ class SequenceClassificationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer: Any = _tokenizer_for(model)
-        self.backbone: Any = None
-        self.metrics = EvalMetrics()
+        self.tokenizer = _tokenizer_for(model)
         self._reference: list[torch.Tensor] = []
         if num_labels is not None:
             self._build(num_labels)
@@ -98,7 +87,7 @@ class SequenceClassificationModule(L.LightningModule):
         self._build(n)
 
     def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()
+        super().setup(stage)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         self.materialize()
         control = getattr(datamodule, "control_dataloader", lambda: None)() if datamodule is not None else None
@@ -117,21 +106,13 @@ class SequenceClassificationModule(L.LightningModule):
         mask = batch["attention_mask"].unsqueeze(-1).float()
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The training loss of a batch (cross-entropy over the labels)."""
         logits = self(batch["input_ids"], batch["attention_mask"]).logits
         return F.cross_entropy(logits.float(), batch["labels"])
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
-
     def eval_update(self, batch: dict[str, Any], batch_idx: int = 0) -> None:
-        """Accumulate target accuracy/loss or control drift for one batch."""
+        """Accumulate target accuracy/loss, or the control drift of the ``batch_idx``-th control batch."""
         if batch.get("split") == "control":
             if batch_idx < len(self._reference):
                 ref = self._reference[batch_idx].to(self.device)
@@ -140,54 +121,8 @@ class SequenceClassificationModule(L.LightningModule):
         logits = self(batch["input_ids"], batch["attention_mask"]).logits
         self.metrics.update_choice(logits.float().log_softmax(-1), batch["labels"])
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.eval_update(batch, batch_idx)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.eval_update(batch, batch_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        for key, value in self.metrics.compute_and_reset().items():
-            self.log(f"val/{key}", value, prog_bar=key == "target_acc")
-
-    def on_test_epoch_end(self) -> None:
-        for key, value in self.metrics.compute_and_reset().items():
-            self.log(f"test/{key}", value)
-
-    @torch.no_grad()
-    def evaluate(self, dataloaders: list[Any]) -> dict[str, float]:
-        """Evaluation metrics over ``dataloaders`` outside the Trainer's loops."""
-        was = self.training
-        self.eval()
-        self.metrics.compute_and_reset()
-        try:
-            for loader in dataloaders:
-                for i, batch in enumerate(loader):
-                    self.eval_update(_to_device(batch, self.device), i)
-            return self.metrics.compute_and_reset()
-        finally:
-            self.train(was)
-
-    def configure_optimizers(self) -> Any:
-        h = self.hparams
-        return build_optimizer(self, h.learning_rate, h.weight_decay, h.warmup_steps, h.schedule)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"module": _class_path(type(self))}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint(self, checkpoint)
-
-    def on_fit_end(self) -> None:
-        path = export_path(self.hparams.output_dir, self.trainer, "hf_model")
-        if path is not None and self.trainer.is_global_zero:
-            save_pretrained_atomic(self.backbone, self.tokenizer, path)
-        self.trainer.strategy.barrier("lightning_ft.save_pretrained")  # no rank leaves while rank 0 still writes
-
-    @property
-    def is_peft(self) -> bool:
-        """Whether the backbone is peft-wrapped."""
-        return self.backbone is not None and is_peft_model(self.backbone)
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.eval_update(batch, batch_idx)  # the control drift compares batch i with the pretrained batch i
 
 
 def _tokenizer_for(model: str) -> Any:
