@@ -11,6 +11,7 @@ MRO, and a class that has none (e.g. a user's own ``SelectionCallback``) gets :d
 own checks of the strategy; :func:`render_table` writes the README's compatibility table from the exported classes'
 declarations, so the two cannot drift (a test compares them). Registering the clean process-group exit is not part of
 the check: the methods call :func:`~lightning_ft.strategies.destroy_process_group_at_exit` themselves.
+``SUPPORT`` (class name -> declaration, the former home of the declarations) stays importable as a read-only view.
 """
 
 from __future__ import annotations
