@@ -29,7 +29,6 @@ from lightning_ft.core.layer_map import LayerMap, ParamInfo, is_quantized_param,
 from lightning_ft.core.weights import INDEX_FILE, SINGLE_FILE, safetensors_index
 
 Storage = Literal["auto", "disk", "memory"]
-_safetensors_files = safetensors_index  # the former private name (callbacks/lines.py imported it); use the public one
 
 
 @dataclass(frozen=True)
