@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from lightning_ft.data.collate import pad_right
+from lightning_ft.data.control import ControlDataModule
 from lightning_ft.data.files import load_records, record_field
-from lightning_ft.data.instruction import resolve_tokenizer
 from lightning_ft.data.sampling import train_loader
 
 __all__ = ["ClassificationDataModule"]
@@ -33,7 +32,7 @@ class _Collator:
         return batch
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(ControlDataModule):
     """Text classification from a bundled dataset or a local file, with a control set of general text.
 
     Args:
@@ -50,9 +49,9 @@ class ClassificationDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: evaluation batch size.
         control: general text for the representation-drift control metric (``val/control_drift``), or ``None``.
-        control_field: the text column of ``control``.
-        control_size: number of control texts.
-        tokenizer: tokenizer name or folder; default: the LightningModule's ``tokenizer``.
+        control_max_length: tokens per control text; default (``None``): ``max_length``.
+        **kwargs: the rest of the control set and the tokenizer (``control_field``, ``control_size``,
+            ``tokenizer``) of :class:`~lightning_ft.data.control.ControlDataModule`.
     """
 
     def __init__(
@@ -70,13 +69,10 @@ class ClassificationDataModule(L.LightningDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 32,
         control: str | None = "hamlet",
-        control_field: str = "text",
-        control_size: int = 64,
-        tokenizer: str | None = None,
+        control_max_length: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.tokenizer: Any = None
+        super().__init__(control=control, control_max_length=control_max_length, **kwargs)
         self.labels: list[str] = list(labels) if labels else []
         self._encoded: dict[str, list[dict[str, Any]]] = {}
 
@@ -90,8 +86,7 @@ class ClassificationDataModule(L.LightningDataModule):
         if self._encoded:
             return
         h = self.hparams
-        if self.tokenizer is None:
-            self.tokenizer = resolve_tokenizer(self, h.tokenizer)
+        self.setup_tokenizer()
         records = load_records(h.dataset, shuffle_seed=h.split_seed)
         if not records:
             raise ValueError(f"dataset={h.dataset!r} holds no records.")
@@ -119,12 +114,9 @@ class ClassificationDataModule(L.LightningDataModule):
         return {"input_ids": ids["input_ids"], "label": self.labels.index(label)}
 
     def _encode_control(self) -> list[dict[str, Any]]:
-        h = self.hparams
-        if h.control is None or h.control_size == 0:
-            return []
-        records = load_records(h.control, argument="control", shuffle_seed=h.split_seed)[: h.control_size]
-        tok = self.tokenizer
-        return [{"input_ids": tok(str(r[h.control_field]), truncation=True, max_length=h.max_length)["input_ids"]} for r in records]
+        limit = self.control_length(self.hparams.max_length)
+        texts = self.control_texts(self.hparams.split_seed)
+        return [{"input_ids": self.tokenizer(text, truncation=True, max_length=limit)["input_ids"]} for text in texts]
 
     def _loader(self, split: str) -> DataLoader:
         pad = self.tokenizer.pad_token_id or 0
@@ -144,9 +136,7 @@ class ClassificationDataModule(L.LightningDataModule):
         return self._loader("control") if self._encoded.get("control") else None
 
     def val_dataloader(self) -> list[DataLoader]:
-        control = self.control_dataloader()
-        return [self._loader("val")] + ([control] if control is not None else [])
+        return self.with_control(self._loader("val"))
 
     def test_dataloader(self) -> list[DataLoader]:
-        control = self.control_dataloader()
-        return [self._loader("test" if self._encoded["test"] else "val")] + ([control] if control is not None else [])
+        return self.with_control(self._loader("test" if self._encoded["test"] else "val"))

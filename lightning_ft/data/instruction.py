@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_ft.data.collate import (
@@ -16,36 +15,14 @@ from lightning_ft.data.collate import (
     encode_prompt,
     render,
 )
+from lightning_ft.data.control import ControlDataModule, resolve_tokenizer  # noqa: F401  (re-exported)
 from lightning_ft.data.files import load_records, record_field
 from lightning_ft.data.sampling import train_loader
 
 __all__ = ["InstructionDataModule", "resolve_tokenizer"]
 
 
-def resolve_tokenizer(datamodule: L.LightningDataModule, name: str | None) -> Any:
-    """Return the tokenizer named by ``name``, or the one of the attached LightningModule.
-
-    Raises:
-        ValueError: no name was given and the LightningModule has no ``tokenizer`` attribute.
-    """
-    if name is not None:
-        from transformers import AutoTokenizer
-
-        from lightning_ft.assets import resolve_model
-
-        return AutoTokenizer.from_pretrained(resolve_model(name))
-    trainer = getattr(datamodule, "trainer", None)
-    module = trainer.lightning_module if trainer is not None else None
-    tokenizer = getattr(module, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError(
-            f"{type(datamodule).__name__} needs a tokenizer: pass tokenizer=<model name or folder>, or use it "
-            "with a LightningModule that has a `tokenizer` attribute."
-        )
-    return tokenizer
-
-
-class InstructionDataModule(L.LightningDataModule):
+class InstructionDataModule(ControlDataModule):
     """Prompt/response fine-tuning data from a bundled dataset or a local JSONL/CSV/parquet file.
 
     Each record is rendered through ``prompt_template`` and ``response_template`` (``str.format``
@@ -75,11 +52,8 @@ class InstructionDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test/predict batch size.
         num_workers: DataLoader workers.
-        control: bundled dataset or file of general text for the forgetting metric, or ``None``.
-        control_field: the column of ``control`` holding the text.
-        control_size: number of control texts.
-        control_max_length: tokens per control text.
-        tokenizer: tokenizer name or folder; default: the LightningModule's ``tokenizer``.
+        **kwargs: the control set and tokenizer (``control``, ``control_field``, ``control_size``,
+            ``control_max_length``, ``tokenizer``) of :class:`~lightning_ft.data.control.ControlDataModule`.
     """
 
     def __init__(
@@ -102,20 +76,14 @@ class InstructionDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
-        control: str | None = "humaneval",
-        control_field: str = "text",
-        control_size: int = 64,
-        control_max_length: int = 128,
-        tokenizer: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         for name, value in (("val_size", val_size), ("test_size", test_size), ("max_length", max_length)):
             if value < 0 or (name == "max_length" and value < 2):
                 raise ValueError(f"{name}={value} must be a positive integer.")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch_size={batch_size} and eval_batch_size={eval_batch_size} must be at least 1.")
-        self.save_hyperparameters()
-        self.tokenizer: Any = None
+        super().__init__(**kwargs)
         self._splits: dict[str, list[dict[str, Any]]] = {}
         self._encoded: dict[str, list[dict[str, Any]]] = {}
         self._option_ids: list[list[int]] = []
@@ -126,8 +94,7 @@ class InstructionDataModule(L.LightningDataModule):
         if self._encoded:
             return
         h = self.hparams
-        if self.tokenizer is None:
-            self.tokenizer = resolve_tokenizer(self, h.tokenizer)
+        self.setup_tokenizer()
         self._splits = self._load_splits()
         if h.label_options:
             self._option_ids = [
@@ -220,18 +187,10 @@ class InstructionDataModule(L.LightningDataModule):
         }
 
     def _encode_control(self) -> list[dict[str, Any]]:
-        h = self.hparams
-        if h.control is None or h.control_size == 0:
-            return []
-        records = load_records(h.control, argument="control", shuffle_seed=h.split_seed)[: h.control_size]
-        if records and h.control_field not in records[0]:
-            raise ValueError(
-                f"control_field={h.control_field!r} is not a column of control={h.control!r} "
-                f"(columns: {sorted(records[0])}): set control_field to the text column."
-            )
+        limit = self.control_length(self.hparams.max_length)
         out = []
-        for r in records:
-            ids = self.tokenizer(str(r[h.control_field]), add_special_tokens=True)["input_ids"][: h.control_max_length]
+        for text in self.control_texts(self.hparams.split_seed):
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"][:limit]
             if len(ids) >= 2:
                 out.append({"input_ids": ids, "labels": list(ids)})
         return out
@@ -277,14 +236,10 @@ class InstructionDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> Sequence[DataLoader]:
-        loaders = [self._eval_loader("val")]
-        control = self.control_dataloader()
-        return loaders + ([control] if control is not None else [])
+        return self.with_control(self._eval_loader("val"))
 
     def test_dataloader(self) -> Sequence[DataLoader]:
-        loaders = [self._eval_loader("test" if self._encoded["test"] else "val")]
-        control = self.control_dataloader()
-        return loaders + ([control] if control is not None else [])
+        return self.with_control(self._eval_loader("test" if self._encoded["test"] else "val"))
 
     def predict_dataloader(self) -> DataLoader:
         h = self.hparams
