@@ -1,0 +1,316 @@
+"""The conformance matrix's rows: one :class:`Row` per fine-tuning method, and how one cell of the matrix fits.
+
+A cell is (row, tiny model, host). ``model`` is ``llama`` (tied embeddings), ``gpt2`` (Conv1D layers) or ``bert``
+(an encoder classifier with a new head); ``host`` is ``ours`` (our module, or for a mixin the ready-made class that
+mixes it in) or ``user`` (a user's own plain LightningModule, :class:`helpers.UserModule`). A row says how to build
+the method for a cell, which cells do not apply (``na``, with the reason), what it may change (``check``) and, for
+a user host, the refusal the method declares instead (``refuses``). :func:`fit` runs one cell; ``test_matrix.py``
+and ``ddp_fit.py`` check the four properties on every cell. A new method joins by adding one :class:`Row` to
+:data:`ROWS` (see README.md beside this file).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from helpers import SelectionWatch, SparseWatch, UserModule, make_trainer
+
+from lightning_ft.callbacks import (
+    HalfFineTuning,
+    LayerFreezing,
+    LayerwiseSampling,
+    LiNeS,
+    LotteryTicket,
+    Magnitude,
+    PrincipalWeights,
+    Random,
+    Sensitivity,
+    SparseFineTuning,
+)
+from lightning_ft.copilot import CopilotCausalLM, CopilotMixin
+from lightning_ft.data.sampling import ResumableDataLoader, resume_position
+from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
+from lightning_ft.objectives import (
+    CAFTCausalLM,
+    MaskedThoughtCausalLM,
+    MaskedThoughtMixin,
+    MultiTokenHeadsMixin,
+    TaskBalancedCausalLM,
+    TaskBalancedLossMixin,
+    TokenWeighting,
+)
+
+MODELS = ("llama", "gpt2", "bert")
+HOSTS = ("ours", "user")
+STEPS = 6  # 3 batches per epoch: the run crosses an epoch
+MID = 4  # the resumed run starts from step 4's last.ckpt, mid-epoch, and redraws at its first step
+ROWS_PER_EPOCH, BATCH, LENGTH, VOCAB = 12, 4, 12, 300
+LR, WARMUP = 1e-2, 2
+Check = Literal["selection", "entries", "trainable"]
+
+_CAUSAL_ONLY = "a causal-LM objective: an encoder classifier has no next-token loss to reshape"
+_OUR_HOST_ONLY = (
+    "the mixin reshapes CausalLMModule's loss (compute_loss over aligned_logits, backbone, tokenizer), which a plain "
+    "LightningModule lacks, and declares no refusal for one yet: mix it into CausalLMModule or a subclass"
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method of the matrix.
+
+    Attributes:
+        name: The row's id in test names.
+        declared: The class whose support declaration (:mod:`lightning_ft.support`) applies.
+        callback: Builds the method's callback for a host (``None`` for a module mixin).
+        module: Builds our module for a mixin row from a model folder (``None``: the plain module of the model).
+        check: What may change: ``selection`` (exactly the active tensors of each step, :class:`SelectionWatch`),
+            ``entries`` (only entries inside the sparse masks, :class:`SparseWatch`) or ``trainable`` (exactly the
+            tensors that require grad when training starts, every one of them).
+        na: Cells that do not apply, by model or host name (or ``ddp``), with the reason.
+        refuses: For a host the method cannot work with: ``(exception type, sentence fragment)`` it raises.
+        ddp_differs: Why a 2-process run, by design, does not compute what one process with the same global batch
+            does ("": it does, up to float rounding); the processes must still agree.
+        batch_extra: Extra batch fields the method reads (e.g. ``task_id``), by name.
+        dynamic: Whether the trainable set changes during the fit (DDP then needs unused-parameter detection).
+    """
+
+    name: str
+    declared: type
+    callback: Callable[[str], L.Callback] | None = None
+    module: Callable[[str], L.LightningModule] | None = None
+    check: Check = "trainable"
+    na: dict[str, str] = field(default_factory=dict)
+    refuses: dict[str, tuple[type[Exception], str]] = field(default_factory=dict)
+    batch_extra: tuple[str, ...] = ()
+    dynamic: bool = False
+    ddp_differs: str = ""
+
+    def applies(self, model: str, host: str) -> str | None:
+        """Why the cell ``(model, host)`` does not apply, or ``None`` when it does."""
+        return self.na.get(model) or self.na.get(host)
+
+
+def _causal(model: str, **kwargs: Any) -> Callable[[str], L.LightningModule]:
+    return lambda path: {"caft": CAFTCausalLM, "masked_thought": MaskedThoughtCausalLM, "plain": CausalLMModule,
+                         "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM}[model](
+        model=path, learning_rate=LR, warmup_steps=WARMUP, weight_decay=0.1, output_dir="", **kwargs
+    )  # fmt: skip
+
+
+def _sft(rule: Callable[[], Any], **budget: Any) -> Callable[[str], L.Callback]:
+    return lambda host: SparseFineTuning(rule(), save_path="", **budget)
+
+
+# fmt: off
+ROWS: list[Row] = [
+    Row("sft-magnitude", SparseFineTuning, _sft(Magnitude, density=0.05, allocation="per_matrix"), check="entries"),
+    Row("sft-random", SparseFineTuning, _sft(lambda: Random(reselect_every=2), density=0.05), check="entries"),
+    Row(
+        "sft-sensitivity", SparseFineTuning, _sft(lambda: Sensitivity(batches=2), density=0.05), check="entries",
+        refuses={"user": (ValueError, "needs UserModule.compute_loss")},
+        ddp_differs="each process sums the squared gradients of its own half batches, not of the global batch",
+    ),
+    Row("sft-lt", SparseFineTuning, _sft(lambda: LotteryTicket(dense_steps=2, l1=0.5), density=0.05), check="entries"),
+    Row(
+        "sft-lift", SparseFineTuning, _sft(lambda: PrincipalWeights(filter_rank=4, reselect_every=2), rank=2),
+        check="entries",
+    ),
+    Row("hft", HalfFineTuning, lambda host: HalfFineTuning(seed=1), check="selection"),
+    Row(
+        "hft-reset", HalfFineTuning, lambda host: HalfFineTuning(redraw="steps", every_n_steps=2, reset=True, seed=1),
+        check="selection", dynamic=True,
+    ),
+    Row("freezing", LayerFreezing, lambda host: LayerFreezing(freeze_bottom=1), check="selection"),
+    Row("lisa", LayerwiseSampling, lambda host: LayerwiseSampling(num_active=1, interval=2), check="selection",
+        dynamic=True),
+    Row(
+        "owlore", LayerwiseSampling,
+        lambda host: LayerwiseSampling(preset="owlore", interval=2, outlier_threshold=2.0, calibration_samples=8,
+                                       galore_rank=4, galore_update_proj_gap=2),
+        check="selection", dynamic=True,
+    ),
+    Row("lines", LiNeS, lambda host: LiNeS(alpha=0.5)),
+    Row(
+        "caft", MultiTokenHeadsMixin, module=_causal("caft", num_heads=2, heads_output="", heads_coefficient=0.5),
+        na={"bert": _CAUSAL_ONLY, "user": _OUR_HOST_ONLY},
+    ),
+    Row(
+        "masked-thought", MaskedThoughtMixin, module=_causal("masked_thought", max_rate=0.5, warmup=0.0),
+        na={"bert": _CAUSAL_ONLY, "user": _OUR_HOST_ONLY},
+        ddp_differs="the masking draw depends on the process's rank, so two processes mask other tokens than one",
+    ),
+    Row(
+        "token-weights", TokenWeighting, module=_causal("plain"), batch_extra=("loss_weights",),
+        na={"bert": _CAUSAL_ONLY, "user": "token weights are a batch field that CausalLMModule's loss reads"},
+        ddp_differs="each process divides by its own batch's weight sum, so the mean of two means is not the global one",
+    ),
+    Row(
+        "task-balanced", TaskBalancedLossMixin, module=_causal("task_balanced"), batch_extra=("task_id",),
+        na={"bert": _CAUSAL_ONLY, "user": _OUR_HOST_ONLY},
+    ),
+    Row(
+        "copilot", CopilotMixin,
+        module=_causal("copilot", copilot_layers=2, copilot_output="", zero_init_output=False,
+                       checkpoint_buffer=True, buffer_rounds=3),
+        na={"bert": _CAUSAL_ONLY, "user": _OUR_HOST_ONLY,
+            "gpt2": "CopilotConfig reads the Pilot's intermediate_size, which GPT2Config lacks (an AttributeError "
+                    "today, with no declared refusal)"},
+        ddp_differs="each process's Copilot trains on a round drawn, by rank, from its own mistake log of its half "
+                    "batches",
+    ),
+]
+# fmt: on
+ROW = {row.name: row for row in ROWS}
+
+
+# ---------------------------------------------------------------------------------------------- data
+class TokenData(L.LightningDataModule):
+    """The cell's training data: fixed random token rows without padding, in a fixed order, resumable mid-epoch.
+
+    Under DDP, rank ``r`` of ``w`` reads rows ``r, r + w, ...`` in batches of ``BATCH // w``, so the processes
+    together see exactly the global batches of one process (every row has as many labelled tokens, so averaging the
+    per-process means gives the global mean). Run with ``use_distributed_sampler=False``.
+    """
+
+    def __init__(self, model: str, extra: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.model, self.extra = model, extra
+
+    def rows(self, rank: int = 0, world: int = 1) -> list[dict[str, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, VOCAB, (ROWS_PER_EPOCH, LENGTH), generator=gen)
+        classes = torch.randint(0, 2, (ROWS_PER_EPOCH,), generator=gen)
+        weights = torch.randint(0, 3, (ROWS_PER_EPOCH, LENGTH), generator=gen).float()
+        rows = []
+        for i in range(rank, ROWS_PER_EPOCH, world):
+            row = {"input_ids": ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long)}
+            row["labels"] = classes[i] if self.model == "bert" else ids[i]
+            if "loss_weights" in self.extra:
+                row["loss_weights"] = weights[i]
+            if "task_id" in self.extra:
+                row["task_id"] = torch.tensor(i % 2)
+            rows.append(row)
+        return rows
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        world = self.trainer.world_size
+        rows = self.rows(self.trainer.global_rank, world)
+        batch = BATCH // world
+        _, skip = resume_position(self.trainer, -(-len(rows) // batch))
+        return ResumableDataLoader(rows, batch_size=batch, shuffle=False, skip_batches=skip)
+
+
+# ---------------------------------------------------------------------------------------------- one fit
+def build(row: Row, model: str, host: str, path: str) -> tuple[L.LightningModule, list[L.Callback]]:
+    """The cell's module and the method's callbacks (with the probe that checks it at every step last)."""
+    if host == "user":
+        module: L.LightningModule = UserModule(path, kind="classifier" if model == "bert" else "causal")
+    elif row.module is not None:
+        module = row.module(path)
+    elif model == "bert":
+        module = SequenceClassificationModule(model=path, num_labels=2, learning_rate=LR, warmup_steps=WARMUP,
+                                              weight_decay=0.1, output_dir="")  # fmt: skip
+    else:
+        module = _causal("plain")(path)
+    callbacks: list[L.Callback] = [row.callback(host)] if row.callback is not None else []
+    return module, callbacks + [Probe(row, callbacks[0] if callbacks else None)]
+
+
+class Probe(L.Callback):
+    """Checks the method at every step (``selection``/``entries``) and records what it may change.
+
+    ``allowed`` (after the fit): per tensor name, ``None`` when the whole tensor may change, else a flat mask of
+    the entries that may; names absent may not change.
+    """
+
+    def __init__(self, row: Row, method: L.Callback | None) -> None:
+        self.row, self.method = row, method
+        self.watch: L.Callback | None = None
+        if row.check == "selection":
+            self.watch = SelectionWatch(method, reset=bool(getattr(method, "reset", False)))
+        elif row.check == "entries":
+            self.watch = SparseWatch(method)
+        self.trainable: set[str] = set()
+        self.history: list[tuple[int, frozenset[str]]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.watch is not None:
+            self.watch.on_train_batch_start(trainer, pl_module, *args)
+        if self.row.check == "selection":
+            self.history.append(self.watch.history[-1])  # type: ignore[union-attr]
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.watch is not None:
+            self.watch.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.watch is not None:
+            self.watch.on_train_batch_end(trainer, pl_module, *args)
+
+    def allowed(self, module: L.LightningModule) -> dict[str, torch.Tensor | None]:
+        """What the fit may have changed, by the module's parameter names."""
+        if self.row.check == "trainable":
+            return {name: None for name in self.trainable}
+        model = self.method._model if self.row.check == "entries" else self.method.selection.model  # type: ignore[union-attr]
+        prefix = {id(m): n for n, m in module.named_modules()}[id(model)]
+        full = (prefix + ".") if prefix else ""
+        if self.row.check == "selection":
+            ever = {name for _, active in self.history for name in active}
+            return {full + n: None for n in ever}
+        union: dict[str, torch.Tensor] = self.watch.union  # type: ignore[union-attr]
+        dense = {full + n: None for n in getattr(self.method, "_dense_params", {})}
+        return {**dense, **{full + n: union[n] for n in union}}
+
+
+def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter, by name."""
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+class KeepMid(L.Callback):
+    """Copies ``last.ckpt`` to ``mid.ckpt`` when it holds step :data:`MID` (ModelCheckpoint runs after the other
+    callbacks, so at the end of step ``MID + 1`` it is still step ``MID``'s): the file a crash then would leave."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == MID + 1:
+            shutil.copyfile(self.folder / "last.ckpt", self.folder / "mid.ckpt")
+
+
+def fit(
+    row: Row, model: str, host: str, path: str, root: Path, ckpt: str | None = None
+) -> tuple[L.LightningModule, Probe]:
+    """Fit one cell for :data:`STEPS` steps with an atomic ``last.ckpt`` after every step, kept at step :data:`MID` as
+    ``root/ckpt/mid.ckpt`` (or resume from ``ckpt``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    module, callbacks = build(row, model, host, path)
+    probe = callbacks[-1]
+    callbacks.append(ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0))
+    callbacks += [KeepMid(root / "ckpt")] if ckpt is None else []
+    trainer = make_trainer(root, STEPS, enable_checkpointing=True, callbacks=callbacks)
+    trainer.fit(module, TokenData(model, row.batch_extra), ckpt_path=ckpt)
+    return module, probe  # type: ignore[return-value]
+
+
+def ddp_rows() -> list[Row]:
+    """The rows whose 2-process DDP run is compared with one process (on the tiny Llama, our host)."""
+    return [row for row in ROWS if row.applies("llama", "ours") is None and "ddp" not in row.na]
+
+
+def save_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value))
