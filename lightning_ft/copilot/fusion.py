@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from lightning_ft.core.anatomy import decoder_parts
-from lightning_ft.modules.backbone import is_peft_model
+from lightning_ft.core.anatomy import decoder_parts, input_embeddings
 
 __all__ = ["CopilotLogitsProcessor", "PilotCapture", "fuse_log_probs", "fuse_probs"]
 
@@ -42,10 +41,10 @@ class PilotCapture:
     """
 
     def __init__(self, backbone: nn.Module, logits: bool = False) -> None:
-        base = backbone.get_base_model() if is_peft_model(backbone) else backbone
-        self.embedding = base.get_input_embeddings()
-        self.layers = decoder_parts(backbone, "CopilotMixin").layers
-        self.head = base.get_output_embeddings() if logits else None
+        parts = decoder_parts(backbone, "CopilotMixin")
+        self.embedding = input_embeddings(backbone)
+        self.layers = parts.layers
+        self.head = parts.head if logits else None
         self.embeds: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._count = 0

@@ -21,8 +21,8 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
@@ -140,7 +140,9 @@ class CAFTSettings:
         num_heads: Auxiliary heads.
         layers_per_head: Decoder layers per head.
         stage: ``heads`` or ``finetune``.
+        heads_path: Heads file to start from.
         train_heads: Whether the heads train (``None``: in stage ``heads`` only; see :attr:`trains_heads`).
+        init_layer: Decoder layer the heads are copied from.
         decay: ``gamma``.
         heads_coefficient: ``alpha``.
         heads_schedule: ``s(t)``.
@@ -153,7 +155,9 @@ class CAFTSettings:
     num_heads: int = 4
     layers_per_head: int = 1
     stage: Stage = "finetune"
+    heads_path: str | None = None
     train_heads: bool | None = None
+    init_layer: int = -2
     decay: float = 0.8
     heads_coefficient: float = 0.01
     heads_schedule: HeadSchedule = "rsine"
@@ -261,7 +265,8 @@ class MultiTokenHeadsMixin(MixinBase):
                 "stage='heads' freezes the whole backbone, so peft would train nothing: set peft to null for this stage."
             )
         settings = CAFTSettings(
-            num_heads=num_heads, layers_per_head=layers_per_head, stage=stage, train_heads=train_heads, decay=decay,
+            num_heads=num_heads, layers_per_head=layers_per_head, stage=stage, heads_path=heads_path,
+            train_heads=train_heads, init_layer=init_layer, decay=decay,
             heads_coefficient=heads_coefficient, heads_schedule=heads_schedule, schedule_ratio=schedule_ratio,
             final_norm=final_norm, ce_chunk_size=ce_chunk_size, heads_output=heads_output,
         )  # fmt: skip
@@ -404,7 +409,8 @@ class MultiTokenHeadsMixin(MixinBase):
             targets = labels[:, 1 + k :]
             keep = targets != IGNORE_INDEX
             rows = out[:, : targets.shape[1]][keep]
-            sums.append((chunked_unembedding_ce(rows, targets[keep], unembed, self.caft_settings.ce_chunk_size), int(keep.sum())))
+            ce = chunked_unembedding_ce(rows, targets[keep], unembed, self.caft_settings.ce_chunk_size)
+            sums.append((ce, int(keep.sum())))
         return sums
 
     def head_weights(self) -> list[float]:

@@ -62,7 +62,9 @@ def test_peft_wrapped_model_gives_the_base_models_parts() -> None:
 
 @pytest.mark.parametrize("caller", ["MultiTokenHeadsMixin", "CopilotMixin"])
 def test_bert_style_model_is_refused_naming_the_caller(caller: str) -> None:
-    with pytest.raises(ValueError, match=rf"^{caller} needs a causal LM with 2 or more decoder layers.*BertForMaskedLM"):
+    with pytest.raises(
+        ValueError, match=rf"^{caller} needs a causal LM with 2 or more decoder layers.*BertForMaskedLM"
+    ):
         decoder_parts(_bert(), caller)
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from objective_checks import first_batch, make_data, make_trainer
 
+from lightning_ft.core.anatomy import decoder_parts
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules import CausalLMModule
 from lightning_ft.objectives import CAFTCausalLM, heads_schedule
-from lightning_ft.core.anatomy import decoder_parts
 
 
 def _caft(path: Path, **kwargs: Any) -> CAFTCausalLM:
