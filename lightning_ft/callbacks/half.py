@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_ft.core.layer_map import KIND_GROUPS, LayerMap, ParamKind
 from lightning_ft.core.selection import SelectionCallback, draw_rng
 from lightning_ft.core.snapshot import PretrainedSnapshot
+from lightning_ft.core.weights import resolve_path
 from lightning_ft.data.sequential import current_task
 from lightning_ft.support import MethodSupport, sharded_refusal
 
@@ -228,7 +229,6 @@ class HalfFineTuning(SelectionCallback):
             return None
         if self.reset_to is None:  # this fit's starting weights; a no-op target with one draw per fit
             return PretrainedSnapshot.capture(model) if self.dynamic else None
-        from lightning_ft.merging.sources import resolve_path
 
         try:
             source = resolve_path(self.reset_to)

@@ -30,6 +30,7 @@ from typing_extensions import override
 from lightning_ft.core.layer_map import LayerMap, find_transformer
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.errors import UserError
+from lightning_ft.strategies.process_group import destroy_process_group_at_exit
 from lightning_ft.support import check_support
 
 __all__ = ["ParameterSelection", "SelectionCallback", "draw_rng"]
@@ -227,7 +228,8 @@ class SelectionCallback(L.Callback):
                 "(or one per stage of a multi-stage run)."
             )
         model = find_transformer(pl_module, self.module)
-        check_support(name, trainer, model)  # the declared support matrix (lightning_ft.support)
+        destroy_process_group_at_exit()  # a clean gloo exit, also for this callback in a user's own module
+        check_support(self, trainer, model)  # the declared support matrix (lightning_ft.support)
         if self.dynamic and _is_ddp(trainer) and not trainer.strategy._ddp_kwargs.get("find_unused_parameters"):
             raise ValueError(
                 f"{name} changes the trainable set during training, which DDP allows only with unused-parameter "
