@@ -49,9 +49,9 @@ class ClassificationDataModule(ControlDataModule):
         batch_size: training batch size.
         eval_batch_size: evaluation batch size.
         control: general text for the representation-drift control metric (``val/control_drift``), or ``None``.
-        control_max_length: tokens per control text; default (``None``): ``max_length``.
         **kwargs: the rest of the control set and the tokenizer (``control_field``, ``control_size``,
-            ``tokenizer``) of :class:`~lightning_ft.data.control.ControlDataModule`.
+            ``tokenizer``) of :class:`~lightning_ft.data.control.ControlDataModule`; control texts are truncated
+            to ``max_length``.
     """
 
     def __init__(
@@ -69,10 +69,14 @@ class ClassificationDataModule(ControlDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 32,
         control: str | None = "hamlet",
-        control_max_length: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(control=control, control_max_length=control_max_length, **kwargs)
+        if "control_max_length" in kwargs:
+            raise TypeError(
+                "ClassificationDataModule truncates control texts to max_length: set max_length instead of "
+                "control_max_length."
+            )
+        super().__init__(control=control, control_max_length=None, **kwargs)  # None: control texts get max_length
         self.labels: list[str] = list(labels) if labels else []
         self._encoded: dict[str, list[dict[str, Any]]] = {}
 

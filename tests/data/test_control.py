@@ -40,15 +40,14 @@ def _setup(cls: type[ControlDataModule], tokenizer_dir: Path, data: Path, **kwar
     [
         (InstructionDataModule, {"control": "humaneval", "control_field": "text", "control_size": 64,
                                  "control_max_length": 128, "tokenizer": None}),
-        (ClassificationDataModule, {"control": "hamlet", "control_field": "text", "control_size": 64,
-                                    "control_max_length": None, "tokenizer": None}),
+        (ClassificationDataModule, {"control": "hamlet", "control_field": "text", "control_size": 64, "tokenizer": None}),
     ],
 )  # fmt: skip
 def test_every_datamodule_lists_the_control_arguments_flat_with_its_defaults(cls: type, expected: dict) -> None:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, "data")
     defaults = vars(parser.get_defaults().data)
-    assert {k: defaults[k] for k in _CONTROL_ARGS} == expected
+    assert {k: defaults[k] for k in _CONTROL_ARGS if k in defaults} == expected
     assert "kwargs" not in defaults and "dataset" in defaults  # the DataModule's own arguments sit beside them
     config = parser.parse_object({"data": {"control_size": 3, "control_field": "body", "max_length": 40}})
     built = parser.instantiate_classes(config).data
@@ -56,17 +55,23 @@ def test_every_datamodule_lists_the_control_arguments_flat_with_its_defaults(cls
     assert built.hparams.control == expected["control"]  # the default reaches hparams too
 
 
-@pytest.mark.parametrize("cls", [InstructionDataModule, ClassificationDataModule])
-def test_control_texts_are_truncated_to_control_max_length(
-    cls: type[ControlDataModule], tiny_tokenizer_dir: Path, files: tuple[Path, Path]
-) -> None:
+def test_control_texts_are_truncated_to_control_max_length(tiny_tokenizer_dir: Path, files: tuple[Path, Path]) -> None:
     data, control = files
-    dm = _setup(cls, tiny_tokenizer_dir, data, control=str(control), control_field="body", control_size=4,
-                control_max_length=7, max_length=30)  # fmt: skip
+    dm = _setup(InstructionDataModule, tiny_tokenizer_dir, data, control=str(control), control_field="body",
+                control_size=4, control_max_length=7, max_length=30)  # fmt: skip
     assert [len(e["input_ids"]) for e in dm._encoded["control"]] == [7] * 4
-    default = _setup(cls, tiny_tokenizer_dir, data, control=str(control), control_field="body", control_max_length=None,
-                     max_length=30)  # fmt: skip
+    default = _setup(InstructionDataModule, tiny_tokenizer_dir, data, control=str(control), control_field="body",
+                     control_max_length=None, max_length=30)  # fmt: skip
     assert [len(e["input_ids"]) for e in default._encoded["control"]] == [30] * 5  # None: the task's max_length
+
+
+def test_classification_truncates_control_texts_to_max_length(tiny_tokenizer_dir: Path, files: tuple[Path, Path]) -> None:
+    data, control = files
+    dm = _setup(ClassificationDataModule, tiny_tokenizer_dir, data, control=str(control), control_field="body",
+                control_size=4, max_length=9)  # fmt: skip
+    assert [len(e["input_ids"]) for e in dm._encoded["control"]] == [9] * 4
+    with pytest.raises(TypeError, match=r"^ClassificationDataModule truncates control texts to max_length: set max_len"):
+        ClassificationDataModule(control_max_length=7)
 
 
 @pytest.mark.parametrize("cls", [InstructionDataModule, ClassificationDataModule])
@@ -78,12 +83,36 @@ def test_a_wrong_control_field_is_named_in_one_sentence(
         _setup(cls, tiny_tokenizer_dir, data, control=str(control))
 
 
-@pytest.mark.parametrize("cls", [InstructionDataModule, ClassificationDataModule])
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [({"control_size": -1}, r"^control_size=-1 must be zero or positive"),
-     ({"control_max_length": 1}, r"^control_max_length=1 must be at least 2")],
+    ("cls", "kwargs", "message"),
+    [(InstructionDataModule, {"control_size": -1}, r"^control_size=-1 must be zero or positive"),
+     (ClassificationDataModule, {"control_size": -1}, r"^control_size=-1 must be zero or positive"),
+     (InstructionDataModule, {"control_max_length": 1}, r"^control_max_length=1 must be at least 2")],
 )  # fmt: skip
 def test_bad_control_sizes_are_refused_in_one_sentence(cls: type, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("config", "cls"), [("configs/classification.yaml", ClassificationDataModule), ("configs/quickstart.yaml", InstructionDataModule)]
+)
+def test_the_cli_prints_exactly_the_datamodule_arguments(
+    config: str, cls: type, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under LightningCLI (whose default DataModule is InstructionDataModule) the forwarded arguments are the class's."""
+    import yaml
+
+    from lightning_ft.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", config, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["data"]
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "data")
+    defaults = vars(parser.get_defaults().data)
+    assert printed["class_path"] == f"lightning_ft.data.{cls.__name__}"
+    assert list(printed["init_args"]) == list(defaults)
+    given = yaml.safe_load(Path(config).read_text())["data"]["init_args"]
+    control = {k: printed["init_args"][k] for k in _CONTROL_ARGS if k in defaults}
+    assert control == {k: given.get(k, defaults[k]) for k in control}  # the class's own defaults, not another's
