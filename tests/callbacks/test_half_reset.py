@@ -12,8 +12,8 @@ import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
-from selection_checks import SelectionWatch, make_data, make_trainer
-from selection_checks import one_thread  # noqa: F401  (autouse fixture: applies where imported)
+from helpers import SelectionWatch, make_data, make_trainer
+from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
 
 from lightning_ft.callbacks.half import HalfFineTuning, hft_frozen
 from lightning_ft.modules import CausalLMModule

@@ -1,5 +1,6 @@
 """LiNeS callback: exact edit on tiny models (full FT, tied weights, LoRA, a user's own module), the alpha
-sweep, resume, 2-process DDP, refusals, and the real effect on the bundled SmolLM2."""
+sweep, no second edit after a resume, the auto sweep under 2-process DDP, refusals, and the real effect on the bundled
+SmolLM2. Resume equality, the declared refusals and DDP against one process are in tests/conformance."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lightning_ft.callbacks.lines import LiNeS
 from lightning_ft.data import InstructionDataModule
 from lightning_ft.merging.ops import lines_factor
 from lightning_ft.modules import CausalLMModule
-from helpers import Crash, CrashAt, make_trainer
+from helpers import UserModule, make_trainer
 
 
 def _data(**kwargs: Any) -> InstructionDataModule:
@@ -88,27 +89,22 @@ def _eval_loaders(module: CausalLMModule) -> list[Any]:
     return list(dm.val_dataloader())
 
 
-def test_resumed_run_edits_like_an_uninterrupted_one_and_never_twice(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_a_run_resumed_after_the_edit_is_not_edited_twice(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def run(root: Path, ckpt: str | None = None, crash: int | None = None) -> CausalLMModule:
+    def run(root: Path, ckpt: str | None = None) -> CausalLMModule:
         L.seed_everything(0)
         module = CausalLMModule(model=str(tiny_llama_dir), learning_rate=5e-3, warmup_steps=0, output_dir="")
         callbacks: list[L.Callback] = [
             LiNeS(alpha=0.2),
             ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1),
         ]
-        callbacks += [CrashAt(crash)] if crash is not None else []
         make_trainer(root, 6, enable_checkpointing=True, callbacks=callbacks).fit(module, _data(), ckpt_path=ckpt)
         return module
 
     full = run(tmp_path / "a")
-    with pytest.raises(Crash):
-        run(tmp_path / "b", crash=4)
-    resumed = run(tmp_path / "c", ckpt=str(tmp_path / "b" / "last.ckpt"))
     again = run(tmp_path / "d", ckpt=str(tmp_path / "a" / "last.ckpt"))  # saved after the edit: not edited twice
-    for (n, p), q, r in zip(full.named_parameters(), resumed.parameters(), again.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    for (n, p), r in zip(full.named_parameters(), again.parameters()):
         torch.testing.assert_close(p, r, rtol=0, atol=0, msg=n)
 
 
@@ -129,34 +125,18 @@ def test_lora_scales_each_layers_low_rank_update(tiny_gpt2_dir: Path, tmp_path: 
     assert moved == 2
 
 
-class _UserModule(L.LightningModule):
-    """A user's own module wrapping a tiny HF model its own way (no evaluate())."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        from transformers import AutoModelForCausalLM
-
-        self.net = AutoModelForCausalLM.from_pretrained(path)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self.net(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_user_module_alpha_zero_returns_to_theta0_and_refusals(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    module = _UserModule(tiny_llama_dir)
+    module = UserModule(str(tiny_llama_dir), optimizer="sgd")  # a user's own module: no evaluate()
     ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(["good film"] * 4, return_tensors="pt")["input_ids"]
     loader = torch.utils.data.DataLoader([{"input_ids": row} for row in ids], batch_size=2)
     make_trainer(tmp_path, 2, callbacks=[LiNeS(alpha=0.0, beta=0.0)]).fit(module, loader)
     theta0 = load_file(tiny_llama_dir / "model.safetensors")
-    assert all(torch.equal(p.detach(), theta0[n.removeprefix("net.")]) for n, p in module.named_parameters()
-               if n.removeprefix("net.") in theta0)  # fmt: skip
+    assert all(torch.equal(p.detach(), theta0[n.removeprefix("nets.lm.")]) for n, p in module.named_parameters()
+               if n.removeprefix("nets.lm.") in theta0)  # fmt: skip
     with pytest.raises(ValueError, match="lacks: give a fixed alpha") as err:
-        make_trainer(tmp_path, 1, callbacks=[LiNeS(alpha="auto")]).fit(_UserModule(tiny_llama_dir), loader)
+        make_trainer(tmp_path, 1, callbacks=[LiNeS(alpha="auto")]).fit(UserModule(str(tiny_llama_dir)), loader)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"must be a number in \[0, 1\] or 'auto'"):
         LiNeS(alpha="best")  # type: ignore[arg-type]

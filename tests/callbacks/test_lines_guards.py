@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_ft.callbacks.lines import LiNeS
 from lightning_ft.modules import CausalLMModule
 from helpers import make_data, make_trainer
+from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from lightning_ft.data import ClassificationDataModule
 from lightning_ft.merging.ops import lines_factor
 from lightning_ft.modules import SequenceClassificationModule
 from helpers import make_trainer
+from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
 
 _HEAD = ("backbone.classifier.weight", "backbone.classifier.bias")
 

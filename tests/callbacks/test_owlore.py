@@ -11,8 +11,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from selection_checks import SelectionWatch, make_data, make_trainer, token_batches
-from selection_checks import one_thread  # noqa: F401  (autouse fixture: applies where imported)
+from helpers import SelectionWatch, make_data, make_trainer, token_batches
+from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
 
 from lightning_ft.callbacks import layerwise
 from lightning_ft.callbacks.layerwise import LayerwiseSampling, calibration_batches, input_norms, outlier_ratios
@@ -230,7 +230,7 @@ def test_galore_state_is_low_rank_and_leaves_with_its_block(tiny_llama_dir: Path
 
 
 def test_galore_refusals(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from selection_checks import UserModule
+    from helpers import UserModule
 
     sampler = LayerwiseSampling(num_active=1, galore_rank=4, module="nets.lm")
     sgd = UserModule(str(tiny_llama_dir), optimizer="sgd")

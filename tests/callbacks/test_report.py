@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import make_data, make_trainer
+from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
 from lightning_ft.callbacks import ForgettingReport
 from lightning_ft.modules import CausalLMModule
 

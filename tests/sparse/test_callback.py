@@ -1,5 +1,6 @@
-"""SparseFineTuning on a tiny Llama: exactly the selected entries change, each rule selects what it defines,
-optimizer state follows the mask, resume equals an uninterrupted run, and bad combinations are refused."""
+"""SparseFineTuning on a tiny Llama: each rule selects what it defines, the budgets and the compact optimizer
+state, the dense-phase resume of LT-SFT, and bad combinations are refused. Only-selected-entries-change on every tiny
+model and host, resume equality, the declared refusals and DDP of every rule are in tests/conformance."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import Crash, CrashAt, make_data, make_trainer
+from helpers import Crash, CrashAt, SparseWatch, make_data, make_trainer
+from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
 from lightning_ft.callbacks import (
     HalfFineTuning,
     LotteryTicket,
@@ -31,40 +33,6 @@ def _module(path: Path, **kwargs: Any) -> CausalLMModule:
     opts: dict[str, Any] = dict(learning_rate=1e-2, warmup_steps=2, weight_decay=0.1, output_dir="")
     opts.update(kwargs)
     return CausalLMModule(model=str(path), **opts)
-
-
-class Watch(L.Callback):
-    """Before every optimizer step: the union of the masks so far, and that the optimizer holds no state (and,
-    after the step, no change) for eligible entries outside the mask."""
-
-    def __init__(self, sft: SparseFineTuning) -> None:
-        self.sft = sft
-        self.union: dict[str, torch.Tensor] = {}
-        self.lrs: list[float] = []
-        self.checked = 0
-        self._before: dict[str, torch.Tensor] = {}
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        self.lrs.append(optimizer.param_groups[0]["lr"])
-        held = {id(p) for p in optimizer.state}
-        assert not any(id(p) in held for p in self.sft._params.values()) or self.sft.phase == "dense"
-        if self.sft.phase != "sparse":
-            return
-        for name, idx in self.sft.selected.items():
-            mask = self.union.setdefault(name, torch.zeros(self.sft._params[name].numel(), dtype=torch.bool))
-            mask[idx] = True
-        self._before = {n: p.detach().clone() for n, p in self.sft._params.items()}
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if not self._before:
-            return
-        for name, idx in self.sft.selected.items():
-            outside = torch.ones(self.sft._params[name].numel(), dtype=torch.bool)
-            outside[self.union[name]] = False
-            now = self.sft._params[name].detach().reshape(-1)
-            assert torch.equal(now[outside], self._before[name].reshape(-1)[outside]), name
-        self.checked += 1
-        self._before = {}
 
 
 def _theta0(path: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +74,7 @@ def test_only_selected_entries_change_and_state_follows_the_mask(
 ) -> None:
     make_rule, budget = RULES[rule]
     sft = SparseFineTuning(make_rule(), **budget)
-    watch = Watch(sft)
+    watch = SparseWatch(sft)
     module = _module(tiny_llama_dir)
     trainer = make_trainer(tmp_path, 10, callbacks=[sft, watch], gradient_clip_val=0.5)
     trainer.fit(module, make_data())
@@ -159,7 +127,7 @@ class _AtSwitch(L.Callback):
 def test_lottery_ticket_keeps_the_most_moved_entries_rewinds_and_restarts(tiny_llama_dir: Path, tmp_path: Path) -> None:
     sft = SparseFineTuning(LotteryTicket(dense_steps=4), density=0.03)
     at = _AtSwitch(sft, 4)
-    watch = Watch(sft)
+    watch = SparseWatch(sft)
     module = _module(tiny_llama_dir)
     trainer = make_trainer(tmp_path, 9, callbacks=[at, sft, watch])  # _AtSwitch runs before the switch
     trainer.fit(module, make_data())
@@ -220,10 +188,8 @@ def test_sensitivity_ranks_by_summed_squared_gradients(tiny_llama_dir: Path, tmp
 
 
 @pytest.mark.parametrize(
-    ("rule", "crash"),
-    [("lottery_ticket", 3), ("lottery_ticket", 7), ("principal_weights", 5)],
-    ids=["lt-dense-phase", "lt-sparse-phase", "lift-reselect"],
-)
+    ("rule", "crash"), [("lottery_ticket", 3)], ids=["lt-dense-phase"]
+)  # the sparse phase and LIFT's re-selection: tests/conformance
 def test_resumed_run_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path, rule: str, crash: int) -> None:
     make_rule = {"lottery_ticket": lambda: LotteryTicket(dense_steps=4, l1=0.5),
                  "principal_weights": lambda: PrincipalWeights(filter_rank=4, reselect_every=3)}[rule]  # fmt: skip
@@ -259,7 +225,7 @@ def test_resumed_run_equals_uninterrupted(tiny_llama_dir: Path, tmp_path: Path, 
 
 
 def test_selection_events_and_densities_reach_the_logger(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from callbacks.selection_checks import Recorder
+    from helpers import Recorder
 
     recorder = Recorder()
     sft = SparseFineTuning(PrincipalWeights(filter_rank=2, reselect_every=2), rank=1, save_path="")
@@ -293,7 +259,7 @@ def test_artifact_applied_to_the_base_reproduces_the_fine_tuned_model(tiny_llama
 
 def test_bf16_mixed_precision_keeps_unselected_entries_exact(tiny_llama_dir: Path, tmp_path: Path) -> None:
     sft = SparseFineTuning(Random(), density=0.05, save_path="")
-    watch = Watch(sft)
+    watch = SparseWatch(sft)
     module = _module(tiny_llama_dir)
     make_trainer(tmp_path, 4, callbacks=[sft, watch], precision="bf16-mixed").fit(module, make_data())
     _assert_sparse(module, sft, watch.union, _theta0(tiny_llama_dir))
@@ -326,27 +292,12 @@ def test_refusals_are_one_sentence(tiny_llama_dir: Path, tmp_path: Path) -> None
     both = make_trainer(tmp_path, 1, callbacks=[SparseFineTuning(Magnitude()), HalfFineTuning()])
     with pytest.raises(ValueError, match="SparseFineTuning and HalfFineTuning both decide which weights train"):
         both.fit(_module(tiny_llama_dir), make_data())
-    fsdp = types.SimpleNamespace(strategy=type("FSDPStrategy", (), {})(), callbacks=[])
-    with pytest.raises(ValueError, match="use strategy='ddp'"):
-        SparseFineTuning(Magnitude()).setup(fsdp, module, "fit")  # type: ignore[arg-type]
-    lora = _module(tiny_llama_dir, peft={"r": 4, "target_modules": "all-linear"})
-    with pytest.raises(ValueError, match="LoRA-wrapped .* drop `peft`") as err:
-        SparseFineTuning(Magnitude()).setup(trainer, lora, "fit")
-    one_sentence(err)
+    # FSDP, LoRA and quantized backbones: the declared refusals, tests/conformance
     sgd = make_trainer(tmp_path, 1, callbacks=[SparseFineTuning(Magnitude(), save_path="")])
     plain = _module(tiny_llama_dir)
     plain.configure_optimizers = lambda: torch.optim.SGD([p for p in plain.parameters() if p.requires_grad], lr=0.1)  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="use Adam or AdamW in configure_optimizers"):
         sgd.fit(plain, make_data())
-
-
-def test_gpt2_conv1d_weights_train_sparsely(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
-    sft = SparseFineTuning(Magnitude(), targets=["attention", "mlp"], density=0.05, save_path="")
-    watch = Watch(sft)
-    module = _module(tiny_gpt2_dir)
-    make_trainer(tmp_path, 4, callbacks=[sft, watch]).fit(module, make_data())
-    assert any("c_attn" in n for n in sft._params) and any("c_fc" in n for n in sft._params)
-    _assert_sparse(module, sft, watch.union, _theta0(tiny_gpt2_dir))
 
 
 @pytest.mark.slow
@@ -370,23 +321,3 @@ def test_encoder_classifier_trains_a_new_head_densely_and_the_encoder_sparsely(t
     assert 0 < moved <= sum(s.numel for s in sft.states.values())
     frozen = [n for n in live if n not in sft._params and n not in sft._dense_params]
     assert frozen and all(torch.equal(live[n], before[n]) for n in frozen)  # embeddings, norms, biases
-
-
-def test_drops_into_a_user_lightning_module(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from callbacks.selection_checks import UserModule, token_batches
-
-    module = UserModule(str(tiny_llama_dir))
-    lm = module.nets["lm"]
-    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
-    sft = SparseFineTuning(Random(), density=0.02, save_path="")
-    make_trainer(tmp_path, 4, callbacks=[sft]).fit(module, token_batches())
-    assert sft._model is lm
-    for name, param in lm.named_parameters():
-        changed = (param.detach() != before[name]).reshape(-1).nonzero().squeeze(1)
-        allowed = set(sft.selected[name].tolist()) if name in sft.selected else set()
-        assert set(changed.tolist()) <= allowed, name
-    assert sum(s.numel for s in sft.states.values()) == round(0.02 * sft.eligible_numel)
-    with pytest.raises(ValueError, match="needs UserModule.compute_loss"):
-        make_trainer(tmp_path, 1, callbacks=[SparseFineTuning(Sensitivity(), save_path="")]).fit(
-            UserModule(str(tiny_llama_dir)), token_batches()
-        )

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers import Crash, CrashAt, make_data, make_trainer
+from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
 from lightning_ft.callbacks import LotteryTicket, PrincipalWeights, SparseFineTuning
 from lightning_ft.modules import CausalLMModule
 from lightning_ft.sparse import SelectionContext
