@@ -1,7 +1,6 @@
 """DataModules and collators."""
 
 from lightning_ft.data.classification import ClassificationDataModule
-from lightning_ft.data.control import ControlDataModule
 from lightning_ft.data.instruction import InstructionDataModule
 
-__all__ = ["ClassificationDataModule", "ControlDataModule", "InstructionDataModule"]
+__all__ = ["ClassificationDataModule", "InstructionDataModule"]

@@ -11,7 +11,8 @@ import pytest
 from jsonargparse import ArgumentParser
 from transformers import AutoTokenizer
 
-from lightning_ft.data import ClassificationDataModule, ControlDataModule, InstructionDataModule
+from lightning_ft.data import ClassificationDataModule, InstructionDataModule
+from lightning_ft.data.control import ControlDataModule
 
 _CONTROL_ARGS = ("control", "control_field", "control_size", "control_max_length", "tokenizer")
 
