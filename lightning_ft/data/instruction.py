@@ -15,7 +15,7 @@ from lightning_ft.data.collate import (
     encode_prompt,
     render,
 )
-from lightning_ft.data.control import ControlDataModule, resolve_tokenizer  # noqa: F401  (re-exported)
+from lightning_ft.data.control import ControlDataModule, resolve_tokenizer  # resolve_tokenizer: re-exported
 from lightning_ft.data.files import load_records, record_field
 from lightning_ft.data.sampling import train_loader
 

@@ -15,7 +15,7 @@ from lightning_ft.assets import BUNDLED_MODELS
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.errors import UserError
 from lightning_ft.modules.backbone import is_peft_model, load_backbone, save_pretrained_atomic
-from lightning_ft.modules.base import (  # noqa: F401  (re-exported: their home was this module)
+from lightning_ft.modules.base import (  # CHECKPOINT_KEY and the checkpoint helpers: re-exported, their old home
     CHECKPOINT_KEY,
     FineTuningModule,
     Schedule,

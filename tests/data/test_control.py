@@ -66,12 +66,16 @@ def test_control_texts_are_truncated_to_control_max_length(tiny_tokenizer_dir: P
     assert [len(e["input_ids"]) for e in default._encoded["control"]] == [30] * 5  # None: the task's max_length
 
 
-def test_classification_truncates_control_texts_to_max_length(tiny_tokenizer_dir: Path, files: tuple[Path, Path]) -> None:
+def test_classification_truncates_control_texts_to_max_length(
+    tiny_tokenizer_dir: Path, files: tuple[Path, Path]
+) -> None:
     data, control = files
     dm = _setup(ClassificationDataModule, tiny_tokenizer_dir, data, control=str(control), control_field="body",
                 control_size=4, max_length=9)  # fmt: skip
     assert [len(e["input_ids"]) for e in dm._encoded["control"]] == [9] * 4
-    with pytest.raises(TypeError, match=r"^ClassificationDataModule truncates control texts to max_length: set max_len"):
+    with pytest.raises(
+        TypeError, match=r"^ClassificationDataModule truncates control texts to max_length: set max_len"
+    ):
         ClassificationDataModule(control_max_length=7)
 
 
@@ -96,7 +100,8 @@ def test_bad_control_sizes_are_refused_in_one_sentence(cls: type, kwargs: dict, 
 
 
 @pytest.mark.parametrize(
-    ("config", "cls"), [("configs/classification.yaml", ClassificationDataModule), ("configs/quickstart.yaml", InstructionDataModule)]
+    ("config", "cls"),
+    [("configs/classification.yaml", ClassificationDataModule), ("configs/quickstart.yaml", InstructionDataModule)],
 )
 def test_the_cli_prints_exactly_the_datamodule_arguments(
     config: str, cls: type, capsys: pytest.CaptureFixture[str]

@@ -54,10 +54,14 @@ def test_shared_loop_validate_equals_evaluate_and_export_reloads(tiny_bert_dir: 
     reloaded = AutoModelForSequenceClassification.from_pretrained(module.output_path()).eval()  # written at fit end
     with torch.no_grad():
         expected = module(batch["input_ids"], batch["attention_mask"]).logits
-        assert torch.equal(reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, expected)
+        assert torch.equal(
+            reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, expected
+        )
 
 
-def test_save_pretrained_refuses_non_finite_weights_and_keeps_the_old_folder(tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_save_pretrained_refuses_non_finite_weights_and_keeps_the_old_folder(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
     module = SequenceClassificationModule(model=str(tiny_bert_dir), num_labels=3, output_dir="")
     target = module.save_pretrained(tmp_path / "export")
     before = sorted(p.name for p in target.iterdir())
