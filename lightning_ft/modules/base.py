@@ -73,9 +73,10 @@ def checkpoint_mismatch(
         other = _import_class(str(stored))
         if other is None or not (issubclass(other, module_class) or issubclass(module_class, other)):
             return str(stored).rpartition(".")[2], module_class.__name__
-    for key in _SHAPING_ARGS if init_args is not None else ():
-        if key in hparams and key in init_args and not _same_value(hparams[key], init_args[key]):
-            return f"{key}={hparams[key]!r}", f"{key}={init_args[key]!r}"
+    given = init_args if init_args is not None else {}
+    for key in _SHAPING_ARGS:
+        if key in hparams and key in given and not _same_value(hparams[key], given[key]):
+            return f"{key}={hparams[key]!r}", f"{key}={given[key]!r}"
     return None
 
 
@@ -115,7 +116,8 @@ def build_optimizer(
     ``parameters`` (named) restricts it to a subset, e.g. one of two models stepped by hand; default: all of
     ``module``'s.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, param in parameters if parameters is not None else module.named_parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
