@@ -154,8 +154,9 @@ class CopilotLogitsProcessor(LogitsProcessor):
                     f"a sequence of {length}: generate without a cache is not supported (use_cache must stay true)."
                 )
             self._follow_reorder(input_ids[:, : self.cache.length])
+            assert self.next_input is not None  # set with ids at every step
             valid = torch.ones(rows, new, dtype=torch.bool, device=input_ids.device)
-            inputs = self.next_input[:, None].to(dtype)  # type: ignore[index]
+            inputs = self.next_input[:, None].to(dtype)
         out = copilot(inputs, embeds.to(dtype), hidden.to(dtype), valid, self.cache)
         rectification = copilot.rectify(out[:, -1])
         self.next_input = copilot.input_rows(rectification)
@@ -163,7 +164,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
         return fuse_log_probs(scores, rectification, self.lam).to(scores.dtype)
 
     def _follow_reorder(self, prefix: torch.Tensor) -> None:
-        assert self.ids is not None
+        assert self.ids is not None and self.next_input is not None
         if prefix.shape == self.ids.shape and torch.equal(prefix, self.ids):
             return
         same = (prefix[:, None, :] == self.ids[None, :, :]).all(-1)  # [rows, previous rows]
@@ -171,4 +172,4 @@ class CopilotLogitsProcessor(LogitsProcessor):
             raise RuntimeError("CopilotLogitsProcessor could not match a hypothesis to the previous step's sequences.")
         parents = same.float().argmax(1)
         self.cache = self.cache.select(parents)
-        self.next_input = self.next_input.index_select(0, parents)  # type: ignore[union-attr]
+        self.next_input = self.next_input.index_select(0, parents)

@@ -15,20 +15,15 @@ tensor or a tuple, and the heads always attend through an explicit causal mask.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
@@ -37,86 +32,13 @@ from lightning_ft.core.host import MixinBase, ModuleHost
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules.backbone import export_path
 from lightning_ft.objectives._common import log_train, training_progress
+from lightning_ft.objectives.heads_settings import CAFTSettings, HeadSchedule, Stage, heads_schedule
+from lightning_ft.objectives.unembedding import Unembedding, chunked_unembedding_ce
 
+# CAFTSettings, HeadSchedule, heads_schedule and chunked_unembedding_ce lived here first and are imported from here
 __all__ = ["CAFTSettings", "HeadSchedule", "MultiTokenHeadsMixin", "chunked_unembedding_ce", "heads_schedule"]
 
-HeadSchedule = Literal["rsine", "sine", "linear", "constant"]
-Stage = Literal["heads", "finetune"]
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-
-
-def heads_schedule(name: str, step: int, total: int, ratio: float = 1.0) -> float:
-    """The CAFT weight schedule ``s(t)`` in ``[0, 1]`` at optimizer step ``step`` of ``total``.
-
-    ``rsine`` (default): ``sin((T - t) / T * pi / 2)``, 1 at the start and 0 at the end; ``sine``:
-    ``sin(min(1, t / (ratio * T)) * pi / 2)`` (warm-up until ``t / T = ratio``); ``linear``: ``t / T``;
-    ``constant``: 1. With an unknown total (``total <= 0``) every schedule is 1.
-    """
-    if name == "constant" or total <= 0:
-        return 1.0
-    x = min(1.0, max(0.0, step / total))
-    if name == "rsine":
-        return math.sin((1.0 - x) * math.pi / 2)
-    if name == "sine":
-        return math.sin(min(1.0, x / ratio) * math.pi / 2)
-    if name == "linear":
-        return x
-    raise ValueError(f"heads_schedule={name!r} is not a schedule: use 'rsine', 'sine', 'linear' or 'constant'.")
-
-
-def _ce_sum(unembed: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(unembed(rows).float(), targets, reduction="sum")
-
-
-def chunked_unembedding_ce(
-    rows: torch.Tensor, targets: torch.Tensor, unembed: Callable[[torch.Tensor], torch.Tensor], chunk_size: int
-) -> torch.Tensor:
-    """Summed cross-entropy of ``unembed(rows)`` against ``targets`` without holding all logits at once.
-
-    The rows go through the unembedding ``chunk_size`` at a time; under autograd each chunk is
-    recomputed in the backward pass (activation checkpointing), so at most ``chunk_size x vocab``
-    logits exist at any moment, in the forward and in the backward pass.
-
-    Args:
-        rows: ``[N, H]`` hidden states at the positions that carry a target.
-        targets: ``[N]`` token ids.
-        unembed: hidden states -> logits (final norm and LM head).
-        chunk_size: rows per chunk.
-
-    Returns:
-        The fp32 sum of the ``N`` cross-entropies (a zero connected to ``rows`` when ``N == 0``).
-    """
-    total = rows.sum().float() * 0.0
-    fn = functools.partial(_ce_sum, unembed)
-    for start in range(0, rows.shape[0], chunk_size):
-        part_rows, part_targets = rows[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and (part_rows.requires_grad or any(p.requires_grad for p in _params(unembed))):
-            total = total + checkpoint(fn, part_rows, part_targets, use_reentrant=False)
-        else:
-            total = total + fn(part_rows, part_targets)
-    return total
-
-
-def _params(fn: Callable[..., Any]) -> Iterator[nn.Parameter]:
-    owner = getattr(fn, "__self__", fn)
-    return owner.parameters() if isinstance(owner, nn.Module) else iter(())
-
-
-class _Unembedding(nn.Module):
-    """Final norm (optional) then the LM head, applied row-wise; a view of the backbone's own modules."""
-
-    def __init__(self, norm: nn.Module | None, head: nn.Module) -> None:
-        super().__init__()
-        self.parts = [m for m in (norm, head) if m is not None]  # plain list: not registered, not saved twice
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        for part in self.parts:
-            rows = part(rows)
-        return rows
-
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        for part in self.parts:
-            yield from part.parameters(recurse)
 
 
 _HEADS_REFUSAL = (
@@ -130,64 +52,6 @@ def _new_layer(template: nn.Module, config: Any, index: int) -> nn.Module:
         return type(template)(config, layer_idx=index)
     except TypeError:
         return type(template)(config)
-
-
-@dataclass(frozen=True)
-class CAFTSettings:
-    """The settings of :class:`MultiTokenHeadsMixin`, named as its arguments; invalid values raise one sentence.
-
-    Attributes:
-        num_heads: Auxiliary heads.
-        layers_per_head: Decoder layers per head.
-        stage: ``heads`` or ``finetune``.
-        heads_path: Heads file to start from.
-        train_heads: Whether the heads train (``None``: in stage ``heads`` only; see :attr:`trains_heads`).
-        init_layer: Decoder layer the heads are copied from.
-        decay: ``gamma``.
-        heads_coefficient: ``alpha``.
-        heads_schedule: ``s(t)``.
-        schedule_ratio: Fraction of training over which ``sine`` rises.
-        final_norm: Pass the head outputs through the final norm.
-        ce_chunk_size: Rows per chunk of the auxiliary cross-entropies.
-        heads_output: Where ``on_fit_end`` writes the heads (``None``: default, ``""``: disabled).
-    """
-
-    num_heads: int = 4
-    layers_per_head: int = 1
-    stage: Stage = "finetune"
-    heads_path: str | None = None
-    train_heads: bool | None = None
-    init_layer: int = -2
-    decay: float = 0.8
-    heads_coefficient: float = 0.01
-    heads_schedule: HeadSchedule = "rsine"
-    schedule_ratio: float = 1.0
-    final_norm: bool = True
-    ce_chunk_size: int = 1024
-    heads_output: str | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.num_heads >= 1, f"num_heads={self.num_heads} must be at least 1."),
-            (self.layers_per_head >= 1, f"layers_per_head={self.layers_per_head} must be at least 1."),
-            (self.stage in ("heads", "finetune"), f"stage={self.stage!r} is not a stage: use 'heads' or 'finetune'."),
-            (0 < self.decay <= 1, f"decay={self.decay} must be in (0, 1]: the paper uses 0.8."),
-            (self.heads_coefficient >= 0, f"heads_coefficient={self.heads_coefficient} must be zero or positive."),
-            (self.heads_schedule in ("rsine", "sine", "linear", "constant"),
-             f"heads_schedule={self.heads_schedule!r} is not a schedule: use 'rsine', 'sine', 'linear' or 'constant'."),
-            (0 < self.schedule_ratio <= 1, f"schedule_ratio={self.schedule_ratio} must be in (0, 1]."),
-            (self.ce_chunk_size >= 1, f"ce_chunk_size={self.ce_chunk_size} must be at least 1."),
-            (not (self.stage == "heads" and self.train_heads is False),
-             "stage='heads' with train_heads=false trains nothing: drop train_heads or use stage: finetune."),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @property
-    def trains_heads(self) -> bool:
-        """Whether the heads train: ``train_heads``, by default in stage ``heads`` only."""
-        return self.stage == "heads" if self.train_heads is None else self.train_heads
 
 
 class MultiTokenHeadsMixin(MixinBase):
@@ -403,7 +267,7 @@ class MultiTokenHeadsMixin(MixinBase):
     def head_ce_sums(self, store: dict[str, Any], labels: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         """``(summed CE, target count)`` per auxiliary head; head ``k`` at ``t`` predicts ``labels[t + 1 + k]``."""
         parts = self._decoder()
-        unembed = _Unembedding(parts.final_norm if self.caft_settings.final_norm else None, parts.head)
+        unembed = Unembedding(parts.final_norm if self.caft_settings.final_norm else None, parts.head)
         sums = []
         for k, out in enumerate(self.head_hidden_states(store), start=1):
             targets = labels[:, 1 + k :]
