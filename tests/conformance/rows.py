@@ -11,7 +11,6 @@ and ``ddp_fit.py`` check the four properties on every cell. A new method joins b
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,9 +97,10 @@ class Row:
         return self.na.get(model) or self.na.get(host)
 
 
-def _causal(model: str, **kwargs: Any) -> Callable[[str], L.LightningModule]:
+def _causal(kind: str, **kwargs: Any) -> Callable[[str], L.LightningModule]:
+    """Builds our causal-LM module of ``kind`` (a ready-made mixin class, or ``plain``) from a model folder."""
     return lambda path: {"caft": CAFTCausalLM, "masked_thought": MaskedThoughtCausalLM, "plain": CausalLMModule,
-                         "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM}[model](
+                         "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM}[kind](
         model=path, learning_rate=LR, warmup_steps=WARMUP, weight_decay=0.1, output_dir="", **kwargs
     )  # fmt: skip
 
@@ -310,7 +310,3 @@ def fit(
 def ddp_rows() -> list[Row]:
     """The rows whose 2-process DDP run is compared with one process (on the tiny Llama, our host)."""
     return [row for row in ROWS if row.applies("llama", "ours") is None and "ddp" not in row.na]
-
-
-def save_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value))
