@@ -167,7 +167,7 @@ class CopilotEvaluation(CopilotTraining):
         super().on_fit_end()
         trainer = self.trainer
         if self.copilot_settings.auto_lambda:
-            loaders = trainer.datamodule.val_dataloader()  # type: ignore[attr-defined]  # set by fit, checked in setup
+            loaders = fit_datamodule(trainer).val_dataloader()  # there is one: setup refuses auto lambda without
             rows = self.sweep_lambda(list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
             chosen = torch.tensor([self.choose_lambda(rows)], dtype=torch.float64)
             chosen = trainer.strategy.broadcast(chosen, src=0)
@@ -220,6 +220,11 @@ class CopilotEvaluation(CopilotTraining):
         with CopilotLogitsProcessor(self, lam, attention_mask) as fuse:
             processors = LogitsProcessorList([fuse, *(kwargs.pop("logits_processor", None) or [])])
             return host.generate(input_ids, attention_mask, logits_processor=processors, **kwargs)
+
+
+def fit_datamodule(trainer: Any) -> Any:
+    """The fit's DataModule, or ``None`` (``Trainer.datamodule`` is set by ``fit``, unknown to type checkers)."""
+    return getattr(trainer, "datamodule", None)
 
 
 def _update_fused(metrics: EvalMetrics, parts: dict[str, Any], lam: float) -> None:

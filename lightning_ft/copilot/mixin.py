@@ -38,7 +38,7 @@ import torch
 from typing_extensions import override
 
 from lightning_ft.copilot.building import build_copilot, wrap_copilot_lora
-from lightning_ft.copilot.evaluation import CopilotEvaluation
+from lightning_ft.copilot.evaluation import CopilotEvaluation, fit_datamodule
 from lightning_ft.copilot.log import ErrorStorage, MistakeLog
 from lightning_ft.copilot.settings import LAMBDA_GRID, CopilotSettings
 from lightning_ft.modules.metrics import EvalMetrics
@@ -183,7 +183,7 @@ class CopilotMixin(CopilotEvaluation):
                 "CopilotMixin steps two optimizers, which precision='16-mixed' would share one loss scaler between: "
                 "use precision='bf16-mixed' or '32-true'."
             )
-        if self.copilot_settings.auto_lambda and trainer.datamodule is None:  # type: ignore[attr-defined]  # set by fit
+        if self.copilot_settings.auto_lambda and fit_datamodule(trainer) is None:
             raise ValueError(
                 "copilot_lambda='auto' picks the fusion weight on the validation data of a DataModule, and this fit has "
                 "none: pass a datamodule with validation data or set copilot_lambda to a number."
