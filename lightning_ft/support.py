@@ -175,21 +175,6 @@ def used_features(trainer: Any, model: torch.nn.Module | None = None) -> list[Fe
     return used
 
 
-def _by_name(name: str) -> MethodSupport:
-    # Transitional, for callers that still pass a class name (core/selection.py, until it passes the callback):
-    # find the declared class or a subclass of one by that name, and register the exit hook as check_support did.
-    from lightning_ft.strategies.process_group import destroy_process_group_at_exit
-
-    destroy_process_group_at_exit()
-    classes = list(declared_methods())
-    while classes:
-        cls = classes.pop(0)
-        if cls.__name__ == name:
-            return support_of(cls)
-        classes.extend(cls.__subclasses__())
-    return GENERIC
-
-
 def check_support(method: object, trainer: Any, model: torch.nn.Module | None = None) -> None:
     """Raise the method's one-sentence ``ValueError`` for the first feature of this fit it does not support.
 
@@ -199,19 +184,13 @@ def check_support(method: object, trainer: Any, model: torch.nn.Module | None = 
     Args:
         method: The method (callback or module) or its class; its declaration is found by :func:`support_of`, and
             the sentence names its own class (a user's ``class MyHFT(HalfFineTuning)`` is refused as ``MyHFT``).
-            Transitional: a class name (``str``) is still accepted from callers not yet updated; it is looked up
-            among :func:`declared_methods` and their subclasses, and also registers the exit hook as this function
-            used to.
         trainer: The Trainer (only ``strategy`` and ``precision`` are read).
         model: The transformers backbone, to detect quantized and LoRA backbones.
 
     Raises:
         UserError: If the fit uses an unsupported feature (a ``ValueError``).
     """
-    if isinstance(method, str):
-        name, support = method, _by_name(method)
-    else:
-        name, support = (method if isinstance(method, type) else type(method)).__name__, support_of(method)
+    name, support = (method if isinstance(method, type) else type(method)).__name__, support_of(method)
     strategy = type(getattr(trainer, "strategy", None)).__name__
     for feature in used_features(trainer, model):
         refusal = support.refusal(feature, name, strategy, type(model).__name__)

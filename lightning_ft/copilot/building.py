@@ -109,6 +109,15 @@ def _config_from(
         vocab_size=vocab, hidden_size=int(config.hidden_size), pilot_hidden_size=pilot_hidden,
         embed_size=int(config.hidden_size), num_layers=n_layers,
         num_heads=heads, num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-        intermediate_size=int(config.intermediate_size), rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-5)),
+        intermediate_size=_intermediate(config, state), rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-5)),
         rope_theta=float(rope), attention_bias="self_attn.q_proj.bias" in state,
     )  # fmt: skip
+
+
+def _intermediate(config: Any, state: dict[str, torch.Tensor]) -> int:
+    """The SwiGLU width of the layers to copy (a layer without ``mlp.gate_proj`` is refused by
+    :meth:`CopilotDecoder.load_pilot_layers` in one sentence, so the fallback only has to be well defined)."""
+    gate = state.get("mlp.gate_proj.weight")
+    if gate is not None:
+        return int(gate.shape[0])
+    return int(getattr(config, "intermediate_size", None) or 4 * int(config.hidden_size))

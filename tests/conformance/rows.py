@@ -161,8 +161,8 @@ ROWS: list[Row] = [
         module=_causal("copilot", copilot_layers=2, copilot_output="", zero_init_output=False,
                        checkpoint_buffer=True, buffer_rounds=3),
         na={"bert": _CAUSAL_ONLY, "user": _OUR_HOST_ONLY,
-            "gpt2": "CopilotConfig reads the Pilot's intermediate_size, which GPT2Config lacks (an AttributeError "
-                    "today, with no declared refusal)"},
+            "gpt2": "GPT-2's Conv1D layers cannot seed the Llama-style Copilot: refused in one sentence, and "
+                    "copilot_init='random' trains (tests/copilot/test_copilot_module.py)"},
         ddp_differs="each process's Copilot trains on a round drawn, by rank, from its own mistake log of its half "
                     "batches",
     ),
