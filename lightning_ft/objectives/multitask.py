@@ -14,13 +14,13 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from lightning_ft.core.host import MixinBase, ModuleHost
 from lightning_ft.data.collate import IGNORE_INDEX, LMCollator, PromptCollator
-from lightning_ft.data.instruction import InstructionDataModule, resolve_tokenizer
+from lightning_ft.data.control import ControlDataModule
+from lightning_ft.data.instruction import InstructionDataModule
 from lightning_ft.data.sampling import train_loader
 from lightning_ft.modules.metrics import aligned_nll
 
@@ -73,7 +73,7 @@ def build_task(spec: dict[str, Any] | InstructionDataModule) -> InstructionDataM
     return parser.instantiate_classes(config).task
 
 
-class MultiTaskDataModule(L.LightningDataModule):
+class MultiTaskDataModule(ControlDataModule):
     """Several instruction tasks mixed by weight into one training stream, each example tagged ``task_id``.
 
     Each task is given as the arguments of an :class:`~lightning_ft.data.InstructionDataModule` (a mapping of
@@ -93,11 +93,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size.
         num_workers: DataLoader workers.
-        control: Bundled dataset or file of general text for ``val/control_ppl``, or ``None``.
-        control_field: Text column of ``control``.
-        control_size: Number of control texts.
-        control_max_length: Tokens per control text.
-        tokenizer: Tokenizer name or folder; default: the LightningModule's ``tokenizer``.
+        **kwargs: the control set and tokenizer (``control``, ``control_field``, ``control_size``,
+            ``control_max_length``, ``tokenizer``) of :class:`~lightning_ft.data.control.ControlDataModule`; the
+            control set is evaluated as ``val/control_ppl``.
     """
 
     def __init__(
@@ -109,13 +107,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
-        control: str | None = "humaneval",
-        control_field: str = "text",
-        control_size: int = 64,
-        control_max_length: int = 128,
-        tokenizer: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         if not tasks:
             raise ValueError("tasks is empty: list at least one task (InstructionDataModule arguments) under tasks.")
         if weights is not None and (len(weights) != len(tasks) or any(w < 0 for w in weights) or sum(weights) <= 0):
@@ -127,25 +120,25 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError(f"epoch_size={epoch_size} must be at least 1 (or null for all training examples).")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch_size={batch_size} and eval_batch_size={eval_batch_size} must be at least 1.")
+        super().__init__(**kwargs)
+        for hparams in (self._hparams, self._hparams_initial):  # keep checkpoints loadable with weights_only=True
+            hparams.pop("tasks", None)
         self.task_specs = list(tasks)
         self.tasks: list[InstructionDataModule] = []
         self.weights = list(weights) if weights is not None else [1.0] * len(tasks)
         self.epoch_size, self.seed = epoch_size, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.tokenizer_name = tokenizer
-        self.control_args = dict(control=control, control_field=control_field, control_size=control_size,
-                                 control_max_length=control_max_length, eval_batch_size=eval_batch_size,
-                                 num_workers=num_workers)  # fmt: skip
+        h = self.hparams
+        self.control_args = {name: h[name] for name in ("control", "control_field", "control_size",
+                                                        "control_max_length", "eval_batch_size", "num_workers")}
         self._control: InstructionDataModule | None = None
-        self.tokenizer: Any = None
         self._train: list[dict[str, Any]] = []
 
     def setup(self, stage: str | None = None) -> None:
         """Build and prepare every task (same tokenizer) and draw the training mixture."""
         if self._train:
             return
-        if self.tokenizer is None:
-            self.tokenizer = resolve_tokenizer(self, self.tokenizer_name)
+        self.setup_tokenizer()
         self.tasks = [build_task(spec) for spec in self.task_specs]
         for task in self.tasks:
             task.tokenizer = self.tokenizer

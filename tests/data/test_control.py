@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from lightning_ft.data import ClassificationDataModule, InstructionDataModule
 from lightning_ft.data.control import ControlDataModule
+from lightning_ft.objectives import MultiTaskDataModule
 
 _CONTROL_ARGS = ("control", "control_field", "control_size", "control_max_length", "tokenizer")
 
@@ -99,9 +100,48 @@ def test_bad_control_sizes_are_refused_in_one_sentence(cls: type, kwargs: dict, 
         cls(**kwargs)
 
 
+def _multitask(data: Path, **kwargs: Any) -> MultiTaskDataModule:
+    task = {"dataset": str(data), "label_options": ["positive", "negative"], "val_size": 2, "test_size": 2,
+            "max_length": 30}  # fmt: skip
+    return MultiTaskDataModule(tasks=[task], **kwargs)
+
+
+def test_multitask_lists_the_control_arguments_flat_and_saves_them(files: tuple[Path, Path]) -> None:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(MultiTaskDataModule, "data")
+    defaults = vars(parser.get_defaults().data)
+    assert {k: defaults[k] for k in _CONTROL_ARGS} == {"control": "humaneval", "control_field": "text",
+                                                       "control_size": 64, "control_max_length": 128, "tokenizer": None}
+    assert "kwargs" not in defaults and "weights" in defaults  # its own arguments sit beside them
+    config = parser.parse_object({"data": {"tasks": [{"dataset": str(files[0])}], "control_size": 3,
+                                           "control_field": "body", "epoch_size": 5}})  # fmt: skip
+    built = parser.instantiate_classes(config).data
+    assert (built.hparams.control_size, built.hparams.control_field, built.hparams.epoch_size) == (3, "body", 5)
+    assert built.hparams.control == "humaneval"  # the default reaches hparams too
+    assert "tasks" not in built.hparams  # task objects would stop a checkpoint loading with weights_only=True
+
+
+def test_multitask_loads_and_truncates_its_control_set_as_the_others(
+    tiny_tokenizer_dir: Path, files: tuple[Path, Path]
+) -> None:
+    data, control = files
+    dm = _multitask(data, control=str(control), control_field="body", control_size=4, control_max_length=7)
+    dm.tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    dm.setup("fit")
+    assert [len(e["input_ids"]) for e in dm._control._encoded["control"]] == [7] * 4
+    assert len(dm.val_dataloader()) == 2  # the task's loader, then the control loader
+    with pytest.raises(ValueError, match=r"^control_field='text' is not a column of control=.*\(columns: \['body'\]\)"):
+        wrong = _multitask(data, control=str(control))
+        wrong.tokenizer = dm.tokenizer
+        wrong.setup("fit")
+    with pytest.raises(ValueError, match=r"^control_size=-1 must be zero or positive"):
+        _multitask(data, control_size=-1)
+
+
 @pytest.mark.parametrize(
     ("config", "cls"),
-    [("configs/classification.yaml", ClassificationDataModule), ("configs/quickstart.yaml", InstructionDataModule)],
+    [("configs/classification.yaml", ClassificationDataModule), ("configs/quickstart.yaml", InstructionDataModule),
+     ("configs/multitask.yaml", MultiTaskDataModule)],
 )
 def test_the_cli_prints_exactly_the_datamodule_arguments(
     config: str, cls: type, capsys: pytest.CaptureFixture[str]
@@ -117,7 +157,7 @@ def test_the_cli_prints_exactly_the_datamodule_arguments(
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(cls, "data")
     defaults = vars(parser.get_defaults().data)
-    assert printed["class_path"] == f"lightning_ft.data.{cls.__name__}"
+    assert printed["class_path"].rsplit(".", 1)[1] == cls.__name__
     assert list(printed["init_args"]) == list(defaults)
     given = yaml.safe_load(Path(config).read_text())["data"]["init_args"]
     control = {k: printed["init_args"][k] for k in _CONTROL_ARGS if k in defaults}
