@@ -232,6 +232,15 @@ def is_quantized_param(param: torch.Tensor) -> bool:
     return type(param).__name__ in _QUANTIZED_PARAM_TYPES
 
 
+def is_peft_model(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a peft ``PeftModel`` (a LoRA or other adapter wrapper around a transformers model)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, PeftModel)
+
+
 def _logical_shape(param: torch.Tensor) -> tuple[int, ...]:
     """Shape of a parameter, looking through bitsandbytes 4-bit packing."""
     quant_state = getattr(param, "quant_state", None)

@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_ft.assets import resolve_model
 from lightning_ft.core.io import atomic_dir, check_finite
+from lightning_ft.core.layer_map import is_peft_model
 
 __all__ = [
     "atomic_dir", "build_peft_config", "export_path", "is_peft_model", "load_backbone", "quantization_config",
@@ -119,15 +120,6 @@ def load_backbone(
 
         backbone = get_peft_model(backbone, build_peft_config(peft, task_type))
     return backbone, tokenizer
-
-
-def is_peft_model(module: nn.Module) -> bool:
-    """Whether ``module`` is a peft ``PeftModel``."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(module, PeftModel)
 
 
 def save_pretrained_atomic(backbone: nn.Module, tokenizer: Any, output_dir: str | os.PathLike[str]) -> Path:
