@@ -36,13 +36,16 @@ from lightning_ft.errors import (
     run_command,
 )
 
-__all__ = ["POSTHOC_COMMANDS", "SUBCOMMANDS", "main", "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
+__all__ = ["DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SUBCOMMANDS", "main", "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
 
 # Post-hoc weight commands, dispatched before LightningCLI (they run no Trainer).
 POSTHOC_COMMANDS = ("merge", "compress", "decompress", "sparse-apply")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # what makes a run folder hold a run that another command must not write over
 RUN_OUTPUTS = ("checkpoints", "hf_model", "report.json", "predictions.jsonl")
+# the model and data classes of a command that names none (a named class gets its own defaults, see
+# LightningFTCLI._drop_defaults_of_named_classes)
+DEFAULT_CLASSES = {"model": "lightning_ft.modules.CausalLMModule", "data": "lightning_ft.data.InstructionDataModule"}
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 _WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pth")
 _SHARDED_MARKERS = ("meta.pt", ".metadata", "latest", "checkpoint")  # FSDP and DeepSpeed checkpoint folders
@@ -143,12 +146,7 @@ def _cli_class() -> type:
             parser.add_argument(
                 "--wandb", type=str, default="auto", help="W&B logging: auto (offline unless configured), online, offline, disabled."
             )
-            parser.set_defaults(
-                {
-                    "model": {"class_path": "lightning_ft.modules.CausalLMModule"},
-                    "data": {"class_path": "lightning_ft.data.InstructionDataModule"},
-                }
-            )
+            parser.set_defaults({key: {"class_path": path} for key, path in DEFAULT_CLASSES.items()})
 
         # ------------------------------------------------------------------ parsing and early refusals
         def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -157,6 +155,8 @@ def _cli_class() -> type:
             argv = [str(a) for a in args] if isinstance(args, list) else sys.argv[1:]
             subcommand = next((a for a in argv if a in SUBCOMMANDS), None)
             try:
+                if args is None or isinstance(args, list):
+                    self._drop_defaults_of_named_classes(parser, argv)
                 super().parse_arguments(parser, args)
             except ArgumentError as err:
                 raise explain_parse_error(
@@ -166,6 +166,29 @@ def _cli_class() -> type:
             except UnicodeDecodeError as err:  # jsonargparse reads --config files as text
                 problem = config_problem(argv) or f"a --config file is not UTF-8 text ({err})."
                 raise UsageError(problem, _usage(subcommand)) from err
+
+        def _drop_defaults_of_named_classes(self, parser: LightningArgumentParser, argv: list[str]) -> None:
+            """Keep the default model and data classes (:data:`DEFAULT_CLASSES`) only where no class is named.
+
+            jsonargparse starts from the defaults, the default class's ``init_args`` included, and keeps those a class
+            named over it accepts ("only what gets specified is changed"): ClassificationDataModule would get
+            InstructionDataModule's ``max_length``. A parse without defaults shows which classes the command line and
+            configs name (init_args given alone are the default class's); a class other than the default loses the
+            parser's default, so each of its arguments not given takes that class's own default.
+            """
+            if any(a in ("-h", "--help") for a in argv):
+                return  # the help shows the default classes (and a parse would print it here)
+            try:
+                given = parser.parse_args([a for a in argv if not a.startswith("--print_config")], defaults=False,
+                                          _skip_validation=True)  # fmt: skip
+            except Exception:  # noqa: BLE001 - the parse that follows reports the mistake in its own sentence
+                return
+            subcommand = given.get("subcommand")
+            sub = self._subcommand_parsers.get(subcommand) if subcommand else None
+            for key, default in DEFAULT_CLASSES.items():
+                named = given.get(f"{subcommand}.{key}")
+                if sub is not None and hasattr(named, "get") and named.get("class_path") not in (None, default):
+                    sub.set_defaults({key: None})
 
         def _parse_ckpt_path(self) -> None:
             subcommand = self.config.get("subcommand")

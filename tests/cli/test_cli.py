@@ -66,13 +66,7 @@ def test_print_config_shows_defaults(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert printed["trainer"]["callbacks"][0]["class_path"] == "lightning_ft.callbacks.ForgettingReport"
 
 
-@pytest.mark.parametrize(
-    "config", sorted(str(p) for p in Path("configs").glob("*.yaml") if not p.name.startswith("merge"))
-)  # merge recipes are read by `lightning-ft merge` (tests/merging)
-def test_every_shipped_config_parses(config: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", config, "--print_config"])
-    assert exit_info.value.code == 0
+# every shipped config parses, with its classes' own defaults: tests/cli/test_defaults.py
 
 
 def test_wandb_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
