@@ -52,7 +52,7 @@ def test_failed_build_is_the_reason_of_the_fallback(monkeypatch: pytest.MonkeyPa
 
 
 def test_sparse_fine_tuning_steps_through_the_dispatch() -> None:
-    from lightning_ft.callbacks import sparse
+    from lightning_ft.callbacks import sparse_stepping as sparse  # the module whose step calls the dispatch
 
     assert sparse.sparse_adamw_ is cuda_ext.sparse_adamw_
 

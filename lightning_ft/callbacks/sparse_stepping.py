@@ -1,0 +1,162 @@
+"""The update of :class:`~lightning_ft.callbacks.SparseFineTuning`'s selected entries: compact AdamW and DDP.
+
+The optimizers that hold an eligible tensor get their ``step`` wrapped: after the closure and clipping, the selected
+entries get an AdamW step on compact state (:func:`lightning_ft.cuda_ext.sparse_adamw_`, with the hyperparameters of
+the param group the tensor sits in), the tensor's ``grad`` is set to ``None`` and the module's own optimizer steps
+the remaining (dense) tensors. Under DDP a communication hook all-reduces only the selected entries' gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from lightning_ft.core.layer_map import LayerMap
+from lightning_ft.core.snapshot import PretrainedSnapshot
+from lightning_ft.cuda_ext import sparse_adamw_
+from lightning_ft.sparse.compact import CompactState, mask_gradient_
+from lightning_ft.sparse.rules import SelectionRule
+from lightning_ft.strategies.sparse_ddp import SparseCommState, sparse_allreduce_hook
+from lightning_ft.support import used_features
+
+__all__: list[str] = []  # a private part of SparseFineTuning
+
+
+class _SparseStepping(L.Callback):
+    """The state :class:`~lightning_ft.callbacks.SparseFineTuning` keeps (declared here for every part of it), the
+    optimizer binding with its compact AdamW step, the gradient mask and the sparse DDP hook."""
+
+    rule: SelectionRule
+    targets: str | list[str]
+    budget: dict[str, float]
+    allocation: str
+    dense: str | list[str] | None
+    module: str | None
+    seed: int
+    save_path: str | None
+    reset_schedule: bool
+    sparse_ddp: bool
+    comm_state: SparseCommState | None
+    phase: Literal["setup", "dense", "sparse"]
+    events: list[dict[str, Any]]
+    states: dict[str, CompactState]
+    artifact_path: Path | None
+    _model: torch.nn.Module | None
+    _layer_map: LayerMap | None
+    _snapshot: PretrainedSnapshot | None
+    _params: dict[str, torch.nn.Parameter]
+    _dense_params: dict[str, torch.nn.Parameter]
+    _groups: dict[str, tuple[torch.optim.Optimizer, int]]
+    _restore_steps: list[tuple[torch.optim.Optimizer, Callable[..., Any]]]
+    _restored: dict[str, Any] | None
+    _last_selection_step: int
+    _theta0_sel: dict[str, torch.Tensor]
+    _ever: dict[str, torch.Tensor]
+    _model_numel: int
+
+    # ------------------------------------------------------------------ optimizer binding
+    def _bind(self, trainer: L.Trainer) -> None:
+        """Find each eligible tensor's param group and wrap the optimizers that hold them."""
+        self._unbind()
+        self._groups = {}
+        ids = {id(p): n for n, p in self._params.items()}
+        holders: list[torch.optim.Optimizer] = []
+        for optimizer in trainer.optimizers:
+            for index, group in enumerate(optimizer.param_groups):
+                for param in group["params"]:
+                    name = ids.get(id(param))
+                    if name is not None:
+                        self._groups[name] = (optimizer, index)
+                        if optimizer not in holders:
+                            holders.append(optimizer)
+        missing = [n for n in self._params if n not in self._groups]
+        if missing:
+            raise ValueError(
+                f"SparseFineTuning found {missing[0]!r} in no optimizer param group: configure_optimizers must "
+                "include every parameter that requires grad when fit starts."
+            )
+        for name in self._groups:
+            group = self._group(name)
+            if "betas" not in group or "eps" not in group:
+                raise ValueError(
+                    f"SparseFineTuning updates the selected entries with AdamW, but {name!r} sits in a param group "
+                    "without betas/eps (not an Adam-family optimizer): use Adam or AdamW in configure_optimizers."
+                )
+            if group.get("amsgrad"):
+                raise ValueError("SparseFineTuning's compact AdamW has no AMSGrad: set amsgrad=False.")
+        for optimizer in holders:
+            original = optimizer.step
+            optimizer.step = self._wrap_step(original)  # type: ignore[method-assign]
+            self._restore_steps.append((optimizer, original))
+
+    def _group(self, name: str) -> dict[str, Any]:
+        """The live param group of an eligible tensor (``load_state_dict`` replaces the group dicts on resume)."""
+        optimizer, index = self._groups[name]
+        return optimizer.param_groups[index]
+
+    def _unbind(self) -> None:
+        for optimizer, original in self._restore_steps:
+            optimizer.step = original  # type: ignore[method-assign]
+        self._restore_steps = []
+
+    def _wrap_step(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if self.phase == "sparse":
+                self._sparse_step()
+            original(**kwargs)
+            return loss
+
+        if hasattr(original, "_wrapped_by_lr_sched"):  # keep torch's "step before scheduler" bookkeeping intact
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        return step
+
+    def _sparse_step(self) -> None:
+        for name, param in self._params.items():
+            grad = param.grad
+            if grad is None:
+                continue
+            group = self._group(name)
+            beta1, beta2 = group["betas"]
+            sparse_adamw_(
+                param.data, grad, self.states[name], lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                eps=float(group["eps"]), weight_decay=float(group.get("weight_decay", 0.0)),
+                maximize=bool(group.get("maximize", False)),
+            )  # fmt: skip
+            param.grad = None
+
+    def _mask_gradients(self) -> None:
+        """Zero each eligible tensor's gradient outside its mask, so clipping sees only the selected entries."""
+        for name, param in self._params.items():
+            if param.grad is not None:
+                mask_gradient_(param.grad, self.states[name].indices)
+
+    # ------------------------------------------------------------------ DDP
+    def _install_comm_hook(self, trainer: L.Trainer) -> None:
+        """Under DDP, register the sparse all-reduce hook on the wrapped model (unless ``sparse_ddp=False``)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.comm_state = None
+        wrapped = getattr(trainer.strategy, "model", None)
+        if not (self.sparse_ddp and "ddp" in used_features(trainer) and isinstance(wrapped, DistributedDataParallel)):
+            return
+        if getattr(trainer.strategy, "_ddp_comm_hook", None) is not None:
+            raise ValueError(
+                "SparseFineTuning installs its sparse all-reduce hook under DDP, but the strategy already has a "
+                "ddp_comm_hook: drop that hook or pass sparse_ddp=False."
+            )
+        self.comm_state = SparseCommState(process_group=wrapped.process_group)
+        wrapped.register_comm_hook(self.comm_state, sparse_allreduce_hook)
+
+    def _sync_comm_masks(self) -> None:
+        """Point the DDP hook at the current masks (none outside the sparse phase: everything is averaged)."""
+        if self.comm_state is not None:
+            sparse = self.phase == "sparse"
+            self.comm_state.masks = {id(self._params[n]): s.indices for n, s in self.states.items()} if sparse else {}
