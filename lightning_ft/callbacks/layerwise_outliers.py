@@ -1,0 +1,188 @@
+"""OwLore's outlier scores: OWL's layer-wise outlier ratio of each block, and the training batches it is measured on.
+
+Used by :class:`~lightning_ft.callbacks.LayerwiseSampling` with ``sampling="outlier"`` (re-exported by
+:mod:`lightning_ft.callbacks.layerwise`, their old home).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_ft.core.layer_map import LayerMap
+
+__all__ = ["calibration_batches", "input_norms", "outlier_ratios"]
+
+
+def _input_dim(module: torch.nn.Module) -> int:
+    """Which weight dimension multiplies the module's input features (Conv1D stores ``[in, out]``)."""
+    return 0 if type(module).__name__ == "Conv1D" else 1
+
+
+_Batches = Mapping[str, Any] | Iterable[Mapping[str, Any]] | None
+
+
+@torch.no_grad()
+def outlier_ratios(
+    model: torch.nn.Module,
+    layer_map: LayerMap,
+    batches: _Batches,
+    threshold: float = 13.0,
+    reduce: Any = None,
+) -> list[float]:
+    """OWL's layer-wise outlier ratio ``D_l`` of every block.
+
+    Each block's score is ``A_ij = |W_ij| * ||X_j||_2`` over its attention and MLP matrices (Wanda, with
+    ``X`` the matrix's input features over the non-padding tokens of all ``batches``; ``|W_ij|`` alone
+    when ``batches`` is ``None``), and ``D_l`` is the fraction of the block's scores above ``threshold``
+    times their mean.
+
+    Args:
+        model: The transformers model.
+        layer_map: Its layer map.
+        batches: One mapping or several, each with ``input_ids`` and optionally ``attention_mask`` (tokens
+            where it is 0 are left out of ``||X_j||``), or ``None``.
+        threshold: The outlier multiple ``M`` (13 in OwLore's scripts).
+        reduce: Optional function summing a tensor across ranks (e.g. ``strategy.reduce``).
+
+    Returns:
+        ``D_l`` per block, in block order.
+    """
+    infos = [i for i in layer_map.select(kinds=["matrices"]) if i.is_matrix and i.name.endswith("weight")]
+    modules = {i.name: model.get_submodule(i.name.rsplit(".", 1)[0]) for i in infos}
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    norms = input_norms(model, modules, batches, reduce) if batches is not None else {}
+    by_block: dict[int, list[torch.Tensor]] = {}
+    for info in infos:
+        weight = model.get_parameter(info.name).detach().float().abs()
+        if info.name in norms:
+            dim = _input_dim(modules[info.name])
+            scale = norms[info.name].to(weight.device)
+            weight = weight * (scale.unsqueeze(0) if dim == 1 else scale.unsqueeze(1))
+        assert info.block is not None
+        by_block.setdefault(info.block, []).append(weight)
+    ratios = []
+    for block in range(layer_map.num_blocks):
+        scores = by_block.get(block, [])
+        count = sum(s.numel() for s in scores)
+        if not count:
+            ratios.append(0.0)
+            continue
+        mean = sum(float(s.sum()) for s in scores) / count
+        ratios.append(sum(int((s > threshold * mean).sum()) for s in scores) / count)
+    return ratios
+
+
+@torch.no_grad()
+def input_norms(
+    model: torch.nn.Module,
+    modules: dict[str, torch.nn.Module],
+    batches: Iterable[Mapping[str, Any]],
+    reduce: Any = None,
+) -> dict[str, torch.Tensor]:
+    """``||X_j||_2`` of each module's input features over the non-padding tokens of ``batches``.
+
+    A token counts when its ``attention_mask`` entry is non-zero (every token without a mask). A module
+    whose input rows are not the batch's tokens (e.g. a routed expert) counts all its rows.
+
+    Args:
+        model: The model to run (in eval mode, without gradients).
+        modules: Name -> module whose input is measured.
+        batches: Mappings with ``input_ids`` and optionally ``attention_mask``.
+        reduce: Optional function summing a tensor across ranks.
+
+    Returns:
+        Name -> norm per input feature (modules never called are absent).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    keep: list[torch.Tensor | None] = [None]  # the current batch's token mask, flattened
+
+    def hook(args: tuple[Any, ...], key: str) -> None:
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        mask = keep[0]
+        if mask is not None and mask.numel() == x.shape[0]:
+            x = x[mask.to(x.device)]
+        sums[key] = sums.get(key, 0) + (x * x).sum(0)
+
+    handles = [
+        module.register_forward_pre_hook(lambda m, a, key=name: hook(a, key)) for name, module in modules.items()
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                raise ValueError(
+                    "LayerwiseSampling(sampling='outlier') calibrates on training batches that are mappings with an "
+                    "'input_ids' entry: use outlier_metric='weight' or pass outlier_ratios for other batch formats."
+                )
+            attention = batch.get("attention_mask")
+            keep[0] = attention.reshape(-1) != 0 if attention is not None else None
+            model(input_ids=batch["input_ids"], attention_mask=attention)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    names = list(sums)
+    if not names:
+        return {}
+    flat = torch.cat([sums[n] for n in names])
+    if reduce is not None:
+        flat = reduce(flat)
+    out, start = {}, 0
+    for name in names:
+        size = sums[name].numel()
+        out[name] = flat[start : start + size].sqrt()
+        start += size
+    return out
+
+
+def calibration_batches(trainer: L.Trainer, samples: int, fallback: Any) -> list[Any]:
+    """The first batches of a fresh pass over the training data, ``samples`` sequences in all (this rank's share).
+
+    The pass reads the training DataLoader's dataset, sampler (with the sampler Lightning injected under
+    DDP) and collate function in this process, and restores every global random state afterwards, so the
+    training run's batches and randomness are unchanged.
+
+    Args:
+        trainer: The Trainer (its ``train_dataloader`` is read).
+        samples: Sequences to collect over all ranks (each rank takes ``ceil(samples / world_size)``).
+        fallback: What to return, as the only batch, when the training data is not a ``DataLoader``.
+
+    Returns:
+        Batches moved to the module's device.
+    """
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader):
+        return [fallback]
+    if isinstance(loader.dataset, IterableDataset):
+        fresh = DataLoader(
+            loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, drop_last=loader.drop_last
+        )
+    elif loader.batch_sampler is None:  # the dataset yields whole batches
+        fresh = DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, collate_fn=loader.collate_fn)
+    else:
+        fresh = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+    wanted = -(-samples // max(1, trainer.world_size))
+    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    batches, seen = [], 0
+    try:
+        for batch in fresh:
+            batches.append(trainer.strategy.batch_to_device(batch))
+            seen += _batch_size(batch)
+            if seen >= wanted:
+                break
+    finally:
+        _set_rng_states(states)
+    return batches or [fallback]
+
+
+def _batch_size(batch: Any) -> int:
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    return int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.ndim > 1 else 1
