@@ -41,6 +41,7 @@ from lightning_ft.copilot.building import build_copilot, wrap_copilot_lora
 from lightning_ft.copilot.evaluation import CopilotEvaluation, fit_datamodule
 from lightning_ft.copilot.log import ErrorStorage, MistakeLog
 from lightning_ft.copilot.settings import LAMBDA_GRID, CopilotSettings
+from lightning_ft.core.host import require_host
 from lightning_ft.modules.metrics import EvalMetrics
 from lightning_ft.support import MethodSupport
 
@@ -154,6 +155,8 @@ class CopilotMixin(CopilotEvaluation):
             fused_eval=fused_eval, copilot_output=copilot_output, zero_init_output=zero_init_output,
         )  # fmt: skip
         super().__init__(**kwargs)
+        require_host(self, CopilotMixin, ("backbone", "aligned_logits", "compute_loss", "eval_update", "_log_eval",
+                                          "evaluate", "generate"))  # fmt: skip
         self.copilot_settings = settings
         self.register_buffer("copilot_lambda_value", torch.tensor(settings.initial_lambda, dtype=torch.float64))
         self.lambda_sweep = []

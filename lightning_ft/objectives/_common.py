@@ -1,13 +1,30 @@
-"""Small pieces the objective mixins share: training progress and a deterministic per-batch generator."""
+"""Small pieces the objective mixins share: training progress, a deterministic per-batch generator, and the
+support check of ``setup``."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
 
-__all__ = ["batch_generator", "log_train", "training_progress"]
+__all__ = ["UNVERIFIED_SHARDED", "batch_generator", "check_fit_support", "log_train", "training_progress"]
+
+#: the refusal of a sharded strategy for an objective nothing is known to break there (issue #18 will verify FSDP2)
+UNVERIFIED_SHARDED = (
+    "{name} is not yet verified under sharded strategies such as {strategy}: use strategy='ddp' (or a single device)."
+)
+
+
+def check_fit_support(method: object, trainer: Any, model: torch.nn.Module | None) -> None:
+    """What an objective's ``setup("fit")`` does: register the clean process-group exit, then refuse in one sentence a
+    feature of this fit that ``method``'s declared support (:mod:`lightning_ft.support`) does not cover."""
+    from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+    from lightning_ft.support import check_support
+
+    destroy_process_group_at_exit()
+    check_support(method, trainer, model)
 
 
 def training_progress(module: L.LightningModule) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -28,12 +28,14 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_ft.core.anatomy import DecoderParts, decoder_parts, plain_state
-from lightning_ft.core.host import MixinBase, ModuleHost
+from lightning_ft.core.host import MixinBase, ModuleHost, require_host
 from lightning_ft.data.collate import IGNORE_INDEX
+from lightning_ft.errors import UserError
 from lightning_ft.modules.backbone import export_path
-from lightning_ft.objectives._common import log_train, training_progress
+from lightning_ft.objectives._common import check_fit_support, log_train, training_progress
 from lightning_ft.objectives.heads_settings import CAFTSettings, HeadSchedule, Stage, heads_schedule
 from lightning_ft.objectives.unembedding import Unembedding, chunked_unembedding_ce
+from lightning_ft.support import MethodSupport, used_features
 
 # CAFTSettings, HeadSchedule, heads_schedule and chunked_unembedding_ce lived here first and are imported from here
 __all__ = ["CAFTSettings", "HeadSchedule", "MultiTokenHeadsMixin", "chunked_unembedding_ce", "heads_schedule"]
@@ -105,6 +107,17 @@ class MultiTokenHeadsMixin(MixinBase):
 
     backbone: nn.Module
     aux_heads: nn.ModuleList
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "lora", "mixed"}),
+        {
+            "fsdp": "{name} runs the backbone's final norm and LM head again outside the backbone's forward (its "
+            "auxiliary heads share them), where {strategy} keeps their weights sharded: use strategy='ddp' (or a "
+            "single device).",
+            "quantized": "{name} copies a decoder layer of the backbone into each auxiliary head, which a quantized "
+            "backbone's 4/8-bit weights cannot seed: set quantization to null (LoRA alone works).",
+        },
+        "The heads are copies of a decoder layer, so the backbone must be unquantized (refused when built).",
+    )
 
     def __init__(
         self,
@@ -135,6 +148,9 @@ class MultiTokenHeadsMixin(MixinBase):
             final_norm=final_norm, ce_chunk_size=ce_chunk_size, heads_output=heads_output,
         )  # fmt: skip
         super().__init__(**kwargs)
+        require_host(self, MultiTokenHeadsMixin, ("backbone", "compute_loss", "eval_update", "_log_eval", "evaluate"))
+        if "quantized" in used_features(None, self.backbone):  # before the heads are copied from its layers
+            raise UserError(str(MultiTokenHeadsMixin.support.refusal("quantized", type(self).__name__, "", "")))
         self.caft_settings = settings
         parts = self._decoder()
         layers, config = parts.layers, parts.config
@@ -148,6 +164,12 @@ class MultiTokenHeadsMixin(MixinBase):
                 param.requires_grad_(False)
         self.aux_heads.requires_grad_(settings.trains_heads)
         self.head_metrics = nn.ModuleList(MeanMetric() for _ in range(num_heads))
+
+    @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            check_fit_support(self, self.trainer, self.backbone)
 
     # ------------------------------------------------------------------ heads
     def _decoder(self) -> DecoderParts:

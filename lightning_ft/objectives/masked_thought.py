@@ -11,16 +11,23 @@ original tokens, so the model learns to predict the reasoning from a corrupted h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import nn
 from typing_extensions import override
 
 from lightning_ft.core.anatomy import input_embeddings
-from lightning_ft.core.host import MixinBase, ModuleHost
+from lightning_ft.core.host import MixinBase, ModuleHost, require_host
 from lightning_ft.data.collate import IGNORE_INDEX
-from lightning_ft.objectives._common import batch_generator, log_train, training_progress
+from lightning_ft.objectives._common import (
+    UNVERIFIED_SHARDED,
+    batch_generator,
+    check_fit_support,
+    log_train,
+    training_progress,
+)
+from lightning_ft.support import MethodSupport
 
 __all__ = ["MaskedThoughtMixin", "MaskedThoughtSettings", "mask_response_tokens", "masked_thought_rate"]
 
@@ -99,6 +106,12 @@ class MaskedThoughtMixin(MixinBase):
     """
 
     backbone: nn.Module
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "quantized", "lora", "mixed"}),
+        {"fsdp": UNVERIFIED_SHARDED},
+        "The masking draw depends on the rank, so DDP masks other tokens than one process; sharded strategies are not "
+        "yet verified.",
+    )
 
     def __init__(
         self,
@@ -117,6 +130,7 @@ class MaskedThoughtMixin(MixinBase):
         if replacement not in ("random", "mask"):
             raise ValueError(f"replacement={replacement!r} is not supported: use 'random' or 'mask'.")
         super().__init__(**kwargs)
+        require_host(self, MaskedThoughtMixin, ("backbone", "compute_loss"))
         tokenizer = getattr(self, "tokenizer", None)
         if replacement == "mask" and mask_token_id is None:
             mask_token_id = getattr(tokenizer, "mask_token_id", None)
@@ -134,6 +148,12 @@ class MaskedThoughtMixin(MixinBase):
             vocab_size=min(vocab, rows) if vocab else rows,
         )  # fmt: skip
         self._mt_batch_idx = 0
+
+    @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            check_fit_support(self, self.trainer, self.backbone)
 
     def mask_rate(self) -> float:
         """``p_t`` at the current optimizer step."""

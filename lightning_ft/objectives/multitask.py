@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
-from lightning_ft.core.host import MixinBase, ModuleHost
+from lightning_ft.core.host import MixinBase, ModuleHost, require_host
 from lightning_ft.data.collate import IGNORE_INDEX, LMCollator, PromptCollator
 from lightning_ft.data.control import ControlDataModule
 from lightning_ft.data.instruction import InstructionDataModule
 from lightning_ft.data.sampling import train_loader
 from lightning_ft.modules.metrics import aligned_nll
+from lightning_ft.objectives._common import UNVERIFIED_SHARDED, check_fit_support
+from lightning_ft.objectives.weights import TokenWeightedDataModule
+from lightning_ft.support import MethodSupport
 
 __all__ = [
     "MultiTaskDataModule",
@@ -34,6 +38,8 @@ __all__ = [
 ]
 
 TaskBalance = Literal["token", "sample", "task"]
+# the arguments of the InstructionDataModule that loads the mixture's control set
+_CONTROL_ARGS = ("control", "control_field", "control_size", "control_max_length", "eval_batch_size", "num_workers")
 
 
 def mix_counts(weights: Sequence[float], total: int) -> list[int]:
@@ -128,9 +134,7 @@ class MultiTaskDataModule(ControlDataModule):
         self.weights = list(weights) if weights is not None else [1.0] * len(tasks)
         self.epoch_size, self.seed = epoch_size, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        h = self.hparams
-        self.control_args = {name: h[name] for name in ("control", "control_field", "control_size",
-                                                        "control_max_length", "eval_batch_size", "num_workers")}
+        self.control_args = {name: self.hparams[name] for name in _CONTROL_ARGS}
         self._control: InstructionDataModule | None = None
         self._train: list[dict[str, Any]] = []
 
@@ -141,6 +145,8 @@ class MultiTaskDataModule(ControlDataModule):
         self.setup_tokenizer()
         self.tasks = [build_task(spec) for spec in self.task_specs]
         for task in self.tasks:
+            if stage == "fit" and isinstance(task, TokenWeightedDataModule):
+                task.check_weighting(self.trainer)
             task.tokenizer = self.tokenizer
             task.hparams["control"] = None  # the mixture's own control set is used
             task.setup(stage)
@@ -280,6 +286,12 @@ class TaskBalancedLossMixin(MixinBase):
         **kwargs: Arguments of the LightningModule it is mixed into.
     """
 
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "quantized", "lora", "mixed"}),
+        {"fsdp": UNVERIFIED_SHARDED},
+        "Under DDP each process balances its own batch, as MFTCoder does; sharded strategies are not yet verified.",
+    )
+
     def __init__(
         self, *, task_balance: TaskBalance = "task", task_weights: list[float] | None = None, **kwargs: Any
     ) -> None:
@@ -288,8 +300,15 @@ class TaskBalancedLossMixin(MixinBase):
         if task_weights is not None and (any(w < 0 for w in task_weights) or sum(task_weights) <= 0):
             raise ValueError(f"task_weights={task_weights} must be non-negative with a positive sum.")
         super().__init__(**kwargs)
+        require_host(self, TaskBalancedLossMixin, ("compute_loss", "aligned_logits"))
         self.task_balance = task_balance
         self.task_weights = list(task_weights) if task_weights is not None else None
+
+    @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            check_fit_support(self, self.trainer, getattr(self, "backbone", None))
 
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The task- or sample-balanced loss of the batch (``token``: the wrapped module's loss)."""

@@ -18,10 +18,12 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.data.instruction import InstructionDataModule
+from lightning_ft.objectives._common import UNVERIFIED_SHARDED, check_fit_support
+from lightning_ft.support import MethodSupport
 
 __all__ = ["DiffWeights", "KeyTokenWeights", "SpanWeights", "TokenWeightedDataModule", "TokenWeighting"]
 
@@ -57,8 +59,17 @@ def _token_at(offsets: Offsets, char: int) -> int | None:
 class TokenWeighting:
     """Base class of the weight providers: one weight per response token.
 
-    Subclasses implement :meth:`response_weights`; a weight of 0 removes the token from the loss.
+    Subclasses implement :meth:`response_weights`; a weight of 0 removes the token from the loss. The weights reach
+    the loss of :class:`~lightning_ft.modules.CausalLMModule` through :class:`TokenWeightedDataModule`, whose
+    ``setup("fit")`` checks the provider's declared support.
     """
+
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "quantized", "lora", "mixed"}),
+        {"fsdp": UNVERIFIED_SHARDED},
+        "Checked by TokenWeightedDataModule; under DDP each process divides by its own batch's weight sum; sharded "
+        "strategies are not yet verified.",
+    )
 
     def response_weights(self, record: dict[str, Any], response: str, offsets: Offsets) -> list[float]:
         """Weights of the response tokens.
@@ -254,6 +265,19 @@ class TokenWeightedDataModule(InstructionDataModule):
             hparams.pop("weighting", None)
         self.weighting = weighting
         self.ignore_zero_weight = ignore_zero_weight
+
+    def check_weighting(self, trainer: Any) -> None:
+        """Refuse in one sentence a feature of ``trainer``'s fit the weight provider does not support (no-op without
+        a Trainer: a task of :class:`~lightning_ft.objectives.MultiTaskDataModule` is checked by the mixture)."""
+        if trainer is not None:
+            module = getattr(trainer, "lightning_module", None)
+            check_fit_support(self.weighting, trainer, getattr(module, "backbone", None))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check the provider's support in ``fit``, then load, split and tokenise the data with weights."""
+        if stage == "fit":
+            self.check_weighting(self.trainer)
+        super().setup(stage)
 
     def _encode_train(self, record: dict[str, Any]) -> dict[str, Any]:
         example = super()._encode_train(record)

@@ -55,10 +55,13 @@ LR, WARMUP = 1e-2, 2
 Check = Literal["selection", "entries", "trainable"]
 
 _CAUSAL_ONLY = "a causal-LM objective: an encoder classifier has no next-token loss to reshape"
-_OUR_HOST_ONLY = (
-    "the mixin reshapes CausalLMModule's loss (compute_loss over aligned_logits, backbone, tokenizer), which a plain "
-    "LightningModule lacks, and declares no refusal for one yet: mix it into CausalLMModule or a subclass"
-)
+
+
+def _host_refusal(mixin: type, member: str) -> dict[str, tuple[type[Exception], str]]:
+    """A mixin on a user's plain LightningModule (no ``member`` of the host contract): refused when built."""
+    return {
+        "user": (TypeError, f"^{mixin.__name__} needs its host module's `{member}`, which UserHosted lacks: mix it")
+    }
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ class Row:
         name: The row's id in test names.
         declared: The class whose support declaration (:mod:`lightning_ft.support`) applies.
         callback: Builds the method's callback for a host (``None`` for a module mixin).
-        module: Builds our module for a mixin row from a model folder (``None``: the plain module of the model).
+        module: Builds our module for a mixin row from a model folder and extra module arguments (``None``: the plain
+            module of the model); on a ``user`` host the mixin (``declared``) is mixed into the user's module.
         check: What may change: ``selection`` (exactly the active tensors of each step, :class:`SelectionWatch`),
             ``entries`` (only entries inside the sparse masks, :class:`SparseWatch`) or ``trainable`` (exactly the
             tensors that require grad when training starts, every one of them).
@@ -84,7 +88,7 @@ class Row:
     name: str
     declared: type
     callback: Callable[[str], L.Callback] | None = None
-    module: Callable[[str], L.LightningModule] | None = None
+    module: Callable[..., L.LightningModule] | None = None
     check: Check = "trainable"
     na: dict[str, str] = field(default_factory=dict)
     refuses: dict[str, tuple[type[Exception], str]] = field(default_factory=dict)
@@ -97,12 +101,23 @@ class Row:
         return self.na.get(model) or self.na.get(host)
 
 
-def _causal(kind: str, **kwargs: Any) -> Callable[[str], L.LightningModule]:
-    """Builds our causal-LM module of ``kind`` (a ready-made mixin class, or ``plain``) from a model folder."""
-    return lambda path: {"caft": CAFTCausalLM, "masked_thought": MaskedThoughtCausalLM, "plain": CausalLMModule,
-                         "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM}[kind](
-        model=path, learning_rate=LR, warmup_steps=WARMUP, weight_decay=0.1, output_dir="", **kwargs
-    )  # fmt: skip
+@dataclass(frozen=True)
+class _Causal:
+    """Builds our causal-LM module ``cls`` (a ready-made mixin class, or the plain module) from a model folder and
+    extra module arguments (e.g. ``peft``)."""
+
+    cls: type[L.LightningModule]
+    kwargs: dict[str, Any]
+
+    def __call__(self, path: str, **extra: Any) -> L.LightningModule:
+        return self.cls(model=path, learning_rate=LR, warmup_steps=WARMUP, weight_decay=0.1, output_dir="",
+                        **self.kwargs, **extra)  # fmt: skip
+
+
+def _causal(kind: str, **kwargs: Any) -> _Causal:
+    """Builds our causal-LM module of ``kind`` (a ready-made mixin class, or ``plain``)."""
+    return _Causal({"caft": CAFTCausalLM, "masked_thought": MaskedThoughtCausalLM, "plain": CausalLMModule,
+                    "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM}[kind], kwargs)  # fmt: skip
 
 
 def _sft(rule: Callable[[], Any], **budget: Any) -> Callable[[str], L.Callback]:
@@ -140,11 +155,11 @@ ROWS: list[Row] = [
     Row("lines", LiNeS, lambda host: LiNeS(alpha=0.5)),
     Row(
         "caft", MultiTokenHeadsMixin, module=_causal("caft", num_heads=2, heads_output="", heads_coefficient=0.5),
-        na={"bert": _CAUSAL_ONLY, "user": _OUR_HOST_ONLY},
+        na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(MultiTokenHeadsMixin, "backbone"),
     ),
     Row(
         "masked-thought", MaskedThoughtMixin, module=_causal("masked_thought", max_rate=0.5, warmup=0.0),
-        na={"bert": _CAUSAL_ONLY, "user": _OUR_HOST_ONLY},
+        na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(MaskedThoughtMixin, "backbone"),
         ddp_differs="the masking draw depends on the process's rank, so two processes mask other tokens than one",
     ),
     Row(
@@ -154,15 +169,16 @@ ROWS: list[Row] = [
     ),
     Row(
         "task-balanced", TaskBalancedLossMixin, module=_causal("task_balanced"), batch_extra=("task_id",),
-        na={"bert": _CAUSAL_ONLY, "user": _OUR_HOST_ONLY},
+        na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(TaskBalancedLossMixin, "compute_loss"),
     ),
     Row(
         "copilot", CopilotMixin,
         module=_causal("copilot", copilot_layers=2, copilot_output="", zero_init_output=False,
                        checkpoint_buffer=True, buffer_rounds=3),
-        na={"bert": _CAUSAL_ONLY, "user": _OUR_HOST_ONLY,
+        na={"bert": _CAUSAL_ONLY,
             "gpt2": "GPT-2's Conv1D layers cannot seed the Llama-style Copilot: refused in one sentence, and "
                     "copilot_init='random' trains (tests/copilot/test_copilot_module.py)"},
+        refuses=_host_refusal(CopilotMixin, "backbone"),
         ddp_differs="each process's Copilot trains on a round drawn, by rank, from its own mistake log of its half "
                     "batches",
     ),
@@ -211,8 +227,11 @@ class TokenData(L.LightningDataModule):
 # ---------------------------------------------------------------------------------------------- one fit
 def build(row: Row, model: str, host: str, path: str) -> tuple[L.LightningModule, list[L.Callback]]:
     """The cell's module and the method's callbacks (with the probe that checks it at every step last)."""
-    if host == "user":
-        module: L.LightningModule = UserModule(path, kind="classifier" if model == "bert" else "causal")
+    kind = "classifier" if model == "bert" else "causal"
+    if host == "user" and row.module is not None and row.declared is not TokenWeighting:  # the mixin on their module
+        module: L.LightningModule = type("UserHosted", (row.declared, UserModule), {})(path=path, kind=kind)
+    elif host == "user":
+        module = UserModule(path, kind=kind)
     elif row.module is not None:
         module = row.module(path)
     elif model == "bert":

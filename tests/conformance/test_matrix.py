@@ -24,6 +24,7 @@ import lightning_ft.callbacks
 import lightning_ft.copilot
 import lightning_ft.objectives
 from lightning_ft import support
+from lightning_ft.objectives import SpanWeights, TokenWeightedDataModule, TokenWeighting
 
 HERE = Path(__file__).resolve().parent
 CELLS = [(r.name, m, h) for r in ROWS for m in MODELS for h in HOSTS if r.applies(m, h) is None]
@@ -169,6 +170,7 @@ def declared_refusals(cls: type) -> dict[str, str]:
     return {} if declared is support.GENERIC else dict(declared.refusals)
 
 
+_LORA = {"r": 2, "target_modules": ["q_proj"]}
 REFUSALS = [(r.name, f) for r in ROWS for f in sorted(declared_refusals(r.declared))]
 
 
@@ -177,10 +179,9 @@ def wrapped(model_dirs: dict[str, str]) -> dict[str, Any]:
     """Our module on a LoRA and on an nf4-quantized (LoRA) tiny Llama, built once."""
     from lightning_ft.modules import CausalLMModule
 
-    lora = {"r": 2, "target_modules": ["q_proj"]}
     return {
-        "lora": CausalLMModule(model=model_dirs["llama"], peft=lora, output_dir=""),
-        "quantized": CausalLMModule(model=model_dirs["llama"], peft=lora, quantization="nf4", output_dir=""),
+        "lora": CausalLMModule(model=model_dirs["llama"], peft=_LORA, output_dir=""),
+        "quantized": CausalLMModule(model=model_dirs["llama"], peft=_LORA, quantization="nf4", output_dir=""),
     }
 
 
@@ -194,20 +195,36 @@ def test_every_declared_refusal_refuses_with_its_sentence(
     strategy = FSDPStrategy() if feature == "fsdp" else L.Trainer(accelerator="cpu", logger=False).strategy
     precision = "bf16-mixed" if feature == "mixed" else "32-true"
     trainer = types.SimpleNamespace(strategy=strategy, precision=precision, callbacks=[], datamodule=None)
+    mixin = row.module is not None and row.declared is not TokenWeighting
+    if feature in wrapped and mixin:  # a mixin refuses such a backbone when it is built: its module is the method
+        kwargs = {"peft": _LORA, **({"quantization": "nf4"} if feature == "quantized" else {})}
+        with pytest.raises(ValueError) as err:
+            row.module(model_dirs["llama"], **kwargs)  # type: ignore[misc]
+        name = row.module.cls.__name__  # type: ignore[union-attr]
+        assert str(err.value) == declared_refusals(row.declared)[feature].format(name=name, strategy="", model="")
+        return
     if feature in wrapped:
         module = wrapped[feature]
     elif row.module is not None:
         module = row.module(model_dirs["llama"])
     else:
         module = build(row, "llama", "ours", model_dirs["llama"])[0]
-    method = row.callback("ours") if row.callback is not None else module
+    if row.declared is TokenWeighting:  # the DataModule that applies the weights checks the provider's declaration
+        method: Any = TokenWeightedDataModule(weighting=SpanWeights(), control=None)
+        trainer.lightning_module = module
+    else:
+        method = row.callback("ours") if row.callback is not None else module
+    checked = method.weighting if row.declared is TokenWeighting else method
     expected = declared_refusals(row.declared)[feature].format(
-        name=type(method).__name__, strategy=type(strategy).__name__, model=type(module.backbone).__name__
+        name=type(checked).__name__, strategy=type(strategy).__name__, model=type(module.backbone).__name__
     )  # the sentence names the method's own class (CopilotCausalLM, a user's subclass...)
     with pytest.raises(ValueError) as err:
         if row.callback is not None:  # the callback's own setup consults the declaration
             trainer.callbacks = [method]
-            method.setup(trainer, module, "fit")  # type: ignore[arg-type]
+            method.setup(trainer, module, "fit")
+        elif row.declared is TokenWeighting:  # the DataModule's setup does, before it loads any data
+            method.trainer = trainer
+            method.setup("fit")
         else:  # the module's own setup does
             module._trainer = trainer
             module.setup("fit")

@@ -110,8 +110,13 @@ def test_multitask_lists_the_control_arguments_flat_and_saves_them(files: tuple[
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(MultiTaskDataModule, "data")
     defaults = vars(parser.get_defaults().data)
-    assert {k: defaults[k] for k in _CONTROL_ARGS} == {"control": "humaneval", "control_field": "text",
-                                                       "control_size": 64, "control_max_length": 128, "tokenizer": None}
+    assert {k: defaults[k] for k in _CONTROL_ARGS} == {
+        "control": "humaneval",
+        "control_field": "text",
+        "control_size": 64,
+        "control_max_length": 128,
+        "tokenizer": None,
+    }
     assert "kwargs" not in defaults and "weights" in defaults  # its own arguments sit beside them
     config = parser.parse_object({"data": {"tasks": [{"dataset": str(files[0])}], "control_size": 3,
                                            "control_field": "body", "epoch_size": 5}})  # fmt: skip
@@ -140,8 +145,11 @@ def test_multitask_loads_and_truncates_its_control_set_as_the_others(
 
 @pytest.mark.parametrize(
     ("config", "cls"),
-    [("configs/classification.yaml", ClassificationDataModule), ("configs/quickstart.yaml", InstructionDataModule),
-     ("configs/multitask.yaml", MultiTaskDataModule)],
+    [
+        ("configs/classification.yaml", ClassificationDataModule),
+        ("configs/quickstart.yaml", InstructionDataModule),
+        ("configs/multitask.yaml", MultiTaskDataModule),
+    ],
 )
 def test_the_cli_prints_exactly_the_datamodule_arguments(
     config: str, cls: type, capsys: pytest.CaptureFixture[str]

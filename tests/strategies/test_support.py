@@ -19,6 +19,7 @@ from lightning_ft.callbacks import HalfFineTuning, LayerFreezing, LayerwiseSampl
 from lightning_ft.copilot import CopilotMixin
 from lightning_ft.core.layer_map import find_transformer
 from lightning_ft.modules import CausalLMModule
+from lightning_ft.objectives import MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin, TokenWeighting
 from lightning_ft.strategies import process_group
 from lightning_ft.support import (
     FEATURES,
@@ -65,8 +66,9 @@ class EverywhereFreezing(LayerFreezing):
     support: ClassVar[MethodSupport] = MethodSupport(frozenset(FEATURES), notes="supports everything")
 
 
-def test_the_exported_declared_classes_are_the_weight_editing_methods() -> None:
-    expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, CopilotMixin}
+def test_the_exported_declared_classes_are_the_weight_editing_methods_and_the_objectives() -> None:
+    expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, CopilotMixin,
+                MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin, TokenWeighting}  # fmt: skip
     assert set(declared_methods()) == expected
     assert all(support_of(cls) is vars(cls)["support"] for cls in expected)
     assert support_of(CausalLMModule) is GENERIC and support_of(object()) is GENERIC  # no declaration in the MRO
@@ -159,5 +161,5 @@ def test_readme_table_is_the_rendered_matrix_of_the_exported_classes() -> None:
     assert (ROOT / "docs" / "support_table.md").read_text() == table, "regenerate docs/support_table.md"
     readme = (ROOT / "README.md").read_text()
     assert TABLE_BEGIN in readme, "README.md lacks the generated support table: paste docs/support_table.md into it"
-    found = re.search(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), readme, re.S)
+    found = re.search(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), readme, re.DOTALL)
     assert found is not None and found.group(0) + "\n" == table, "README's table drifted from lightning_ft.support"
