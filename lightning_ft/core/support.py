@@ -97,16 +97,27 @@ GENERIC = MethodSupport(
 
 
 def _declared(cls: type) -> MethodSupport | None:
-    """The nearest ``support`` declaration along ``cls``'s MRO (``None`` if no class in it declares one)."""
-    for base in cls.__mro__:
-        declared = vars(base).get("support")
-        if isinstance(declared, MethodSupport):
-            return declared
-    return None
+    """The support declaration of ``cls`` (``None`` if no class in its MRO declares one).
+
+    A declaration that a subclass overrides with its own does not count; declarations of unrelated classes in the MRO
+    (several mixins composed into one module) combine: a feature is supported only if every one of them supports it,
+    and its refusal is the sentence of the first class (in MRO order) that refuses it.
+    """
+    found = [(base, d) for base in cls.__mro__ if isinstance(d := vars(base).get("support"), MethodSupport)]
+    live = [d for base, d in found if not any(other is not base and issubclass(other, base) for other, _ in found)]
+    if len(live) <= 1:
+        return live[0] if live else None
+    refusals: dict[Feature, str] = {}
+    for declared in live:
+        for feature, sentence in declared.refusals.items():
+            refusals.setdefault(feature, sentence)
+    supports = frozenset.intersection(*(d.supports for d in live))
+    return MethodSupport(supports, refusals, " ".join(d.notes for d in live if d.notes))
 
 
 def support_of(method: object) -> MethodSupport:
-    """The support declaration of a method class or instance: the nearest one along its MRO, else :data:`GENERIC`."""
+    """The support declaration of a method class or instance (its own or inherited; the combined one of several
+    composed mixins), else :data:`GENERIC`."""
     return _declared(method if isinstance(method, type) else type(method)) or GENERIC
 
 

@@ -163,3 +163,26 @@ def test_readme_table_is_the_rendered_matrix_of_the_exported_classes() -> None:
     assert TABLE_BEGIN in readme, "README.md lacks the generated support table: paste docs/support_table.md into it"
     found = re.search(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), readme, re.DOTALL)
     assert found is not None and found.group(0) + "\n" == table, "README's table drifted from lightning_ft.support"
+
+
+def test_composed_mixins_combine_their_declarations_and_an_override_replaces_its_base() -> None:
+    """Masked Thought supports a quantized backbone and CAFT does not: composed, the module refuses it with CAFT's
+    sentence whichever mixin comes first; a subclass's own declaration still replaces the one it derives from."""
+    from lightning_ft.support import support_of
+
+    class ThoughtFirst(MaskedThoughtMixin, MultiTokenHeadsMixin, CausalLMModule):
+        pass
+
+    class HeadsFirst(MultiTokenHeadsMixin, MaskedThoughtMixin, CausalLMModule):
+        pass
+
+    caft = MultiTokenHeadsMixin.support.refusal("quantized", "X", "S", "M")
+    assert caft is not None and MaskedThoughtMixin.support.refusal("quantized", "X", "S", "M") is None
+    for composed in (ThoughtFirst, HeadsFirst):
+        assert support_of(composed).refusal("quantized", "X", "S", "M") == caft
+        assert support_of(composed).refusal("lora", "X", "S", "M") is None  # both support it
+
+    class Everything(MultiTokenHeadsMixin, CausalLMModule):
+        support = MaskedThoughtMixin.support
+
+    assert support_of(Everything).refusal("quantized", "X", "S", "M") is None
