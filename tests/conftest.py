@@ -22,6 +22,9 @@ import torch  # noqa: E402
 
 TINY_VOCAB = 320
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` on 2 cores: one intra-op thread per worker, no oversubscription
+    torch.set_num_threads(1)
+
 
 def _train_tokenizer(texts: list[str]) -> object:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -179,14 +179,13 @@ class _Measure(L.Callback):
 
 @pytest.mark.slow
 def test_lines_lowers_the_control_perplexity_increase_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(2)
     L.seed_everything(0)
-    module = CausalLMModule(model=str(smollm2_dir), learning_rate=3e-4, warmup_steps=3, output_dir="")
-    dm = _data(train_size=240, val_size=64, control_size=16, batch_size=8, max_length=64, control_max_length=96)
+    module = CausalLMModule(model=str(smollm2_dir), learning_rate=3e-4, warmup_steps=2, output_dir="")
+    dm = _data(train_size=128, val_size=48, control_size=16, batch_size=8, max_length=64, control_max_length=96)
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
     measure = _Measure(list(dm.val_dataloader()))
-    make_trainer(tmp_path, 30, callbacks=[measure, LiNeS(alpha=0.2)]).fit(module, dm)  # lr 3e-4 over-drives full FT
+    make_trainer(tmp_path, 14, callbacks=[measure, LiNeS(alpha=0.2)]).fit(module, dm)  # lr 3e-4 over-drives full FT
     after = module.evaluate(measure.loaders)
     rise_ft = measure.ft["control_ppl"] - measure.zero["control_ppl"]
     rise_lines = after["control_ppl"] - measure.zero["control_ppl"]
