@@ -4,23 +4,34 @@ Lightning registers ``torch.distributed.destroy_process_group`` at exit only for
 exits with its group still alive lets the interpreter's teardown destroy gloo's threads in no fixed order, and now
 and then a rank dies with ``terminate called without an active exception`` (SIGABRT) after a run that finished:
 ``ddp_spawn`` then raises ``ProcessExitedException`` in the main process. Destroying the group before the
-interpreter's teardown removes that race for every backend.
+interpreter's teardown removes most of that race for every backend; under gloo the ranks also meet in a barrier
+(at most 30 s) before destroying it, so that no rank tears gloo down while a slower peer is still talking to it
+(a rare abort remained without it).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+from datetime import timedelta
 
 import torch.distributed as dist
 
 __all__ = ["destroy_process_group_at_exit"]
 
 _registered = False
+_EXIT_BARRIER_S = 30
 
 
 def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo":
+        # Every rank waits for the others to reach exit, so no rank tears gloo down while a peer still talks to it;
+        # a peer that never arrives (it crashed) only delays this exit by the timeout.
+        with contextlib.suppress(Exception):
+            dist.monitored_barrier(timeout=timedelta(seconds=_EXIT_BARRIER_S))
+    dist.destroy_process_group()
 
 
 def destroy_process_group_at_exit() -> None:
