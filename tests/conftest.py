@@ -89,6 +89,21 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: 
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A tiny random BERT encoder with the tiny tokenizer, saved as an HF folder (a classifier head on it is new)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id)  # fmt: skip
+    path = tmp_path_factory.mktemp("models") / "tiny-bert"
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def sentiment_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small local JSONL file of real review records (text, label), as a user would bring."""
     from lightning_ft.assets import load_dataset_records

@@ -36,21 +36,6 @@ def _ids(cells: list[tuple[str, ...]]) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    """A tiny random BERT encoder with the tiny tokenizer, saved as an HF folder (the classifier head is new)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id)  # fmt: skip
-    path = tmp_path_factory.mktemp("models") / "tiny-bert"
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def model_dirs(tiny_llama_dir: Path, tiny_gpt2_dir: Path, tiny_bert_dir: Path) -> dict[str, str]:
     return {"llama": str(tiny_llama_dir), "gpt2": str(tiny_gpt2_dir), "bert": str(tiny_bert_dir)}
 

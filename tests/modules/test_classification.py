@@ -16,20 +16,6 @@ from lightning_ft.modules.base import FineTuningModule
 from helpers import make_trainer
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    path = tmp_path_factory.mktemp("models") / "tiny-bert"
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _fit(tmp_path: Path, model_dir: Path) -> tuple[SequenceClassificationModule, ClassificationDataModule]:
     module = SequenceClassificationModule(model=str(model_dir), learning_rate=1e-2, warmup_steps=0)
     dm = ClassificationDataModule(train_size=16, val_size=8, test_size=0, control_size=6, batch_size=4,
