@@ -10,6 +10,10 @@ Mechanics (Lightning hook order: backward -> ``on_before_optimizer_step`` -> gra
   entries' gradients are all-reduced.
 * ``on_before_optimizer_step``: the gradient of each eligible tensor is zeroed outside its mask, so clipping
   sees only the selected entries (and the optional L1 pull toward theta_0 is added).
+* In the sparse phase (``sparse_grad``, on by default where it applies), the ``nn.Linear`` layers owning an
+  eligible weight compute its gradient only at the selected entries (:mod:`lightning_ft.sparse.sampled`): no dense
+  weight gradient exists, gradient clipping and the compact AdamW step take the compact gradient; the dense
+  gradient (masked as above) remains the path of the dense phase, of selections and of DDP.
 * The optimizer's ``step`` is wrapped: after the closure and clipping, the selected entries get an AdamW step on
   compact state (:func:`lightning_ft.cuda_ext.sparse_adamw_`: the fused kernel on CUDA, else its reference
   :func:`~lightning_ft.sparse.compact.sparse_adamw_`, with the lr, betas, eps and weight decay
@@ -50,6 +54,7 @@ from lightning_ft.core.selection import SelectionCallback
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.sparse.compact import CompactState
 from lightning_ft.sparse.rules import SelectionRule
+from lightning_ft.sparse.sampled import SampledGrad
 from lightning_ft.strategies.process_group import destroy_process_group_at_exit
 from lightning_ft.strategies.sparse_ddp import SparseCommState
 from lightning_ft.support import MethodSupport, check_support, sharded_refusal
@@ -83,6 +88,12 @@ class SparseFineTuning(_SparseStorage):
             the fit. ``False`` keeps the optimizer (its state cleared) and continues the whole fit's schedule.
         sparse_ddp: Under DDP, all-reduce only the selected entries' gradients (a communication hook; bytes
             follow the mask). ``False`` keeps DDP's dense all-reduce.
+        sparse_grad: In the sparse phase, compute each eligible ``nn.Linear`` weight's gradient only at the selected
+            entries (a sampled product of the output gradient and the input) instead of densely then masked, so no
+            dense weight gradient is allocated. ``"auto"`` (default): wherever it applies, i.e. a single-process fit
+            without fp16's gradient scaler (DDP keeps the dense gradient and the sparse all-reduce); ``True``: the
+            same, and a fit where it cannot apply is refused; ``False``: always the dense, masked gradient (the
+            reference). Other layer types (e.g. GPT-2's ``Conv1D``) always take the dense path.
 
     Without a budget the rule's default is used (``density=0.01``; ``rank=8`` for ``PrincipalWeights``).
     """
@@ -113,7 +124,10 @@ class SparseFineTuning(_SparseStorage):
         save_path: str | None = None,
         reset_schedule: bool = True,
         sparse_ddp: bool = True,
+        sparse_grad: bool | Literal["auto"] = "auto",
     ) -> None:
+        if not (isinstance(sparse_grad, bool) or sparse_grad == "auto"):
+            raise ValueError(f"sparse_grad={sparse_grad!r} must be 'auto', True or False.")
         self.budget, self.allocation = resolve_budget(rule, density, count, rank, allocation)
         self.rule = rule
         self.targets = targets
@@ -123,6 +137,7 @@ class SparseFineTuning(_SparseStorage):
         self.save_path = save_path
         self.reset_schedule = reset_schedule
         self.sparse_ddp = sparse_ddp
+        self.sparse_grad = sparse_grad
         self.comm_state: SparseCommState | None = None  # the DDP hook's state (masks, bytes sent) while fitting
         # run state
         self.phase: Literal["setup", "dense", "sparse"] = "setup"
@@ -143,6 +158,9 @@ class SparseFineTuning(_SparseStorage):
             str, torch.Tensor
         ] = {}  # union of every mask since theta_0 (re-selection drops keep their values)
         self._model_numel = 0
+        self._slots: dict[str, SampledGrad] = {}  # the sampled path's compact gradients while installed
+        self._patched: list[torch.nn.Module] = []
+        self._clip_restore: list[tuple[Any, str, Any]] = []
 
     @property
     @override
@@ -189,13 +207,16 @@ class SparseFineTuning(_SparseStorage):
             else:
                 self._select(trainer, pl_module, remap=False)
         self._sync_comm_masks()
+        self._sync_sampled_grads(trainer)
 
     # ------------------------------------------------------------------ end
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._unbind()
+        self._remove_sampled_grads()
         self._save_artifact(trainer)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._unbind()
+        self._remove_sampled_grads()

@@ -74,6 +74,7 @@ class _SparsePhases(_SparseSelection):
         self.states = {n: CompactState.create(self._params[n].detach(), s.indices) for n, s in self.states.items()}
         self._ever = {n: s.indices.long().cpu() for n, s in self.states.items()}
         self._sync_comm_masks()
+        self._sync_sampled_grads(trainer)
         self._log_event(trainer, "rewind", {})
         if self.reset_schedule:
             self._fresh_optimizers(trainer)
@@ -104,6 +105,12 @@ class _SparsePhases(_SparseSelection):
         assert self._snapshot is not None
         scale = weight / max(1, self._model_numel)
         for name, param in self._params.items():
+            slot = self._slots.get(name)
+            if slot is not None:  # the sampled path: the compact gradient, in fp32
+                if slot.grad is not None:
+                    theta = param.detach().reshape(-1)[self.states[name].indices].float()
+                    slot.grad += scale * torch.sign(theta - self._theta0_sel[name])
+                continue
             if param.grad is None:
                 continue
             if self.phase == "sparse":

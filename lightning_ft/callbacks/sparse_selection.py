@@ -134,6 +134,7 @@ class _SparseSelection(_SparseStepping):
     # ------------------------------------------------------------------ selection
     def _select(self, trainer: L.Trainer, pl_module: L.LightningModule, remap: bool) -> None:
         assert self._model is not None
+        self._remove_sampled_grads()  # a rule that scores gradients (Sensitivity) runs its passes densely
         event = len([e for e in self.events if e["event"] == "select"])
         ctx = SelectionContext(self._model, self._params, self._snapshot, event, self.seed, trainer, pl_module)
         chosen = {n: i.cpu() for n, i in self.choose(ctx).items()} if trainer.is_global_zero else {}
@@ -156,6 +157,7 @@ class _SparseSelection(_SparseStepping):
         self._last_selection_step = trainer.global_step
         self._cache_theta0()
         self._sync_comm_masks()
+        self._sync_sampled_grads(trainer)
         self._log_event(trainer, "select", self._densities())
 
     def choose(self, ctx: SelectionContext) -> dict[str, torch.Tensor]:

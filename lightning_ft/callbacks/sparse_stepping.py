@@ -4,6 +4,11 @@ The optimizers that hold an eligible tensor get their ``step`` wrapped: after th
 entries get an AdamW step on compact state (:func:`lightning_ft.cuda_ext.sparse_adamw_`, with the hyperparameters of
 the param group the tensor sits in), the tensor's ``grad`` is set to ``None`` and the module's own optimizer steps
 the remaining (dense) tensors. Under DDP a communication hook all-reduces only the selected entries' gradients.
+
+With ``sparse_grad`` (``"auto"``: in the sparse phase of a single-process fit without a gradient scaler), the
+``nn.Linear`` layers that own an eligible weight compute that weight's gradient only at the selected entries
+(:mod:`lightning_ft.sparse.sampled`): the compact gradient goes to gradient clipping (the precision plugin's clipping
+is wrapped to include it) and to the compact AdamW step, and no dense weight gradient exists.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
+
 
 import lightning as L
 import torch
@@ -20,6 +26,7 @@ from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.cuda_ext import sparse_adamw_
 from lightning_ft.sparse.compact import CompactState, mask_gradient_
 from lightning_ft.sparse.rules import SelectionRule
+from lightning_ft.sparse.sampled import SampledGrad, install, linear_owners, remove
 from lightning_ft.strategies.sparse_ddp import SparseCommState, sparse_allreduce_hook
 from lightning_ft.support import used_features
 
@@ -40,6 +47,7 @@ class _SparseStepping(L.Callback):
     save_path: str | None
     reset_schedule: bool
     sparse_ddp: bool
+    sparse_grad: bool | Literal["auto"]
     comm_state: SparseCommState | None
     phase: Literal["setup", "dense", "sparse"]
     events: list[dict[str, Any]]
@@ -57,6 +65,9 @@ class _SparseStepping(L.Callback):
     _theta0_sel: dict[str, torch.Tensor]
     _ever: dict[str, torch.Tensor]
     _model_numel: int
+    _slots: dict[str, SampledGrad]
+    _patched: list[torch.nn.Module]
+    _clip_restore: list[tuple[Any, str, Any]]
 
     # ------------------------------------------------------------------ optimizer binding
     def _bind(self, trainer: L.Trainer) -> None:
@@ -120,7 +131,8 @@ class _SparseStepping(L.Callback):
 
     def _sparse_step(self) -> None:
         for name, param in self._params.items():
-            grad = param.grad
+            slot = self._slots.get(name)
+            grad = param.grad if slot is None else slot.grad
             if grad is None:
                 continue
             group = self._group(name)
@@ -128,9 +140,11 @@ class _SparseStepping(L.Callback):
             sparse_adamw_(
                 param.data, grad, self.states[name], lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
                 eps=float(group["eps"]), weight_decay=float(group.get("weight_decay", 0.0)),
-                maximize=bool(group.get("maximize", False)),
+                maximize=bool(group.get("maximize", False)), compact_grad=slot is not None,
             )  # fmt: skip
             param.grad = None
+            if slot is not None:
+                slot.grad = None
 
     def _mask_gradients(self) -> None:
         """Zero each eligible tensor's gradient outside its mask, so clipping sees only the selected entries."""
@@ -160,3 +174,78 @@ class _SparseStepping(L.Callback):
         if self.comm_state is not None:
             sparse = self.phase == "sparse"
             self.comm_state.masks = {id(self._params[n]): s.indices for n, s in self.states.items()} if sparse else {}
+
+    # ------------------------------------------------------------------ sampled weight gradients
+    def _sparse_grad_obstacle(self, trainer: L.Trainer) -> str | None:
+        """Why this fit must keep dense weight gradients (``None``: the sampled path works)."""
+        if "ddp" in used_features(trainer) or trainer.world_size > 1:
+            return "DDP's reducer all-reduces a dense gradient of every trained tensor"
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return "fp16 mixed precision's gradient scaler unscales dense gradients only"
+        return None
+
+    def _sync_sampled_grads(self, trainer: L.Trainer) -> None:
+        """Route each selected ``nn.Linear`` weight's gradient into a compact :class:`SampledGrad` (sparse phase
+        with ``sparse_grad`` on or ``"auto"``), or give every layer its own forward back."""
+        self._remove_sampled_grads()
+        obstacle = self._sparse_grad_obstacle(trainer)
+        if obstacle is not None and self.sparse_grad is True:
+            raise ValueError(f"sparse_grad=True computes weight gradients at the selected entries only, but "
+                             f"{obstacle}: pass sparse_grad='auto' or False.")  # fmt: skip
+        if self.sparse_grad is False or obstacle is not None or self.phase != "sparse" or self._model is None:
+            return
+        owners = linear_owners(self._model)
+        for name, state in self.states.items():
+            param = self._params[name]
+            modules = owners.get(id(param), [])
+            if not modules or param.dim() != 2:
+                continue  # not a plain nn.Linear weight (e.g. GPT-2's Conv1D): the dense gradient, masked
+            slot = SampledGrad.of(param.detach(), state.indices)
+            for module in modules:
+                install(module, slot)
+            self._slots[name] = slot
+            self._patched.extend(modules)
+        if self._slots:
+            self._wrap_clipping(trainer.precision_plugin)
+
+    def _remove_sampled_grads(self) -> None:
+        for module in self._patched:
+            remove(module)
+        for plugin, attr, previous in self._clip_restore:
+            if previous is None:
+                vars(plugin).pop(attr, None)
+            else:
+                setattr(plugin, attr, previous)
+        self._patched, self._slots, self._clip_restore = [], {}, []
+
+    def _compact_grads(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """The accumulated compact gradients of the eligible tensors ``optimizer`` holds."""
+        return [
+            slot.grad for name, slot in self._slots.items() if slot.grad is not None and self._groups[name][0] is optimizer
+        ]  # fmt: skip
+
+    def _wrap_clipping(self, plugin: Any) -> None:
+        """Make the precision plugin's gradient clipping see the compact gradients (norm: one total norm over the
+        dense and the compact gradients, as ``clip_grad_norm_``; value: each compact value clamped too)."""
+        norm_original, value_original = plugin.clip_grad_by_norm, plugin.clip_grad_by_value
+
+        def clip_grad_by_norm(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+            compact = self._compact_grads(optimizer)
+            if not compact:
+                return norm_original(optimizer, clip_val)
+            grads = [p.grad for p in plugin.main_params(optimizer) if p.grad is not None] + compact
+            total = torch.nn.utils.get_total_norm(grads, 2.0)
+            coef = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
+            for grad in grads:
+                grad.mul_(coef.to(grad.device))
+            return None
+
+        def clip_grad_by_value(optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+            for grad in self._compact_grads(optimizer):
+                grad.clamp_(-float(clip_val), float(clip_val))
+            if any(p.grad is not None for p in plugin.main_params(optimizer)):  # torch refuses an empty list
+                value_original(optimizer, clip_val)
+
+        for attr, wrapped in (("clip_grad_by_norm", clip_grad_by_norm), ("clip_grad_by_value", clip_grad_by_value)):
+            self._clip_restore.append((plugin, attr, vars(plugin).get(attr)))
+            setattr(plugin, attr, wrapped)

@@ -82,12 +82,18 @@ def _stream(t: torch.Tensor) -> int:
 @torch.no_grad()
 def sparse_adamw_(
     param: torch.Tensor, grad: torch.Tensor, state: reference.AdamWState, *, lr: float, beta1: float, beta2: float,
-    eps: float, weight_decay: float, maximize: bool = False,
+    eps: float, weight_decay: float, maximize: bool = False, compact_grad: bool = False,
 ) -> None:  # fmt: skip
     """Fused compact AdamW step (see :func:`lightning_ft.cuda_ext.reference.sparse_adamw_`, its reference).
 
-    The kernel runs for fp32, bf16 and fp16 weights and gradients on CUDA with a contiguous weight.
+    The kernel runs for fp32, bf16 and fp16 weights and gradients on CUDA with a contiguous weight and a dense
+    gradient; a compact gradient (``compact_grad``: one value per selected entry) takes the reference's arithmetic,
+    which is a handful of elementwise ops on the ``K`` selected entries on any device.
     """
+    if compact_grad:
+        reference.sparse_adamw_(param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                weight_decay=weight_decay, maximize=maximize, compact_grad=True)  # fmt: skip
+        return
     kernel_ok = param.dtype in _FLOATS and grad.dtype in _FLOATS and param.is_contiguous()
     if not kernel_ok or backend("sparse_adamw", param, grad, state.indices) == "reference":
         reference.sparse_adamw_(param, grad, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps,

@@ -79,12 +79,14 @@ def sparse_adamw_(
     eps: float,
     weight_decay: float,
     maximize: bool = False,
+    compact_grad: bool = False,
 ) -> None:
     """One AdamW step on the selected entries of ``param``; every other entry is left untouched.
 
     Args:
         param: The dense weight (contiguous), updated in place at ``state.indices`` only.
-        grad: Its dense gradient (same shape).
+        grad: Its dense gradient (same shape), or with ``compact_grad`` the gradient at the selected entries only
+            (one value per index, in ``state.indices``' order).
         state: The compact state, updated in place.
         lr: Learning rate.
         beta1: First-moment decay.
@@ -92,10 +94,11 @@ def sparse_adamw_(
         eps: Denominator term.
         weight_decay: Decoupled weight decay, applied to the selected entries only.
         maximize: Ascend instead of descend.
+        compact_grad: ``grad`` holds the selected entries only (no dense gradient exists).
     """
     flat = param.view(-1)
     idx = state.indices
-    g = grad.reshape(-1)[idx].float()
+    g = grad.reshape(-1).float() if compact_grad else grad.reshape(-1)[idx].float()
     if maximize:
         g = -g
     values = state.master if state.master is not None else flat[idx]

@@ -105,7 +105,9 @@ def test_full_density_over_every_tensor_is_plain_adamw_bit_for_bit(tiny_llama_di
         return module
 
     dense = fit([])
-    sparse = fit([SparseFineTuning(Magnitude(), targets=".*", density=1.0, save_path="")])
+    # the dense, masked gradient: the compact AdamW's arithmetic is what this checks (the sampled gradient is only
+    # allclose to the dense one, see test_sparse_grad.py)
+    sparse = fit([SparseFineTuning(Magnitude(), targets=".*", density=1.0, save_path="", sparse_grad=False)])
     for (name, p), (_, q) in zip(dense.named_parameters(), sparse.named_parameters()):
         assert torch.equal(p, q), name
 
