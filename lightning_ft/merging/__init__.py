@@ -12,7 +12,15 @@ the format with :func:`lightning_ft.core.weights.register_format`). Readers of e
 
 from lightning_ft.core.weights import open_source
 from lightning_ft.merging.compeft import CompressReport, compress, open_artifact
-from lightning_ft.merging.engine import MergePlan, MergeResult, check_compatible, merge, parse_dtype, save_hf_folder
+from lightning_ft.merging.engine import (
+    MergePlan,
+    MergeResult,
+    check_compatible,
+    merge,
+    merge_to_folder,
+    parse_dtype,
+    save_hf_folder,
+)
 from lightning_ft.merging.ops import (
     agreement,
     bernoulli_mask,
@@ -60,6 +68,7 @@ __all__ = [
     "lines_scale",
     "magnitude_mask",
     "merge",
+    "merge_to_folder",
     "open_artifact",
     "open_source",
     "parse_dtype",

@@ -32,7 +32,7 @@ from lightning_ft.core.io import check_output
 from lightning_ft.core.weights import resolve_path
 from lightning_ft.errors import UsageError, UserError, did_you_mean
 from lightning_ft.merging.compeft import compress, is_compeft_artifact
-from lightning_ft.merging.engine import MergePlan, ScoreFn, merge, parse_dtype, save_hf_folder
+from lightning_ft.merging.engine import MergePlan, ScoreFn, merge_to_folder, parse_dtype
 from lightning_ft.merging.registry import MERGE_METHODS, get_method
 from lightning_ft.sparse.artifact import apply_sparse, is_sparse_artifact
 
@@ -384,11 +384,10 @@ def run_merge(argv: list[str]) -> dict[str, Any]:
     score = None
     if needs_eval and recipe.get("eval"):
         score = build_score(str(recipe["base"]), list(recipe["eval"]), recipe.get("metric") or "target_acc")
-    result = merge(plan, (lines or {}).get("beta"), score)
-    out = save_hf_folder(result.state, str(recipe["base"]), recipe["output"], result.report, out_dtype or dtype,
-                         inputs=recipe["models"], overwrite=args.overwrite)  # fmt: skip
+    out, report = merge_to_folder(plan, str(recipe["base"]), recipe["output"], (lines or {}).get("beta"), score,
+                                  inputs=recipe["models"], overwrite=args.overwrite)  # fmt: skip
     print((out / "merge_report.md").read_text())
-    return result.report
+    return report
 
 
 def _sparse_apply_parser() -> _Parser:
@@ -441,7 +440,5 @@ def main(argv: list[str]) -> None:
             raise UserError(f"--artifact {args.artifact} is not a ComPEFT artifact: give the .safetensors file "
                             "lightning-ft compress wrote.")  # fmt: skip
         plan = MergePlan.build(args.base, [args.artifact], "task_arithmetic", {"lambda": 1.0})
-        result = merge(plan)
-        save_hf_folder(result.state, args.base, args.output, result.report, inputs=[args.artifact],
-                       overwrite=args.overwrite)  # fmt: skip
-        print(json.dumps({"output": args.output, "ingredients": result.report["ingredients"]}))
+        _, merged = merge_to_folder(plan, args.base, args.output, inputs=[args.artifact], overwrite=args.overwrite)
+        print(json.dumps({"output": args.output, "ingredients": merged["ingredients"]}))

@@ -1,13 +1,19 @@
 """The streaming merge engine: base + N ingredients -> one HF-loadable folder.
 
-Tensors are processed one at a time in the base's order: the base tensor and one task-vector tensor per
-ingredient are read, merged by the registered method (optionally scaled by LiNeS for merging) and the
-result kept in the output state dict. Peak memory is about base tensor + output + one tensor per
-ingredient. Tensors are merged in ascending name order (mergekit's order, which fixes the random draws of
-DARE) and returned in the base's order. ``dtype`` rounds every input on load; the task-arithmetic family then
-works in the base's (rounded) dtype as mergekit does, linear and the soups in fp32, and the output takes
-``out_dtype``, else ``dtype``, else the base's dtype. Incompatible ingredients are refused before anything is
-written.
+Tensors are processed one at a time: the base tensor and one task-vector tensor per ingredient are read (plain
+positioned reads, :class:`~lightning_ft.core.weights.SafetensorsReader`), merged by the registered method
+(optionally scaled by LiNeS for merging), and :func:`merge_to_folder` writes the result straight to its place in
+the output's safetensors files (:func:`~lightning_ft.core.weights.stream_hf_folder`, sharded above
+``max_shard_size``) before the next tensor is read. Peak memory is about one base tensor, one task vector per
+ingredient and the method's work on them; nothing else is held. LiNeS's ``alpha`` re-streams the inputs once more
+(two passes) rather than keeping anything. Only scoring (greedy soup, a LiNeS ``beta`` sweep) needs whole
+candidate state dicts, which :func:`merge` builds; the final merge is streamed all the same.
+
+Tensors are merged in ascending name order (mergekit's order, which fixes the random draws of DARE), written in
+that order, and :func:`merge` returns them in the base's order. ``dtype`` rounds every input on load; the
+task-arithmetic family then works in the base's (rounded) dtype as mergekit does, linear and the soups in fp32,
+and the output takes ``out_dtype``, else ``dtype``, else the base's dtype. Incompatible ingredients are refused
+before anything is written.
 """
 
 from __future__ import annotations
@@ -24,14 +30,30 @@ from typing import Any
 import torch
 
 from lightning_ft.core.layer_map import classify
-from lightning_ft.core.weights import SafetensorsReader, TensorSource, open_source, resolve_path
+from lightning_ft.core.weights import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SafetensorsReader,
+    TensorSource,
+    TensorSpec,
+    open_source,
+    resolve_path,
+    stream_hf_folder,
+)
 from lightning_ft.core.weights import save_hf_folder as write_hf_folder
 from lightning_ft.merging.ops import NonBlockScale, lines_alpha_from_norms, lines_factor
 from lightning_ft.merging.registry import MergeMethod, get_method
 
 ScoreFn = Callable[[dict[str, torch.Tensor]], float]
 
-__all__ = ["MergePlan", "MergeResult", "check_compatible", "merge", "parse_dtype", "save_hf_folder"]
+__all__ = [
+    "MergePlan",
+    "MergeResult",
+    "check_compatible",
+    "merge",
+    "merge_to_folder",
+    "parse_dtype",
+    "save_hf_folder",
+]
 
 
 def check_compatible(base: SafetensorsReader, sources: Sequence[TensorSource]) -> None:
@@ -205,20 +227,36 @@ class MergePlan:
             deltas = self.deltas(key, base, sources)
             merged = None if deltas is None else self.method(base, deltas, models, self.params, generator)
             yield key, base, deltas, merged
+            del base, deltas, merged  # before the next tensor is read: one tensor's worth alive at a time
 
     def compute_lines_alpha(self) -> float:
         """LiNeS-for-merging ``alpha = (||sum tau_t||_1 / ||tau_MTL||_1) / T``, streamed over tensors."""
         summed = merged = 0.0
         for _, _, deltas, tau in self._merged(self.sources):
-            if deltas is None or tau is None:
-                continue
-            summed += float(torch.stack(deltas).sum(0).abs().sum(dtype=torch.float64))
-            merged += float(tau.abs().sum(dtype=torch.float64))
+            if deltas is not None and tau is not None:
+                summed += float(torch.stack(deltas).sum(0).abs().sum(dtype=torch.float64))
+                merged += float(tau.abs().sum(dtype=torch.float64))
+            del deltas, tau
         self.lines_alpha = lines_alpha_from_norms(summed, merged, len(self.sources))
         return self.lines_alpha
 
-    def state_dict(self, beta: float | None = None, sources: Sequence[TensorSource] | None = None) -> dict[str, Any]:
-        """Stream the merge into an output state dict (in the base's tensor order).
+    def output_dtype(self, key: str) -> torch.dtype:
+        """The dtype of one merged tensor: ``out_dtype``, else ``dtype``, else the base's (non-float ones kept)."""
+        stored = self.base.dtype(key)
+        if not stored.is_floating_point:
+            return stored
+        return self.out_dtype or self.dtype or stored
+
+    def layout(self) -> list[TensorSpec]:
+        """Name, dtype and shape of every output tensor, in the order :meth:`tensors` yields them."""
+        return [TensorSpec(key, self.output_dtype(key), self.base.shape(key)) for key in sorted(self.base.keys())]
+
+    def tensors(
+        self, beta: float | None = None, sources: Sequence[TensorSource] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream the merge: ``(name, merged tensor)`` one at a time, in ascending name order (:meth:`layout`'s).
+
+        Nothing is kept between tensors: the caller writes each one and drops it.
 
         Args:
             beta: LiNeS ``beta`` (required when ``lines``).
@@ -227,17 +265,29 @@ class MergePlan:
         chosen = list(self.sources if sources is None else sources)
         if self.lines and (beta is None or self.lines_alpha is None):
             raise ValueError("LiNeS for merging needs beta and the norm-ratio alpha; call compute_lines_alpha first.")
-        out: dict[str, torch.Tensor] = {}
-        for key, base, _, merged in self._merged(chosen):
+        for key, base, deltas, merged in self._merged(chosen):
+            del deltas
             if merged is None:
-                out[key] = base.to(self.out_dtype) if self.out_dtype and base.is_floating_point() else base
-                continue
-            if self.lines:
-                assert beta is not None and self.lines_alpha is not None
-                merged = merged * lines_factor(
-                    self._blocks[key], self.num_blocks, self.lines_alpha, beta, self.non_block_scale
-                )
-            out[key] = (base.to(merged.dtype) + merged).to(self.out_dtype or base.dtype)
+                out = base.to(self.out_dtype) if self.out_dtype and base.is_floating_point() else base
+            else:
+                if self.lines:
+                    assert beta is not None and self.lines_alpha is not None
+                    merged = merged * lines_factor(
+                        self._blocks[key], self.num_blocks, self.lines_alpha, beta, self.non_block_scale
+                    )
+                out = (base.to(merged.dtype) + merged).to(self.out_dtype or base.dtype)
+            del base, merged
+            yield key, out
+            del out
+
+    def state_dict(self, beta: float | None = None, sources: Sequence[TensorSource] | None = None) -> dict[str, Any]:
+        """The whole merge as an output state dict (in the base's tensor order), for scoring a candidate.
+
+        Args:
+            beta: LiNeS ``beta`` (required when ``lines``).
+            sources: A subset of the ingredients (greedy soup candidates); all by default.
+        """
+        out = dict(self.tensors(beta, sources))
         return {key: out[key] for key in self.base.keys()}
 
 
@@ -253,24 +303,14 @@ def _argmax(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return max(rows, key=lambda r: r[key])
 
 
-def merge(
-    plan: MergePlan,
-    beta: float | str | None = None,
-    score: ScoreFn | None = None,
-) -> MergeResult:
-    """Run a merge plan, with greedy ingredient selection and/or a LiNeS ``beta`` sweep when asked.
-
-    Args:
-        plan: The plan.
-        beta: LiNeS ``beta``: a number, ``"sweep"`` (the method's grid, scored by ``score``), or ``None``
-            (only allowed without LiNeS).
-        score: Validation score of a candidate state dict (higher is better); required by greedy soup
-            and by ``beta="sweep"``.
+def _choose(
+    plan: MergePlan, beta: float | str | None, score: ScoreFn | None
+) -> tuple[list[TensorSource], float | None, dict[str, Any]]:
+    """Check the arguments of a merge, run LiNeS's alpha pass, greedy selection and the beta sweep.
 
     Returns:
-        The merged state dict and a report dict.
+        The chosen ingredients, the LiNeS ``beta`` to merge with (``None`` without LiNeS) and the report so far.
     """
-    start = time.perf_counter()
     ingredients = [{"path": s.name, "kind": s.kind, **p} for s, p in zip(plan.sources, plan.models_of(plan.sources))]
     report: dict[str, Any] = {
         "method": plan.method.name, "pretty_name": plan.method.pretty_name, "reference": plan.method.reference_url,
@@ -302,9 +342,78 @@ def merge(
         beta = best["beta"]
     elif plan.lines:
         report["lines"]["beta"] = beta
-    state = plan.state_dict(beta if plan.lines else None, sources)  # type: ignore[arg-type]
+    return list(sources), beta if plan.lines else None, report  # type: ignore[return-value]
+
+
+def merge(
+    plan: MergePlan,
+    beta: float | str | None = None,
+    score: ScoreFn | None = None,
+) -> MergeResult:
+    """Run a merge plan into a state dict in memory, with greedy selection and/or a LiNeS ``beta`` sweep when asked.
+
+    :func:`merge_to_folder` does the same and streams the result to disk instead of holding it.
+
+    Args:
+        plan: The plan.
+        beta: LiNeS ``beta``: a number, ``"sweep"`` (the method's grid, scored by ``score``), or ``None``
+            (only allowed without LiNeS).
+        score: Validation score of a candidate state dict (higher is better); required by greedy soup
+            and by ``beta="sweep"``.
+
+    Returns:
+        The merged state dict and a report dict.
+    """
+    start = time.perf_counter()
+    sources, chosen_beta, report = _choose(plan, beta, score)
+    state = plan.state_dict(chosen_beta, sources)
     report["seconds"] = round(time.perf_counter() - start, 2)
     return MergeResult(state, report)
+
+
+def merge_to_folder(
+    plan: MergePlan,
+    base: str,
+    output: str | os.PathLike[str],
+    beta: float | str | None = None,
+    score: ScoreFn | None = None,
+    *,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> tuple[Path, dict[str, Any]]:
+    """Run a merge plan and stream the merged tensors into an HF folder as they are computed.
+
+    The same merge as :func:`merge` (bit for bit), but each merged tensor is written to the output's safetensors
+    files and dropped before the next one is read, so no state dict is ever held (except the candidates that
+    greedy soup and a LiNeS ``beta`` sweep score). The folder (with ``merge_report.json`` and ``.md``) appears whole
+    or not at all; it is one ``model.safetensors`` up to ``max_shard_size`` bytes of tensors, HF shards above.
+
+    Args:
+        plan: The plan.
+        base: The base model (folder or bundled alias) whose config and tokenizer files are copied.
+        output: The folder to write.
+        beta: LiNeS ``beta`` (see :func:`merge`).
+        score: Validation score of a candidate state dict (see :func:`merge`).
+        inputs: The ingredients, which the output must not touch.
+        overwrite: Replace an existing non-empty ``output``.
+        max_shard_size: Bytes of tensors above which the weights are sharded.
+
+    Returns:
+        The output folder and the report.
+    """
+    start = time.perf_counter()
+    sources, chosen_beta, report = _choose(plan, beta, score)
+    dtype = plan.out_dtype or plan.dtype
+    with stream_hf_folder(base, output, plan.layout(), dtype=dtype, inputs=inputs, overwrite=overwrite,
+                          max_shard_size=max_shard_size) as writer:  # fmt: skip
+        for key, tensor in plan.tensors(chosen_beta, sources):
+            writer.write(key, tensor)
+            del tensor
+        report["seconds"] = round(time.perf_counter() - start, 2)
+        writer.write_text("merge_report.json", json.dumps(report, indent=2, default=str))
+        writer.write_text("merge_report.md", report_markdown(report))
+    return Path(output), report
 
 
 def _greedy(plan: MergePlan, score: ScoreFn, beta: Any) -> tuple[list[TensorSource], dict[str, Any]]:
