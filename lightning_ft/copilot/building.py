@@ -35,18 +35,20 @@ def build_copilot(backbone: nn.Module, settings: CopilotSettings) -> CopilotDeco
                                "num_heads": int(config.num_attention_heads),
                                "num_kv_heads": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
                                "intermediate_size": int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
-                               **(settings.copilot_config or {})})  # fmt: skip
+                               "head": settings.copilot_head, **(settings.copilot_config or {})})  # fmt: skip
         decoder = CopilotDecoder(cfg, zero_init_output=zero_out)
         with torch.no_grad():
             decoder.embed.copy_(embedding.detach().float())
         return decoder.to(dtype)
     if settings.copilot_model is not None:
         source = settings.copilot_model
-        return _copilot_from_model(source, n_layers, int(config.hidden_size), embedding.shape[0], zero_out).to(dtype)
+        return _copilot_from_model(
+            source, n_layers, int(config.hidden_size), embedding.shape[0], zero_out, settings.copilot_head
+        ).to(dtype)
     if n_layers > len(layers):
         raise ValueError(f"copilot_layers={n_layers} is more than the Pilot's {len(layers)} decoder layers.")
     states = [_plain_layer_state(layers[i]) for i in range(n_layers)]
-    cfg = _config_from(config, n_layers, embedding.shape[0], int(config.hidden_size), states[0])
+    cfg = _config_from(config, n_layers, embedding.shape[0], int(config.hidden_size), states[0], settings.copilot_head)
     decoder = CopilotDecoder(cfg, zero_init_output=zero_out)
     decoder.load_pilot_layers(states)
     with torch.no_grad():
@@ -54,7 +56,9 @@ def build_copilot(backbone: nn.Module, settings: CopilotSettings) -> CopilotDeco
     return decoder.to(dtype)
 
 
-def _copilot_from_model(source: str, n_layers: int, pilot_hidden: int, vocab: int, zero_out: bool) -> CopilotDecoder:
+def _copilot_from_model(
+    source: str, n_layers: int, pilot_hidden: int, vocab: int, zero_out: bool, head: str
+) -> CopilotDecoder:
     from transformers import AutoModelForCausalLM
 
     from lightning_ft.assets import resolve_model
@@ -71,7 +75,7 @@ def _copilot_from_model(source: str, n_layers: int, pilot_hidden: int, vocab: in
     if n_layers > len(layers):
         raise ValueError(f"copilot_layers={n_layers} is more than copilot_model's {len(layers)} decoder layers.")
     states = [_plain_layer_state(layers[i]) for i in range(n_layers)]
-    cfg = _config_from(config, n_layers, vocab, pilot_hidden, states[0])
+    cfg = _config_from(config, n_layers, vocab, pilot_hidden, states[0], head)
     decoder = CopilotDecoder(cfg, zero_init_output=zero_out)
     decoder.load_pilot_layers(states)
     with torch.no_grad():
@@ -99,7 +103,7 @@ def _plain_layer_state(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _config_from(
-    config: Any, n_layers: int, vocab: int, pilot_hidden: int, state: dict[str, torch.Tensor]
+    config: Any, n_layers: int, vocab: int, pilot_hidden: int, state: dict[str, torch.Tensor], head: str
 ) -> CopilotConfig:
     rope = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get(
         "rope_theta", 10000.0
@@ -110,7 +114,7 @@ def _config_from(
         embed_size=int(config.hidden_size), num_layers=n_layers,
         num_heads=heads, num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
         intermediate_size=_intermediate(config, state), rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-5)),
-        rope_theta=float(rope), attention_bias="self_attn.q_proj.bias" in state,
+        rope_theta=float(rope), attention_bias="self_attn.q_proj.bias" in state, head=cast(Any, head),
     )  # fmt: skip
 
 

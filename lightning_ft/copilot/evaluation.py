@@ -18,7 +18,7 @@ from lightning_ft.core.host import ModuleHost
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules.metrics import EvalMetrics
 
-__all__ = ["CopilotEvaluation"]
+__all__ = ["CopilotEvaluation", "ErrorFit"]
 
 
 class CopilotEvaluation(CopilotTraining):
@@ -35,6 +35,7 @@ class CopilotEvaluation(CopilotTraining):
         parts = self._fusion_parts(batch, capture)
         if parts is not None:
             _update_fused(self.fused_metrics, parts, self.copilot_lambda)
+            self.error_fit.update_from(parts)
 
     @torch.no_grad()
     def _fusion_parts(self, batch: dict[str, Any], capture: PilotCapture) -> dict[str, Any] | None:
@@ -74,7 +75,7 @@ class CopilotEvaluation(CopilotTraining):
         """The Copilot's rectifications ``[N, V]`` at the positions ``where`` (row-major), decoding as at inference:
         the input after a scored position is the Copilot's own output there, every other input is zero."""
         cp = self.copilot
-        dtype = cp.lm_out.weight.dtype
+        dtype = cp.dtype
         b, t = valid.shape
         if not bool(where.any()):
             return torch.zeros(0, cp.cfg.vocab_size, device=valid.device)
@@ -96,7 +97,7 @@ class CopilotEvaluation(CopilotTraining):
             if pos == last:
                 break
             feed = torch.where(
-                where[:, pos, None], cp.input_rows(rect), torch.zeros((), dtype=dtype, device=valid.device)
+                where[:, pos, None], cp.feedback(state), torch.zeros((), dtype=dtype, device=valid.device)
             )
             nxt = slice(pos + 1, pos + 2)
             state = cp(
@@ -109,14 +110,17 @@ class CopilotEvaluation(CopilotTraining):
         for key, value in self.fused_metrics.compute_and_reset().items():
             if key.startswith("target"):
                 self.log(f"{prefix}/fused_{key}", value, prog_bar=key == "target_acc")
+        for key, value in self.error_fit.compute_and_reset().items():
+            self.log(f"{prefix}/{key}", value)
 
     @torch.no_grad()
     def evaluate(self, dataloaders: list[Any]) -> dict[str, float]:
         """The module's evaluation outside the Trainer, plus ``fused_target_*`` at the current ``copilot_lambda``."""
         self.fused_metrics.compute_and_reset()
+        self.error_fit.compute_and_reset()
         out = cast(ModuleHost, super()).evaluate(dataloaders)
         fused = {f"fused_{k}": v for k, v in self.fused_metrics.compute_and_reset().items() if k.startswith("target")}
-        return {**out, **fused}
+        return {**out, **fused, **self.error_fit.compute_and_reset()}
 
     @torch.no_grad()
     def sweep_lambda(self, dataloaders: list[Any], grid: tuple[float, ...] | None = None) -> list[dict[str, float]]:
@@ -149,14 +153,23 @@ class CopilotEvaluation(CopilotTraining):
             self.aligned_logits(batch)
 
     def choose_lambda(self, rows: list[dict[str, float]]) -> float:
-        """The weight of the grid with the best fused accuracy (or lowest fused target loss); ties: the smaller."""
-        grid = [r for r in rows if r["lambda"] in self.copilot_settings.lambda_grid]
+        """The weight among 0 and the grid that is best on ``lambda_metric``: the highest fused accuracy (ties: the
+        lower fused target loss, then the smaller weight) or the lowest fused target loss (ties: the smaller weight).
+        """
+        settings = self.copilot_settings
+        grid = [r for r in rows if r["lambda"] == 0 or r["lambda"] in settings.lambda_grid]
         if not grid or not any("target_acc" in r or "target_loss" in r for r in grid):
             raise ValueError("copilot_lambda='auto' found no target batches in the validation data: give the DataModule a "
                              "validation split or set copilot_lambda to a number.")  # fmt: skip
+        metric = settings.lambda_metric or ("target_acc" if "target_acc" in grid[0] else "target_loss")
+        if metric not in grid[0]:
+            raise ValueError(f"lambda_metric={metric!r} is not measured on this validation data (it has "
+                             f"{sorted(k for k in grid[0] if k.startswith('target'))}): set lambda_metric to one of "
+                             "those.")  # fmt: skip
+        loss = lambda r: r.get("target_loss", 0.0)  # noqa: E731
         key = (
-            (lambda r: (-r["target_acc"], r["lambda"]))
-            if "target_acc" in grid[0]
+            (lambda r: (-r["target_acc"], loss(r), r["lambda"]))
+            if metric == "target_acc"
             else (lambda r: (r["target_loss"], r["lambda"]))
         )
         return float(min(grid, key=key)["lambda"])
@@ -225,6 +238,55 @@ class CopilotEvaluation(CopilotTraining):
 def fit_datamodule(trainer: Any) -> Any:
     """The fit's DataModule, or ``None`` (``Trainer.datamodule`` is set by ``fit``, unknown to type checkers)."""
     return getattr(trainer, "datamodule", None)
+
+
+class ErrorFit(torch.nn.Module):
+    """Whether the Copilot predicts the Pilot's error on held-out data: the RMSE of its rectification ``f`` against
+    the true error ``onehot(y) - softmax(pilot logits)`` over every (scored token, vocabulary) entry
+    (``copilot_rmse``), and the RMSE of the zero predictor (``copilot_zero_rmse``, the error's own root mean
+    square). Scored tokens are the answer positions of the gold option (choice data) or the labelled targets
+    (token data); ``f`` is decoded as at inference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics import SumMetric
+
+        self.squared, self.zero_squared, self.count = SumMetric(), SumMetric(), SumMetric()
+
+    @torch.no_grad()
+    def update(self, rectification: torch.Tensor, gold: torch.Tensor, scores: torch.Tensor) -> None:
+        """Add ``[N, V]`` rectifications against the errors of ``[N]`` gold tokens under ``[N, V]`` Pilot scores."""
+        error = -torch.softmax(scores.float(), dim=-1)
+        error[torch.arange(gold.shape[0], device=gold.device), gold] += 1.0
+        self.squared.update((rectification.float() - error).pow(2).sum())
+        self.zero_squared.update(error.pow(2).sum())
+        self.count.update(float(error.numel()))
+
+    def update_from(self, parts: dict[str, Any]) -> None:
+        """Update from the parts of one batch that :meth:`CopilotEvaluation._fusion_parts` returns."""
+        scores, rect = parts["scores"], parts["rect"]
+        if parts["kind"] == "option_tokens":
+            self.update(rect, parts["option_ids"][parts["gold"]], scores)
+            return
+        keep = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+        if parts["kind"] == "sequences":  # only the gold option's sequence holds the true next tokens
+            k = parts["num_options"]
+            keep = parts["rows"] % k == parts["gold"][parts["rows"] // k]
+        self.update(rect[keep], parts["targets"][keep], scores[keep])
+
+    def compute_and_reset(self) -> dict[str, float]:
+        """``{copilot_rmse, copilot_zero_rmse}`` since the last call (empty when nothing was scored)."""
+        import warnings
+
+        with warnings.catch_warnings():  # every rank computes (a collective under DDP), updated or not
+            warnings.filterwarnings("ignore", message=".*compute.*before the ``update``")
+            count, squared, zero = (float(m.compute()) for m in (self.count, self.squared, self.zero_squared))
+        out = {}
+        if count > 0:
+            out = {"copilot_rmse": math.sqrt(squared / count), "copilot_zero_rmse": math.sqrt(zero / count)}
+        for metric in (self.squared, self.zero_squared, self.count):
+            metric.reset()
+        return out
 
 
 def _update_fused(metrics: EvalMetrics, parts: dict[str, Any], lam: float) -> None:

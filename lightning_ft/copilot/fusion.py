@@ -140,7 +140,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
             )
         rows, length = input_ids.shape
         new = embeds.shape[1]
-        dtype = copilot.lm_out.weight.dtype
+        dtype = copilot.dtype
         if self.ids is None:  # the prompt
             valid = torch.ones(rows, new, dtype=torch.bool, device=input_ids.device)
             if self.prompt_mask is not None:
@@ -159,7 +159,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
             inputs = self.next_input[:, None].to(dtype)
         out = copilot(inputs, embeds.to(dtype), hidden.to(dtype), valid, self.cache)
         rectification = copilot.rectify(out[:, -1])
-        self.next_input = copilot.input_rows(rectification)
+        self.next_input = copilot.feedback(out[:, -1])
         self.ids = input_ids.clone()
         return fuse_log_probs(scores, rectification, self.lam).to(scores.dtype)
 

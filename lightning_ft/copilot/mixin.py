@@ -38,7 +38,7 @@ import torch
 from typing_extensions import override
 
 from lightning_ft.copilot.building import build_copilot, wrap_copilot_lora
-from lightning_ft.copilot.evaluation import CopilotEvaluation, fit_datamodule
+from lightning_ft.copilot.evaluation import CopilotEvaluation, ErrorFit, fit_datamodule
 from lightning_ft.copilot.log import ErrorStorage, MistakeLog
 from lightning_ft.copilot.settings import LAMBDA_GRID, CopilotSettings
 from lightning_ft.core.host import require_host
@@ -71,8 +71,10 @@ class CopilotMixin(CopilotEvaluation):
     ``val/fused_target_loss``) side by side; fused scores are teacher-forced with the Copilot feeding back its own
     outputs, as when decoding. ``generate`` and ``predict_step`` decode with the fusion (HF ``generate`` with
     :class:`~lightning_ft.copilot.CopilotLogitsProcessor`). With ``copilot_lambda='auto'`` the fusion weight is
-    chosen at the end of ``fit`` from ``lambda_grid`` on the validation data (best fused accuracy, or lowest fused
-    target loss; ties go to the smaller weight). The Copilot is part of Lightning checkpoints and is exported
+    chosen at the end of ``fit`` from 0 and ``lambda_grid`` on the validation data, by ``lambda_metric``. Whether the
+    Copilot learns is logged in validation: ``val/copilot_rmse``, the RMSE of its rectification (decoded as at
+    inference) against the Pilot's true error ``onehot(y) - p`` at the scored positions, next to
+    ``val/copilot_zero_rmse``, the RMSE of predicting zero (an untrained Copilot). The Copilot is part of Lightning checkpoints and is exported
     beside the HF folder (``copilot_output``), from where ``copilot_path`` loads it. Paper:
     https://arxiv.org/abs/2505.16270
 
@@ -94,7 +96,15 @@ class CopilotMixin(CopilotEvaluation):
         copilot_weight_decay: Copilot AdamW weight decay on matrices.
         copilot_warmup_steps: Copilot warm-up steps; default the Pilot's.
         copilot_lambda: Fusion weight ``lambda``, or ``auto``.
-        lambda_grid: The weights ``auto`` chooses from (paper's grid).
+        lambda_grid: The weights ``auto`` chooses from (paper's grid), besides 0 (the Pilot alone), which ``auto``
+            always considers: a Copilot that does not help on the validation data is switched off.
+        lambda_metric: The validation metric ``auto`` chooses on: ``target_acc`` (highest; ties go to the lower
+            fused target loss, then to the smaller weight) or ``target_loss`` (lowest; ties to the smaller weight).
+            Default: accuracy where the validation data has answer options, else the target loss.
+        copilot_head: The Copilot's output layer: ``full``, a trainable ``[vocab, hidden]`` projection; ``tied``,
+            a trainable ``[hidden, embed]`` map read out through the frozen embedding matrix the errors enter by
+            (as a tied LM head; 0.3M instead of 28M trainable parameters on SmolLM2, which the paper's parameter
+            count suggests: its Copilots train about 1.2% of the parameters).
         copilot_loss: ``rmse`` (over all entries) or ``token_rmse`` (mean of per-token RMSEs).
         buffer_rounds: Rounds kept in the mistake log (paper: 128).
         buffer_mib: Cap on the log's memory; the oldest rounds go first.
@@ -133,6 +143,8 @@ class CopilotMixin(CopilotEvaluation):
         copilot_warmup_steps: int | None = None,
         copilot_lambda: float | Literal["auto"] = 1.0,
         lambda_grid: tuple[float, ...] = LAMBDA_GRID,
+        lambda_metric: Literal["target_acc", "target_loss"] | None = None,
+        copilot_head: Literal["full", "tied"] = "full",
         copilot_loss: Literal["rmse", "token_rmse"] = "rmse",
         buffer_rounds: int = 128,
         buffer_mib: float = 512.0,
@@ -150,6 +162,7 @@ class CopilotMixin(CopilotEvaluation):
             copilot_config=copilot_config, copilot_path=copilot_path, copilot_peft=copilot_peft,
             copilot_learning_rate=copilot_learning_rate, copilot_weight_decay=copilot_weight_decay,
             copilot_warmup_steps=copilot_warmup_steps, copilot_lambda=copilot_lambda, lambda_grid=lambda_grid,
+            lambda_metric=lambda_metric, copilot_head=copilot_head,
             copilot_loss=copilot_loss, buffer_rounds=buffer_rounds, buffer_mib=buffer_mib, error_storage=error_storage,
             error_topk=error_topk, checkpoint_buffer=checkpoint_buffer, copilot_seed=copilot_seed,
             fused_eval=fused_eval, copilot_output=copilot_output, zero_init_output=zero_init_output,
@@ -168,6 +181,7 @@ class CopilotMixin(CopilotEvaluation):
             wrap_copilot_lora(self.copilot, copilot_peft)
         self.mistake_log = MistakeLog(buffer_rounds, buffer_mib)
         self.fused_metrics = EvalMetrics()
+        self.error_fit = ErrorFit()
         self._round_store = None
 
     @override

@@ -75,7 +75,7 @@ class CopilotRounds(CopilotStorage):
         fp32: the input at position ``t + 1`` is the error of position ``t``, so the output at ``t`` sees the errors
         of positions ``< t`` only."""
         cp = self.copilot
-        dtype = cp.lm_out.weight.dtype
+        dtype = cp.dtype
         entry = entry.to(self.device)
         b, t = entry.valid.shape
         where = entry.error_mask.nonzero()
@@ -89,7 +89,7 @@ class CopilotRounds(CopilotStorage):
             inputs = inputs.index_put((where[:, 0], where[:, 1] + 1), rows.to(dtype))
         hidden = cp(inputs, entry.embeds.to(dtype), entry.hidden.to(dtype), entry.valid)
         if where.shape[0] == 0:  # nothing to learn from; keep every parameter in the graph (DDP)
-            empty = (hidden.sum() + cp.lm_out.weight.sum()).float() * 0.0
+            empty = (hidden.sum() + cp.head_weight.sum()).float() * 0.0
             return empty.expand(0, cp.cfg.vocab_size), torch.zeros(0, cp.cfg.vocab_size, device=hidden.device)
         return cp.rectify(hidden[where[:, 0], where[:, 1]]), entry.dense_errors(cp.cfg.vocab_size)
 

@@ -32,6 +32,8 @@ class CopilotSettings:
     copilot_warmup_steps: int | None = None
     copilot_lambda: float | Literal["auto"] = 1.0
     lambda_grid: tuple[float, ...] = LAMBDA_GRID
+    lambda_metric: Literal["target_acc", "target_loss"] | None = None
+    copilot_head: Literal["full", "tied"] = "full"
     copilot_loss: Literal["rmse", "token_rmse"] = "rmse"
     buffer_rounds: int = 128
     buffer_mib: float = 512.0
@@ -54,6 +56,11 @@ class CopilotSettings:
             (lam == "auto" or (isinstance(lam, (int, float)) and lam >= 0),
              f"copilot_lambda={lam!r} must be a number >= 0 or 'auto'."),
             (len(grid) > 0 and all(x >= 0 for x in grid), f"lambda_grid={grid} must list weights >= 0."),
+            (self.lambda_metric in (None, "target_acc", "target_loss"),
+             f"lambda_metric={self.lambda_metric!r} is not a validation metric lambda can be chosen on: use "
+             "'target_acc' or 'target_loss'."),
+            (self.copilot_head in ("full", "tied"),
+             f"copilot_head={self.copilot_head!r} is not an option: use 'full' or 'tied'."),
             (self.copilot_loss in ("rmse", "token_rmse"),
              f"copilot_loss={self.copilot_loss!r} is not a loss: use 'rmse' or 'token_rmse'."),
             (self.error_storage in ("dense", "topk"),

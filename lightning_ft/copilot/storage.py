@@ -34,6 +34,7 @@ class CopilotStorage(MixinBase):
     lambda_sweep: list[dict[str, float]]
     mistake_log: MistakeLog
     fused_metrics: EvalMetrics
+    error_fit: Any  # evaluation.ErrorFit (defined above this module)
     _round_store: dict[str, Any] | None
 
     @property
@@ -75,7 +76,7 @@ class CopilotStorage(MixinBase):
                 f"{cfg.pilot_hidden_size}, this Pilot has {mine.vocab_size} and {mine.pilot_hidden_size}: pair it with "
                 "a Pilot of the same family."
             )
-        dtype = self.copilot.lm_out.weight.dtype
+        dtype = self.copilot.dtype
         decoder = CopilotDecoder(cfg)
         decoder.load_state_dict(load_file(str(folder / "copilot.safetensors")), strict=True)
         self.copilot = decoder.to(dtype)

@@ -187,3 +187,80 @@ def test_pilot_capture_refuses_a_model_without_decoder_layers_naming_the_copilot
                                      num_attention_heads=2)  # fmt: skip
     with pytest.raises(ValueError, match=r"^CopilotMixin needs a causal LM .*BertForMaskedLM"):
         PilotCapture(transformers.BertForMaskedLM(config))
+
+
+def _tied(zero: bool = True) -> CopilotDecoder:
+    torch.manual_seed(0)
+    cfg = CopilotConfig(vocab_size=V, hidden_size=D, pilot_hidden_size=D, num_layers=2, num_heads=4, num_kv_heads=4,
+                        head="tied")  # fmt: skip
+    dec = CopilotDecoder(cfg, zero_init_output=zero)
+    with torch.no_grad():
+        dec.embed.normal_()
+    return dec.eval()
+
+
+def test_tied_head_starts_at_zero_and_reads_out_through_the_frozen_embeddings() -> None:
+    dec = _tied()
+    x, emb, hid, valid = _inputs()
+    assert torch.count_nonzero(dec.rectify(dec(x, emb, hid, valid))) == 0
+    assert not hasattr(dec, "lm_out") and dec.head_weight is dec.out_proj.weight
+    trainable = {n for n, p in dec.named_parameters() if p.requires_grad}
+    assert "out_proj.weight" in trainable and "embed" not in trainable
+    with torch.no_grad():
+        dec.out_proj.weight.normal_()
+    h = torch.randn(3, D)
+    torch.testing.assert_close(dec.rectify(h), (h @ dec.out_proj.weight.T) @ dec.embed.T)
+    with pytest.raises(ValueError, match="head='wide' is not an option"):
+        CopilotConfig(vocab_size=V, hidden_size=D, pilot_hidden_size=D, head="wide")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("head", ["full", "tied"])
+def test_feedback_equals_the_input_rows_of_the_rectification_and_follows_weight_updates(head: str) -> None:
+    dec = _decoder() if head == "full" else _tied(zero=False)
+    h = torch.randn(3, D)
+    torch.testing.assert_close(dec.feedback(h), dec.input_rows(dec.rectify(h)), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        dec.head_weight.mul_(2.0)  # an optimizer step changes the weights in place: the composed map follows
+    torch.testing.assert_close(dec.feedback(h), dec.input_rows(dec.rectify(h)), rtol=1e-4, atol=1e-4)
+
+
+def test_error_fit_is_the_rmse_against_onehot_minus_softmax() -> None:
+    from lightning_ft.copilot.evaluation import ErrorFit
+
+    scores = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    gold = torch.tensor([1, 2])
+    rect = torch.tensor([[0.1, 0.2, -0.3], [0.0, 0.5, 0.0]])
+    error = torch.nn.functional.one_hot(gold, 3).float() - torch.softmax(scores, -1)
+    fit = ErrorFit()
+    fit.update(rect[:1], gold[:1], scores[:1])
+    fit.update(rect[1:], gold[1:], scores[1:])
+    out = fit.compute_and_reset()
+    assert out["copilot_rmse"] == pytest.approx(float((rect - error).pow(2).mean().sqrt()), rel=1e-6)
+    assert out["copilot_zero_rmse"] == pytest.approx(float(error.pow(2).mean().sqrt()), rel=1e-6)
+    assert fit.compute_and_reset() == {}
+
+
+def _choose(rows: list[dict[str, float]], **settings: object) -> float:
+    from types import SimpleNamespace
+
+    from lightning_ft.copilot.evaluation import CopilotEvaluation
+    from lightning_ft.copilot.settings import CopilotSettings
+
+    host = SimpleNamespace(copilot_settings=CopilotSettings(**settings))  # type: ignore[arg-type]
+    return CopilotEvaluation.choose_lambda(host, rows)  # type: ignore[arg-type]
+
+
+def test_auto_lambda_considers_zero_and_chooses_on_the_named_metric() -> None:
+    rows = [{"lambda": 0.0, "target_acc": 0.8, "target_loss": 0.40}, {"lambda": 0.1, "target_acc": 0.8, "target_loss": 0.60},
+            {"lambda": 0.3, "target_acc": 0.8, "target_loss": 0.35}, {"lambda": 1.0, "target_acc": 0.7, "target_loss": 0.30}]  # fmt: skip
+    assert _choose(rows) == 0.3  # accuracy by default on choice data; ties go to the lower loss
+    assert _choose(rows, lambda_metric="target_loss") == 1.0
+    assert _choose(rows[:2]) == 0.0  # a Copilot that only hurts is switched off
+    equal = [{"lambda": lam, "target_acc": 0.8, "target_loss": 0.4} for lam in (0.0, 0.1, 0.5)]
+    assert _choose(equal) == 0.0
+    tokens = [{"lambda": 0.0, "target_loss": 0.5}, {"lambda": 0.1, "target_loss": 0.4}]
+    assert _choose(tokens) == 0.1
+    with pytest.raises(ValueError, match="lambda_metric='target_acc' is not measured on this validation data"):
+        _choose(tokens, lambda_metric="target_acc")
+    with pytest.raises(ValueError, match="lambda_metric='accuracy' is not a validation metric"):
+        _choose(rows, lambda_metric="accuracy")
