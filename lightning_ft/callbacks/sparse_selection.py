@@ -191,8 +191,13 @@ class _SparseSelection(_SparseStepping):
         return allocate(numels, self._global_k())
 
     def _cache_theta0(self) -> None:
-        """theta_0 at the selected entries (fp32): the L1 pull and the rewind of master copies need it."""
+        """theta_0 at the selected entries (fp32), which the L1 pull needs; without an L1 pull nothing is read (a
+        read of every eligible tensor from the snapshot at each selection costs time and, with the snapshot on disk,
+        keeps the file's pages resident)."""
         assert self._snapshot is not None
+        if not getattr(self.rule, "l1", 0.0) > 0:
+            self._theta0_sel = {}
+            return
         self._theta0_sel = {
             n: self._snapshot.get(n, dtype=torch.float32).reshape(-1)[s.indices.long().cpu()].to(s.indices.device)
             for n, s in self.states.items()

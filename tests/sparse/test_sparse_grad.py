@@ -169,3 +169,20 @@ def test_sampled_gradients_on_smollm2_equal_the_dense_ones(smollm2_dir: Path) ->
         assert linears[name].weight.grad is None
         assert slot.grad is not None
         torch.testing.assert_close(slot.grad, dense[name].reshape(-1)[idx], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_lift_reads_no_theta0_during_its_fit(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an L1 pull no selection needs theta_0: reading every eligible tensor from the snapshot at each
+    selection cost time and kept the snapshot file's pages resident (peak RSS)."""
+    from lightning_ft.core.snapshot import PretrainedSnapshot
+
+    reads: list[str] = []
+    original = PretrainedSnapshot.get
+    monkeypatch.setattr(
+        PretrainedSnapshot, "get", lambda self, name, *a, **k: reads.append(name) or original(self, name, *a, **k)
+    )
+    sft = SparseFineTuning(PrincipalWeights(filter_rank=4, reselect_every=2), rank=2, save_path="")
+    module = CausalLMModule(model=str(tiny_llama_dir), learning_rate=1e-2, output_dir="")
+    make_trainer(tmp_path, 4, callbacks=[sft]).fit(module, make_data())
+    assert len([e for e in sft.events if e["event"] == "select"]) == 3  # at the start, after steps 1 and 3
+    assert reads == [] and sft._theta0_sel == {}
