@@ -12,9 +12,12 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import (
+    make_data,
+    make_trainer,
+    one_thread,  # noqa: F401  (autouse fixture: applies where imported)
+)
 
-from helpers import make_data, make_trainer
-from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
 from lightning_ft.callbacks import LotteryTicket, PrincipalWeights, Sensitivity, SparseFineTuning
 from lightning_ft.core.layer_map import LayerMap
 from lightning_ft.modules import CausalLMModule
@@ -87,7 +90,9 @@ class _Probe(L.Callback):
 RULES = {
     "lift": (lambda: PrincipalWeights(filter_rank=4, reselect_every=3), {"rank": 2}, {}),
     "lt_sft_l1_value_clip": (
-        lambda: LotteryTicket(dense_steps=3, l1=0.5), {"density": 0.05}, {"gradient_clip_algorithm": "value"}
+        lambda: LotteryTicket(dense_steps=3, l1=0.5),
+        {"density": 0.05},
+        {"gradient_clip_algorithm": "value"},
     ),
     "sensitivity_accumulate": (lambda: Sensitivity(batches=2), {"count": 700}, {"accumulate_grad_batches": 2}),
 }
@@ -171,7 +176,9 @@ def test_sampled_gradients_on_smollm2_equal_the_dense_ones(smollm2_dir: Path) ->
         torch.testing.assert_close(slot.grad, dense[name].reshape(-1)[idx], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_lift_reads_no_theta0_during_its_fit(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lift_reads_no_theta0_during_its_fit(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without an L1 pull no selection needs theta_0: reading every eligible tensor from the snapshot at each
     selection cost time and kept the snapshot file's pages resident (peak RSS)."""
     from lightning_ft.core.snapshot import PretrainedSnapshot
