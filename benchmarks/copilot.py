@@ -11,9 +11,9 @@ accuracy of the second run must equal the first run's: the script checks it. Rep
   time, fused against the Pilot alone, alternating prompt by prompt; median ratio;
 * the mistake log's memory (peak MiB) and the Copilot's parameter counts.
 
-    python benchmarks/copilot.py --name copilot                # default budget (about 20 min on 2 CPU cores)
-    python benchmarks/copilot.py --name smoke --quick          # a few minutes: proves the script runs
-    python benchmarks/copilot.py --name copilot_timing --timing-only --steps 30   # overheads only (no scoring)
+    python benchmarks/copilot.py --name copilot_seeds --seeds 0 1 2        # fused vs Pilot over three data orders
+    python benchmarks/copilot.py --name smoke --quick --seeds 0            # a few minutes: proves the script runs
+    python benchmarks/copilot.py --name copilot_timing --timing-only --steps 8 --rounds 3   # overheads only
 
 Results go to ``benchmarks/results/<name>.md`` and ``.json``. Run it alone: step-time ratios from a shared
 machine are not comparable.
@@ -91,26 +91,79 @@ def write_timing(name: str, r: dict[str, Any]) -> Path:
     out = HERE / "results" / f"{name}.md"
     (HERE / "results" / f"{name}.json").write_text(json.dumps(r, indent=2))
     cfg, lat = r["settings"], r["latency"]
-    out.write_text("\n".join([
+    lines = [
         f"# Copilot overheads ({name})", "",
-        f"Bundled SmolLM2-135M, Rotten Tomatoes, batch {cfg['batch_size']}, {cfg['steps']} steps per run (median of steps "
-        f"3 on), Copilot {cfg['copilot_layers']} layers; latency: greedy decoding of {cfg['new_tokens']} tokens, "
-        f"{cfg['latency_prompts']} prompts one at a time, fused (lambda 1) and Pilot alone alternating.", "",
-        "| Pilot step | Pilot + Copilot step | train overhead | Pilot latency | fused latency | latency overhead | buffer peak |",
-        "|---|---|---|---|---|---|---|",
+        f"Bundled SmolLM2-135M, Rotten Tomatoes, batch {cfg['batch_size']}, max length {cfg['max_length']}, Copilot "
+        f"{cfg['copilot_layers']} layers, head `{cfg['head']}`. Training: {cfg['rounds']} alternating rounds of "
+        f"{cfg['steps']} steps of the Pilot alone and of Pilot + Copilot (same process, same data; median of each "
+        f"round's steps 3 on). Latency: greedy decoding of {cfg['new_tokens']} tokens, {cfg['latency_prompts']} prompts "
+        "one at a time, fused (lambda 1) and the Pilot alone alternating prompt by prompt (median ratio).", "",
+        "| Pilot step | Pilot + Copilot step | train overhead | Pilot latency | fused latency | latency overhead | "
+        "Copilot trainable | buffer peak |",
+        "|---|---|---|---|---|---|---|---|",
         f"| {r['step_time_pilot_s']:.3f} s | {r['step_time_joint_s']:.3f} s | {r['train_overhead'] * 100:+.1f}% | "
         f"{lat['pilot_s']:.3f} s | {lat['fused_s']:.3f} s | {(lat['ratio'] - 1) * 100:+.1f}% | "
-        f"{r['buffer_peak_mib']:.1f} MiB ({r['buffer_rounds']} rounds) |",
-    ]) + "\n")  # fmt: skip
+        f"{r['copilot_trainable']:,} | {r['buffer_peak_mib']:.1f} MiB ({r['buffer_rounds']} rounds) |",
+    ]  # fmt: skip
+    if r.get("sections"):
+        lines += ["", "Where a Pilot + Copilot step's time goes (median seconds per step, same run):", "",
+                  "| part | seconds | share of the step |", "|---|---|---|",
+                  *[f"| {k} | {v:.3f} | {v / r['step_time_joint_s'] * 100:.1f}% |" for k, v in r["sections"].items()]]  # fmt: skip
+    if r.get("machine_note"):
+        lines += ["", r["machine_note"]]
+    lines += ["", f"Command: `{r['command']}`"]
+    out.write_text("\n".join(lines) + "\n")
     return out
 
 
-def run(cfg: dict[str, Any], seed: int, score: bool = True) -> dict[str, Any]:
-    """Train the Pilot alone, then Pilot + Copilot, with the same seed and data; time both and the greedy latency.
+_SECTIONS = {
+    "compute_loss": "Pilot forward and loss (with the capture hooks)",
+    "_record_round": "the Pilot's error over the vocabulary + copy to the CPU log",
+    "copilot_step_loss": "Copilot forward on a drawn round + RMSE",
+    "manual_backward": "one backward over both losses",
+    "pilot_step": "Pilot clipping + AdamW step",
+    "copilot_step": "Copilot clipping + AdamW step",
+}
 
-    With ``score``, also evaluate before and after (lambda chosen by ``auto``) and check that the Pilot's weights are
-    the same in both runs; without, only the overheads are measured (lambda 1).
-    """
+
+def _instrument(module: Any) -> dict[str, list[float]]:
+    """Time the parts of the joint training step by wrapping the module's methods and its optimizers' steps."""
+    import functools
+
+    times: dict[str, list[float]] = {k: [] for k in _SECTIONS}
+
+    def wrap(obj: Any, attr: str, key: str) -> None:
+        inner = getattr(obj, attr)
+
+        @functools.wraps(inner)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                times[key].append(time.perf_counter() - start)
+
+        setattr(obj, attr, timed)
+
+    for name in ("compute_loss", "_record_round", "copilot_step_loss", "manual_backward"):
+        wrap(module, name, name)
+    original = module._step_both
+
+    def step_both(trainer: Any) -> None:  # the Pilot's clip + step, then the Copilot's, timed apart
+        pilot_opt, copilot_opt = module.optimizers()
+        wrap(pilot_opt, "step", "pilot_step")
+        wrap(copilot_opt.optimizer, "step", "copilot_step")
+        try:
+            original(trainer)
+        finally:
+            del pilot_opt.step, copilot_opt.optimizer.step
+
+    module._step_both = step_both
+    return times
+
+
+def run_timing(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Training overhead from alternating rounds of the Pilot alone and Pilot + Copilot, and greedy latency."""
     import lightning as L
     import torch
 
@@ -122,88 +175,120 @@ def run(cfg: dict[str, Any], seed: int, score: bool = True) -> dict[str, Any]:
               "output_dir": ""}  # fmt: skip
     L.seed_everything(seed)
     pilot = CausalLMModule(**common)
+    joint = CopilotCausalLM(**common, copilot_layers=cfg["copilot_layers"], copilot_lambda=1.0, copilot_output="",
+                            copilot_head=cfg["head"])  # fmt: skip
     dm = _data(cfg, pilot.tokenizer, seed)
-    test = list(dm.test_dataloader()) if score else []
-    scores: dict[str, Any] = {}
-    if score:
-        scores["zero_shot"] = pilot.evaluate(test)
-        print("zero-shot", scores["zero_shot"], flush=True)
-    pilot_times = _fit(pilot, dm, cfg)
-    if score:
-        scores["pilot"] = pilot.evaluate(test)
-        print("pilot", scores["pilot"], flush=True)
-    pilot_state = {k: v.clone() for k, v in pilot.backbone.state_dict().items()}
-    del pilot
-
-    L.seed_everything(seed)
-    joint = CopilotCausalLM(**common, copilot_layers=cfg["copilot_layers"], copilot_lambda="auto" if score else 1.0,
-                            copilot_output="")  # fmt: skip
-    dm = _data(cfg, joint.tokenizer, seed)
-    joint_times = _fit(joint, dm, cfg)
-    if score:
-        scores["joint"] = joint.evaluate(test)
-        print("pilot + copilot", scores["joint"], "lambda", joint.copilot_lambda, flush=True)
-    pilot_step, joint_step = median_step(pilot_times), median_step(joint_times)
+    sections = _instrument(joint)
+    pilot_steps, joint_steps = [], []
+    for _ in range(cfg["rounds"]):
+        pilot_steps += _fit(pilot, dm, cfg)[2:]
+        marks = {k: len(v) for k, v in sections.items()}
+        joint_steps += _fit(joint, dm, cfg)[2:]
+        for k, v in sections.items():  # drop each round's first two steps, as for the step times
+            del v[marks[k] : marks[k] + 2]
+    pilot_step, joint_step = statistics.median(pilot_steps), statistics.median(joint_steps)
+    with torch.no_grad():  # a trained-looking Copilot for the latency run (a zero output map skips nothing anyway)
+        joint.copilot.head_weight.normal_(std=0.01)
     return {
-        "settings": cfg, "seed": seed, **scores, "lambda": joint.copilot_lambda, "lambda_sweep": joint.lambda_sweep,
-        "pilot_identical": all(torch.equal(v, pilot_state[k]) for k, v in joint.backbone.state_dict().items()),
-        "step_time_pilot_s": pilot_step, "step_time_joint_s": joint_step, "train_overhead": joint_step / pilot_step - 1,
-        "latency": _latency(joint, dm, cfg), "buffer_peak_mib": joint.mistake_log.peak_bytes / 2**20,
-        "buffer_rounds": len(joint.mistake_log),
+        "settings": cfg, "seed": seed, "step_time_pilot_s": pilot_step, "step_time_joint_s": joint_step,
+        "train_overhead": joint_step / pilot_step - 1, "latency": _latency(joint, dm, cfg),
+        "sections": {_SECTIONS[k]: statistics.median(v) for k, v in sections.items() if v},
+        "buffer_peak_mib": joint.mistake_log.peak_bytes / 2**20, "buffer_rounds": len(joint.mistake_log),
         "copilot_trainable": sum(p.numel() for p in joint.copilot.parameters() if p.requires_grad),
-        "copilot_frozen": sum(p.numel() for p in joint.copilot.parameters() if not p.requires_grad),
     }  # fmt: skip
 
 
-def write_report(name: str, r: dict[str, Any]) -> Path:
+def run_quality(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One Pilot + Copilot fit (the Pilot's trajectory is the one it has alone, a tested property), scored on the
+    held-out reviews: the Pilot's accuracy and answer NLL, the fused ones at lambda 'auto' (chosen on validation) and
+    at each lambda of the grid, and the Copilot's RMSE against the zero predictor."""
+    import lightning as L
+    import torch
+
+    from lightning_ft.copilot import CopilotCausalLM
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    L.seed_everything(seed)
+    joint = CopilotCausalLM(model="smollm2-135m", learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
+                            output_dir="", copilot_layers=cfg["copilot_layers"], copilot_lambda="auto",
+                            lambda_metric=cfg["lambda_metric"], copilot_output="", copilot_head=cfg["head"],
+                            buffer_rounds=cfg["buffer_rounds"])  # fmt: skip
+    dm = _data(cfg, joint.tokenizer, seed)
+    test = list(dm.test_dataloader())
+    zero_shot = joint.evaluate(test)
+    _fit(joint, dm, cfg)
+    after = joint.evaluate(test)
+    sweep = joint.sweep_lambda(test)
+    print(f"seed {seed}", after, "lambda", joint.copilot_lambda, flush=True)
+    return {"seed": seed, "zero_shot": zero_shot, "after": after, "lambda": joint.copilot_lambda,
+            "val_sweep": joint.lambda_sweep, "test_sweep": sweep}  # fmt: skip
+
+
+def write_quality(name: str, cfg: dict[str, Any], runs: list[dict[str, Any]], command: str) -> Path:
     out = HERE / "results" / f"{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    (HERE / "results" / f"{name}.json").write_text(json.dumps(r, indent=2))
-    cfg, zero, p, j = r["settings"], r["zero_shot"], r["pilot"], r["joint"]
-    ctrl = lambda m: (m["control_ppl"] / zero["control_ppl"] - 1) * 100  # noqa: E731
+    (HERE / "results" / f"{name}.json").write_text(json.dumps({"settings": cfg, "runs": runs}, indent=2))
+
+    def spread(values: list[float], digits: int = 4) -> str:
+        mean = statistics.fmean(values)
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+    a = [r["after"] for r in runs]
     lines = [
-        f"# Copilot benchmark ({name})", "",
+        f"# Copilot: fused decoding against the Pilot alone ({name})", "",
         f"Bundled SmolLM2-135M, Rotten Tomatoes, {cfg['steps']} steps, batch {cfg['batch_size']}, lr "
-        f"{cfg['learning_rate']}, seed {r['seed']}; Copilot: {cfg['copilot_layers']} layers from the Pilot's lowest, "
-        f"lr 1e-4, lambda chosen on {cfg['val_size']} validation reviews. Scored on {cfg['test_size']} held-out reviews; "
-        f"control = HumanEval perplexity (zero-shot {zero['control_ppl']:.3f}, accuracy {zero['target_acc']:.4f}).", "",
-        "| run | target acc | fused target acc | control ppl change | step time | train overhead | latency/prompt | "
-        "latency overhead | buffer peak |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| Pilot alone | {p['target_acc']:.4f} | - | {ctrl(p):+.1f}% | {r['step_time_pilot_s']:.2f} s | - | "
-        f"{r['latency']['pilot_s']:.3f} s | - | - |",
-        f"| Pilot + Copilot (lambda {r['lambda']}) | {j['target_acc']:.4f} | {j['fused_target_acc']:.4f} | {ctrl(j):+.1f}% | "
-        f"{r['step_time_joint_s']:.2f} s | {r['train_overhead'] * 100:+.1f}% | {r['latency']['fused_s']:.3f} s | "
-        f"{(r['latency']['ratio'] - 1) * 100:+.1f}% | {r['buffer_peak_mib']:.1f} MiB ({r['buffer_rounds']} rounds) |",
-        "",
-        f"Pilot weights identical with and without the Copilot: {r['pilot_identical']}. Copilot parameters: "
-        f"{r['copilot_trainable']:,} trained, {r['copilot_frozen']:,} frozen (the embedding copy errors are read through).",
-        f"Latency: greedy decoding of {cfg['new_tokens']} tokens, {cfg['latency_prompts']} prompts one at a time.", "",
-        "Lambda sweep on the validation split (lambda 0 = the Pilot alone):", "",
-        "| lambda | fused target acc | fused target NLL |", "|---|---|---|",
-        *[f"| {row['lambda']} | {row.get('target_acc', float('nan')):.4f} | {row.get('target_loss', float('nan')):.4f} |"
-          for row in r["lambda_sweep"]],
+        f"{cfg['learning_rate']}; Copilot {cfg['copilot_layers']} layers from the Pilot's lowest, head `{cfg['head']}`, "
+        f"lr 1e-4, mistake log {cfg['buffer_rounds']} rounds; lambda 'auto' (0 and the paper's grid) chosen on "
+        f"{cfg['val_size']} validation reviews by {cfg['lambda_metric'] or 'target_acc'}. Scored on {cfg['test_size']} "
+        f"held-out reviews; {len(runs)} seeds (data orders), mean ± standard deviation.", "",
+        "| seed | Pilot acc | Pilot NLL | lambda | fused acc | fused NLL | Copilot RMSE | zero-predictor RMSE |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {r['seed']} | {r['after']['target_acc']:.4f} | {r['after']['target_loss']:.4f} | {r['lambda']} | "
+          f"{r['after']['fused_target_acc']:.4f} | {r['after']['fused_target_loss']:.4f} | "
+          f"{r['after']['copilot_rmse']:.6f} | {r['after']['copilot_zero_rmse']:.6f} |" for r in runs],
+        f"| mean ± sd | {spread([x['target_acc'] for x in a])} | {spread([x['target_loss'] for x in a])} | - | "
+        f"{spread([x['fused_target_acc'] for x in a])} | {spread([x['fused_target_loss'] for x in a])} | "
+        f"{spread([x['copilot_rmse'] for x in a], 6)} | {spread([x['copilot_zero_rmse'] for x in a], 6)} |",
+        "", "Every lambda of the grid on the held-out reviews (mean ± sd over the seeds; lambda 0 = the Pilot alone):", "",
+        "| lambda | fused acc | fused NLL |", "|---|---|---|",
     ]  # fmt: skip
+    for i, row in enumerate(runs[0]["test_sweep"]):
+        accs = [r["test_sweep"][i]["target_acc"] for r in runs]
+        nlls = [r["test_sweep"][i]["target_loss"] for r in runs]
+        lines.append(f"| {row['lambda']} | {spread(accs)} | {spread(nlls)} |")
+    lines += ["", f"Command: `{command}`"]
     out.write_text("\n".join(lines) + "\n")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="copilot")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--head", choices=["full", "tied"], default="tied")
+    parser.add_argument("--buffer-rounds", type=int, default=128)
+    parser.add_argument("--lambda-metric", choices=["target_acc", "target_loss"])
     parser.add_argument("--timing-only", action="store_true", help="step times and latency only, no scoring")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (--timing-only)")
+    parser.add_argument("--note", default="", help="a line on the machine's load, written into the timing table")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = {**DEFAULTS, **(QUICK if args.quick else {})}
+    cfg = {**DEFAULTS, **(QUICK if args.quick else {}), "head": args.head, "buffer_rounds": args.buffer_rounds,
+           "lambda_metric": args.lambda_metric, "rounds": args.rounds}  # fmt: skip
     if args.steps:
         cfg["steps"] = args.steps
+    command = "python benchmarks/copilot.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.timing_only:
-        print(write_timing(args.name, run(cfg, args.seed, score=False)).read_text())
+        result = {**run_timing(cfg, args.seeds[0]), "command": command, "machine_note": args.note}
+        print(write_timing(args.name, result).read_text())
         return
-    print(write_report(args.name, run(cfg, args.seed)).read_text())
+    runs = [run_quality(cfg, seed) for seed in args.seeds]
+    print(write_quality(args.name, cfg, runs, command).read_text())
 
 
 if __name__ == "__main__":

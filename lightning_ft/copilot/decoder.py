@@ -169,14 +169,23 @@ class CopilotLayer(nn.Module):
         memory: torch.Tensor | None,
         cache: DecoderCache | None,
         index: int,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x [B, n, d]`` new positions; ``mask [B, 1, n, t]`` over all positions so far (True attends);
         ``memory [B, 2, n, d]`` (cross layers): ``X`` and ``pool(h)`` at the new positions; ``cache`` keeps
-        this layer's keys/values (``[B, kv, t, hd]``, or ``[B, kv, 2, t, hd]`` for cross layers)."""
+        this layer's keys/values (``[B, kv, t, hd]``, or ``[B, kv, 2, t, hd]`` for cross layers);
+        ``query_index [B, m]``: compute the output only at these positions (keys and values still cover all), giving
+        ``[B, m, d]``."""
         cfg = self.cfg
         b, n = x.shape[:2]
         h = self.input_layernorm(x)
-        q = self.self_attn.q_proj(h).view(b, n, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        hq, q_positions = h, positions
+        if query_index is not None:
+            take = lambda t: t.gather(1, query_index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+            x, hq, q_positions = take(x), take(h), positions.gather(1, query_index)
+            mask = mask.gather(2, query_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+        m = hq.shape[1]
+        q = self.self_attn.q_proj(hq).view(b, m, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         if self.cross:
             source = self.memory_norm(memory)  # type: ignore[misc]
             k = self.self_attn.k_proj(source).view(b, 2, n, cfg.num_kv_heads, cfg.head_dim).permute(0, 3, 1, 2, 4)
@@ -184,7 +193,7 @@ class CopilotLayer(nn.Module):
         else:
             k = self.self_attn.k_proj(h).view(b, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
             v = self.self_attn.v_proj(h).view(b, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            q, k = _rotate(q, positions, cfg.rope_theta), _rotate(k, positions, cfg.rope_theta)
+            q, k = _rotate(q, q_positions, cfg.rope_theta), _rotate(k, positions, cfg.rope_theta)
         if cache is not None:
             old_k, old_v = cache.keys[index], cache.values[index]
             if old_k is not None:
@@ -194,7 +203,7 @@ class CopilotLayer(nn.Module):
             k, v = k.flatten(2, 3), v.flatten(2, 3)
             mask = torch.cat((mask, mask), dim=-1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=cfg.num_kv_heads != cfg.num_heads)
-        x = x + self.self_attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        x = x + self.self_attn.o_proj(out.transpose(1, 2).reshape(b, m, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -286,8 +295,10 @@ class CopilotDecoder(nn.Module):
         pilot_hidden: torch.Tensor,
         valid: torch.Tensor,
         cache: DecoderCache | None = None,
+        query: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states ``[B, n, hidden]`` (after the final norm) of ``n`` new positions.
+        """Hidden states ``[B, n, hidden]`` (after the final norm) of ``n`` new positions, or ``[N, hidden]`` at the
+        ``N`` positions of ``query`` (row-major), computing the last layer only there.
 
         Args:
             inputs: ``[B, n, hidden]`` Copilot inputs (:meth:`input_rows` of the error at the previous position).
@@ -295,6 +306,9 @@ class CopilotDecoder(nn.Module):
             pilot_hidden: ``[B, n, pilot_hidden]`` the Pilot's layer-averaged hidden states at these positions.
             valid: ``[B, n]`` which positions are real tokens (not padding).
             cache: ``None`` for a whole sequence; a :class:`DecoderCache` (empty at first) to continue one.
+            query: ``[B, n]`` bool, the positions whose output is wanted (without ``cache``; at least one): the
+                last layer's queries, output map and MLP run at those positions only (the paper's loss and the
+                fusion read the Copilot at the answer positions alone).
         """
         n = inputs.shape[1]
         start = cache.length if cache is not None else 0
@@ -312,15 +326,37 @@ class CopilotDecoder(nn.Module):
         positions = (key_valid.long().cumsum(1) - 1).clamp_min(0)[:, start:]
         memory = self.memory_proj(torch.stack((pilot_embeds, pilot_hidden), dim=1).to(inputs.dtype))
         x = inputs
+        last = len(self.layers) - 1
+        index, kept = None, None
+        if query is not None:
+            if cache is not None or not bool(query.any()):
+                raise ValueError("CopilotDecoder: query needs a whole sequence (no cache) and at least one position.")
+            counts = query.sum(1)
+            width = int(counts.max())
+            index = torch.sort((~query).to(torch.int8), dim=1, stable=True).indices[:, :width]  # wanted first, in order
+            kept = torch.arange(width, device=query.device)[None] < counts[:, None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, allowed[:, None], memory if layer.cross else None, cache, i)
-        return self.norm(x)
+            x = layer(x, positions, allowed[:, None], memory if layer.cross else None, cache, i, index if i == last else None)
+        x = self.norm(x)
+        return x if kept is None else x[kept]
 
     def rectify(self, hidden: torch.Tensor) -> torch.Tensor:
         """Copilot hidden states -> fp32 rectification vectors over the vocabulary."""
         if self.cfg.head == "full":
             return self.lm_out(hidden).float()
         return F.linear(self.out_proj(hidden), self.embed.to(hidden.dtype)).float()
+
+    @torch.no_grad()
+    def reads_out_through(self, weight: torch.Tensor) -> bool:
+        """Whether the tied head's readout matrix ``embed`` equals ``weight`` (e.g. the Pilot's LM head: the paper's
+        LoRA Pilot and LoRA Copilot of the same pretrained model share it), checked once per pair of weight versions.
+        """
+        if self.cfg.head != "tied" or weight.shape != self.embed.shape or weight.dtype != self.embed.dtype:
+            return False
+        key = tuple(x for w in (weight, self.embed) for x in (id(w), w._version, w.data_ptr()))
+        if getattr(self, "_shares_key", None) != key:
+            self._shares_key, self._shares = key, bool(torch.equal(weight, self.embed))
+        return self._shares
 
     @torch.no_grad()
     def feedback(self, hidden: torch.Tensor) -> torch.Tensor:

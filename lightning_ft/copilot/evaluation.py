@@ -83,8 +83,9 @@ class CopilotEvaluation(CopilotTraining):
         last = int(where.any(0).nonzero()[-1])
         if bool((where.sum(1) <= 1).all()):  # one scored position per row: no feedback, every input is zero
             zeros = torch.zeros(b, last + 1, cp.cfg.hidden_size, dtype=dtype, device=valid.device)
-            out = cp(zeros, embeds[:, : last + 1].to(dtype), hidden[:, : last + 1].to(dtype), valid[:, : last + 1])
-            return cp.rectify(out[where[:, : last + 1]])
+            head = slice(0, last + 1)
+            out = cp(zeros, embeds[:, head].to(dtype), hidden[:, head].to(dtype), valid[:, head], query=where[:, head])
+            return cp.rectify(out)
         cache = DecoderCache()
         zeros = torch.zeros(b, first + 1, cp.cfg.hidden_size, dtype=dtype, device=valid.device)
         state = cp(
@@ -230,7 +231,8 @@ class CopilotEvaluation(CopilotTraining):
             return host.generate(input_ids, attention_mask, **kwargs)
         from transformers import LogitsProcessorList
 
-        with CopilotLogitsProcessor(self, lam, attention_mask) as fuse:
+        beams = kwargs.get("num_beams") or getattr(getattr(self.backbone, "generation_config", None), "num_beams", 1)
+        with CopilotLogitsProcessor(self, lam, attention_mask, share_head=(beams or 1) == 1) as fuse:
             processors = LogitsProcessorList([fuse, *(kwargs.pop("logits_processor", None) or [])])
             return host.generate(input_ids, attention_mask, logits_processor=processors, **kwargs)
 

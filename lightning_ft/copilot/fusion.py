@@ -94,6 +94,10 @@ class CopilotLogitsProcessor(LogitsProcessor):
     ``clamp(p + lam * f, 0)`` renormalised: log-probabilities, as beam search expects. Beam reordering is followed
     by matching each hypothesis to its parent's token prefix. ``lam == 0`` returns the scores untouched.
 
+    With ``share_head`` (no beam search) and a tied Copilot head whose readout matrix is the Pilot's own LM head
+    weight (a LoRA Pilot, or frozen embeddings), the Copilot's step runs just before the Pilot's head and its
+    readout rides along in the same product: one pass over the ``[vocab, d]`` matrix per token instead of two.
+
     Use it as a context manager around ``generate`` so that its hooks are removed afterwards::
 
         with CopilotLogitsProcessor(module, lam=0.8, attention_mask=mask) as fuse:
@@ -103,13 +107,19 @@ class CopilotLogitsProcessor(LogitsProcessor):
         module: A LightningModule with :class:`~lightning_ft.copilot.CopilotMixin`.
         lam: Fusion weight; ``None`` uses the module's current ``copilot_lambda``.
         attention_mask: The prompt's ``[B, T]`` attention mask (left padding), if any.
+        share_head: Compute the readout in the Pilot's head product where possible (only without beam search:
+            the step runs before the processor sees the reordered hypotheses).
     """
 
-    def __init__(self, module: Any, lam: float | None = None, attention_mask: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, module: Any, lam: float | None = None, attention_mask: torch.Tensor | None = None, share_head: bool = False
+    ) -> None:
         self.module = module
         self.lam = float(module.copilot_lambda if lam is None else lam)
         self.prompt_mask = attention_mask
         self.capture = PilotCapture(module.backbone)
+        self.share_head = share_head
+        self._head_handles: list[Any] = []
         self.reset()
 
     def reset(self) -> None:
@@ -119,47 +129,78 @@ class CopilotLogitsProcessor(LogitsProcessor):
         self.cache = DecoderCache()
         self.ids: torch.Tensor | None = None
         self.next_input: torch.Tensor | None = None
+        self._shared_rect: torch.Tensor | None = None
 
     def __enter__(self) -> CopilotLogitsProcessor:
         self.reset()
         self.capture.__enter__()
+        head = decoder_parts(self.module.backbone, "CopilotMixin").head
+        if (self.share_head and self.lam != 0 and type(head) is nn.Linear and head.bias is None
+                and self.module.copilot.reads_out_through(head.weight)):  # fmt: skip
+            self._head_handles = [head.register_forward_pre_hook(self._before_head),
+                                  head.register_forward_hook(self._after_head)]  # fmt: skip
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        for handle in self._head_handles:
+            handle.remove()
+        self._head_handles.clear()
         self.capture.__exit__(*exc)
 
+    def _before_head(self, head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Run the Copilot's step and append its pre-readout row to the head's input ``[B, n, d]``."""
+        states = args[0]
+        readout = self.module.copilot.out_proj(self._copilot_step(None))  # [B, d]
+        return (torch.cat((states, readout[:, None].to(states.dtype)), dim=1), *args[1:])
+
+    def _after_head(self, head: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        self._shared_rect = output[:, -1].float()
+        return output[:, :-1]
+
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.lam == 0:
-            return scores
+    def _copilot_step(self, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """The Copilot's hidden state at the last new position ``[rows, hidden]``; advances its cache and input."""
         copilot = self.module.copilot
         embeds, hidden = self.capture.embeds, self.capture.hidden
         if embeds is None:
             raise RuntimeError(
                 "CopilotLogitsProcessor saw no Pilot forward: use it as a context manager around generate."
             )
-        rows, length = input_ids.shape
-        new = embeds.shape[1]
-        dtype = copilot.dtype
-        if self.ids is None:  # the prompt
-            valid = torch.ones(rows, new, dtype=torch.bool, device=input_ids.device)
+        rows, new = embeds.shape[:2]
+        device, dtype = embeds.device, copilot.dtype
+        if self.cache.length == 0:  # the prompt
+            valid = torch.ones(rows, new, dtype=torch.bool, device=device)
             if self.prompt_mask is not None:
-                mask = self.prompt_mask.to(input_ids.device).bool()
+                mask = self.prompt_mask.to(device).bool()
                 valid = mask.repeat_interleave(rows // mask.shape[0], dim=0)[:, -new:]
-            inputs = torch.zeros(rows, new, copilot.cfg.hidden_size, dtype=dtype, device=input_ids.device)
+            inputs = torch.zeros(rows, new, copilot.cfg.hidden_size, dtype=dtype, device=device)
         else:
-            if self.cache.length + new != length:
-                raise RuntimeError(
-                    f"CopilotLogitsProcessor tracked {self.cache.length} positions but the Pilot's forward added {new} to "
-                    f"a sequence of {length}: generate without a cache is not supported (use_cache must stay true)."
-                )
-            self._follow_reorder(input_ids[:, : self.cache.length])
-            assert self.next_input is not None  # set with ids at every step
-            valid = torch.ones(rows, new, dtype=torch.bool, device=input_ids.device)
+            if input_ids is not None:
+                self._check_length(new, input_ids.shape[1])
+                self._follow_reorder(input_ids[:, : self.cache.length])
+            assert self.next_input is not None  # set at every step
+            valid = torch.ones(rows, new, dtype=torch.bool, device=device)
             inputs = self.next_input[:, None].to(dtype)
-        out = copilot(inputs, embeds.to(dtype), hidden.to(dtype), valid, self.cache)
-        rectification = copilot.rectify(out[:, -1])
-        self.next_input = copilot.feedback(out[:, -1])
+        out = copilot(inputs, embeds.to(dtype), hidden.to(dtype), valid, self.cache)[:, -1]
+        self.next_input = copilot.feedback(out)
+        return out
+
+    def _check_length(self, new: int, length: int) -> None:
+        if self.cache.length + new != length:
+            raise RuntimeError(
+                f"CopilotLogitsProcessor tracked {self.cache.length} positions but the Pilot's forward added {new} to a "
+                f"sequence of {length}: generate without a cache is not supported (use_cache must stay true)."
+            )
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.lam == 0:
+            return scores
+        if self._shared_rect is not None:
+            rectification, self._shared_rect = self._shared_rect, None
+            self._check_length(0, input_ids.shape[1])
+        else:
+            rectification = self.module.copilot.rectify(self._copilot_step(input_ids))
         self.ids = input_ids.clone()
         return fuse_log_probs(scores, rectification, self.lam).to(scores.dtype)
 

@@ -87,11 +87,12 @@ class CopilotRounds(CopilotStorage):
                 else cp.input_rows(entry.errors)
             )
             inputs = inputs.index_put((where[:, 0], where[:, 1] + 1), rows.to(dtype))
-        hidden = cp(inputs, entry.embeds.to(dtype), entry.hidden.to(dtype), entry.valid)
         if where.shape[0] == 0:  # nothing to learn from; keep every parameter in the graph (DDP)
+            hidden = cp(inputs, entry.embeds.to(dtype), entry.hidden.to(dtype), entry.valid)
             empty = (hidden.sum() + cp.head_weight.sum()).float() * 0.0
             return empty.expand(0, cp.cfg.vocab_size), torch.zeros(0, cp.cfg.vocab_size, device=hidden.device)
-        return cp.rectify(hidden[where[:, 0], where[:, 1]]), entry.dense_errors(cp.cfg.vocab_size)
+        hidden = cp(inputs, entry.embeds.to(dtype), entry.hidden.to(dtype), entry.valid, query=entry.error_mask)
+        return cp.rectify(hidden), entry.dense_errors(cp.cfg.vocab_size)
 
     def copilot_step_loss(self, entry: Round) -> torch.Tensor:
         """RMSE between the Copilot's output and the logged errors of one round (on the module's device)."""

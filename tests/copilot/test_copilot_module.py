@@ -347,3 +347,31 @@ def test_quantized_pilot_takes_its_copilot_layers_from_an_unquantized_model(
     start = module.copilot.lm_out.weight.detach().clone()
     make_trainer(tmp_path, 2).fit(module, make_data())
     assert not torch.equal(module.copilot.lm_out.weight, start)
+
+
+def test_a_shared_head_readout_decodes_exactly_as_the_separate_product(tiny_llama_dir: Path) -> None:
+    """A tied Copilot head whose readout matrix is the Pilot's own head weight rides along in the Pilot's head
+    product when decoding greedily: the same tokens and scores as the separate product, and the product is shared."""
+    from lightning_ft.copilot import CopilotLogitsProcessor
+    from lightning_ft.core.anatomy import decoder_parts
+
+    module = _module(tiny_llama_dir, copilot_head="tied").eval()
+    head = decoder_parts(module.backbone, "test").head
+    with torch.no_grad():
+        module.copilot.embed.copy_(head.weight)  # as for a LoRA Pilot and a Copilot copied from the same model
+        module.copilot.out_proj.weight.normal_(std=0.5)
+    ids = torch.tensor([[5, 9, 3, 7, 2], [4, 4, 8, 1, 6]])
+    outputs = {}
+    for share in (False, True):
+        with CopilotLogitsProcessor(module, lam=1.0, share_head=share) as fuse:
+            assert bool(fuse._head_handles) is share
+            outputs[share] = module.backbone.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[fuse],
+                                                      max_new_tokens=6, do_sample=False, output_scores=True,
+                                                      return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+    assert torch.equal(outputs[True].sequences, outputs[False].sequences)
+    for a, b in zip(outputs[True].scores, outputs[False].scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        module.copilot.embed.add_(1.0)  # no longer the Pilot's head: the processor keeps the separate product
+    with CopilotLogitsProcessor(module, lam=1.0, share_head=True) as fuse:
+        assert not fuse._head_handles

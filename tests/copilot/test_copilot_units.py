@@ -264,3 +264,18 @@ def test_auto_lambda_considers_zero_and_chooses_on_the_named_metric() -> None:
         _choose(tokens, lambda_metric="target_acc")
     with pytest.raises(ValueError, match="lambda_metric='accuracy' is not a validation metric"):
         _choose(rows, lambda_metric="accuracy")
+
+
+@pytest.mark.parametrize("layers", [4, 5])
+def test_outputs_at_query_positions_equal_the_whole_sequence_at_those_positions(layers: int) -> None:
+    dec = _decoder(layers=layers)
+    x, emb, hid, valid = _inputs(b=3, t=9)
+    valid[1, 6:] = False  # right padding in one row
+    query = torch.zeros(3, 9, dtype=torch.bool)
+    query[0, [2, 7]] = True
+    query[1, 5] = True
+    query[2, [0, 3, 4, 8]] = True
+    full = dec(x, emb, hid, valid)
+    torch.testing.assert_close(dec(x, emb, hid, valid, query=query), full[query], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one position"):
+        dec(x, emb, hid, valid, query=torch.zeros_like(query))
