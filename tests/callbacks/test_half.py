@@ -193,3 +193,70 @@ def test_smollm2_hft_learns_with_half_the_blocks(smollm2_dir: Path, tmp_path: Pa
         moved = not torch.equal(value, module.backbone.get_parameter(name))
         assert moved == (name in first.active), name
     assert loss_after < loss_before - 0.1
+
+
+class _BackwardProducts(L.Callback):
+    """Counts the matrix products of each backward pass and records which candidates hold a gradient after it."""
+
+    def __init__(self, selector: Any) -> None:
+        self.selector = selector
+        self.products: list[int] = []
+        self.with_grad: list[frozenset[str]] = []
+        self.active: list[frozenset[str]] = []
+        self._mode: Any = None
+
+    def on_before_backward(self, *args: Any) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.products
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                counts[-1] += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+                return func(*args, **(kwargs or {}))
+
+        self.products.append(0)
+        self._mode = Count()
+        self._mode.__enter__()
+
+    def on_after_backward(self, *args: Any) -> None:
+        self._mode.__exit__(None, None, None)
+        sel = self.selector.selection if self.selector is not None else None
+        if sel is not None:
+            self.with_grad.append(frozenset(n for n in sel.candidates if sel.params[n].grad is not None))
+            self.active.append(frozenset(sel.active))
+
+
+def _selectors() -> dict[str, Any]:
+    from lightning_ft.callbacks import LayerFreezing, LayerwiseSampling
+
+    return {
+        "hft": lambda: HalfFineTuning(seed=1),
+        "hft_steps": lambda: HalfFineTuning(redraw="steps", every_n_steps=1, seed=1),
+        "lisa": lambda: LayerwiseSampling(num_active=1, interval=1, seed=1),
+        "freezing": lambda: LayerFreezing(train_kinds=["embedding"], train_blocks=[-1]),
+    }
+
+
+@pytest.mark.parametrize("method", list(_selectors()))
+def test_frozen_tensors_cost_no_weight_gradient(tiny_llama_dir: Path, tmp_path: Path, method: str) -> None:
+    """The speed of the selection methods: a frozen matrix skips its weight-gradient product (one of the two products
+    of its backward) and no frozen tensor receives a gradient, not even one dropped before the optimizer step.
+
+    The (tied) embedding trains in every case, so the backward reaches the bottom block and only the weight-gradient
+    products can be saved."""
+    counts: dict[str, _BackwardProducts] = {}
+    for name, make in (("full", None), (method, _selectors()[method])):
+        L.seed_everything(0)
+        module = CausalLMModule(model=str(tiny_llama_dir), learning_rate=1e-2, warmup_steps=0, output_dir="")
+        selector = make() if make is not None else None
+        counts[name] = _BackwardProducts(selector)
+        callbacks = [selector, counts[name]] if selector is not None else [counts[name]]
+        make_trainer(tmp_path / name, 3, callbacks=callbacks, gradient_clip_val=1.0).fit(module, make_data())
+    full, run = counts["full"], counts[method]
+    layer_map = run.selector.layer_map
+    assert len(full.products) == len(run.products) == 3 and len(set(full.products)) == 1
+    for products, active, with_grad in zip(run.products, run.active, run.with_grad):
+        frozen_matrices = [n for n in run.selector.selection.candidates if n not in active and layer_map[n].is_matrix]
+        assert frozen_matrices and with_grad == active  # gradients exactly on the trainable tensors
+        assert products == full.products[0] - len(frozen_matrices)  # one product saved per frozen matrix
