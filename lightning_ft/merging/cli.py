@@ -34,7 +34,6 @@ from lightning_ft.errors import UsageError, UserError, did_you_mean
 from lightning_ft.merging.compeft import compress, is_compeft_artifact
 from lightning_ft.merging.engine import MergePlan, ScoreFn, merge_to_folder, parse_dtype
 from lightning_ft.merging.registry import MERGE_METHODS, get_method
-from lightning_ft.sparse.artifact import apply_sparse, is_sparse_artifact
 
 __all__ = ["build_score", "main"]
 
@@ -416,6 +415,8 @@ def main(argv: list[str]) -> None:
         usage = "usage: lightning-ft {merge,compress,decompress,sparse-apply} [--help]"
         raise UsageError(f"a post-hoc command is needed: one of {', '.join(commands)}.", usage)
     command, rest = argv[0], argv[1:]
+    if command in ("sparse-apply", "decompress"):  # imported here: lightning_ft.sparse brings Lightning
+        from lightning_ft.sparse.artifact import apply_sparse, is_sparse_artifact
     if command == "sparse-apply":
         args = _sparse_apply_parser().parse_args(rest)
         _check_output(args, args.output, [("--base", args.base), *(("--sft", a) for a in args.sft)], "folder")

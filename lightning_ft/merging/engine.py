@@ -190,12 +190,19 @@ class MergePlan:
         """
         if not base.is_floating_point():
             return None
-        found = [s.delta(key, base) if key in self._keyset(s) else None for s in sources]
+        found = [self.delta(key, base, source) for source in sources]
         if all(d is None for d in found):
             return None
-        if self.dtype is not None:
-            found = [d if d is None else (base.float() + d).to(self.dtype).float() - base.float() for d in found]
         return [d if d is not None else torch.zeros(base.shape, dtype=torch.float32) for d in found]
+
+    def delta(self, key: str, base: torch.Tensor, source: TensorSource) -> torch.Tensor | None:
+        """One ingredient's fp32 task vector of ``key`` (rounded as in :meth:`deltas`), ``None`` when untouched."""
+        if not base.is_floating_point() or key not in self._keyset(source):
+            return None
+        delta = source.delta(key, base)
+        if delta is not None and self.dtype is not None:
+            delta = (base.float() + delta).to(self.dtype).float() - base.float()
+        return delta
 
     def _keyset(self, source: TensorSource) -> set[str]:
         if id(source) not in self._keysets:
@@ -212,27 +219,35 @@ class MergePlan:
         return torch.Generator().manual_seed(int(self.params["seed"])) if self.method.random else None
 
     def _merged(
-        self, sources: Sequence[TensorSource]
+        self, sources: Sequence[TensorSource], keep_deltas: bool = False
     ) -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]]:
         """``(key, base tensor, task vectors, merged task vector)`` per base tensor, in ascending name order.
 
         Ascending name order is the order in which mergekit's executor merges tensors, so a random method
         consumes the seeded generator as mergekit's ``--random-seed`` run does (one fp32 Bernoulli draw per
         tensor and model with density < 1, models in recipe order). Tensors no ingredient touches (and
-        non-floating ones) come with ``None``.
+        non-floating ones) come with ``None``; so do the task vectors unless ``keep_deltas`` (they are dropped as
+        soon as the method returns).
         """
         models, generator = self.models_of(sources), self._generator()
         for key in sorted(self.base.keys()):
             base = self.base_tensor(key)
-            deltas = self.deltas(key, base, sources)
+            deltas: Sequence[torch.Tensor] | None
+            if keep_deltas:
+                deltas = self.deltas(key, base, sources)
+            else:  # which ingredients touch it, one task vector alive at a time; the method reads them lazily
+                present = [self.delta(key, base, source) is not None for source in sources]
+                deltas = _LazyDeltas(self, key, base, sources, present) if any(present) else None
             merged = None if deltas is None else self.method(base, deltas, models, self.params, generator)
-            yield key, base, deltas, merged
+            if not keep_deltas:
+                deltas = None
+            yield key, base, deltas, merged  # type: ignore[misc]
             del base, deltas, merged  # before the next tensor is read: one tensor's worth alive at a time
 
     def compute_lines_alpha(self) -> float:
         """LiNeS-for-merging ``alpha = (||sum tau_t||_1 / ||tau_MTL||_1) / T``, streamed over tensors."""
         summed = merged = 0.0
-        for _, _, deltas, tau in self._merged(self.sources):
+        for _, _, deltas, tau in self._merged(self.sources, keep_deltas=True):
             if deltas is not None and tau is not None:
                 summed += float(torch.stack(deltas).sum(0).abs().sum(dtype=torch.float64))
                 merged += float(tau.abs().sum(dtype=torch.float64))
@@ -275,7 +290,10 @@ class MergePlan:
                     merged = merged * lines_factor(
                         self._blocks[key], self.num_blocks, self.lines_alpha, beta, self.non_block_scale
                     )
-                out = (base.to(merged.dtype) + merged).to(self.out_dtype or base.dtype)
+                if merged.dtype == base.dtype and merged is not base:  # in place: no third copy (a + b == b + a)
+                    out = merged.add_(base).to(self.out_dtype or base.dtype)
+                else:
+                    out = (base.to(merged.dtype) + merged).to(self.out_dtype or base.dtype)
             del base, merged
             yield key, out
             del out
@@ -289,6 +307,26 @@ class MergePlan:
         """
         out = dict(self.tensors(beta, sources))
         return {key: out[key] for key in self.base.keys()}
+
+
+class _LazyDeltas(Sequence[torch.Tensor]):
+    """The task vectors of one tensor, computed again at every access (the same reads, the same arithmetic, so the
+    same values), so that a method can hold one of them at a time: the TIES family drops each while it sorts the
+    next one's magnitudes (:func:`lightning_ft.merging.ops.task_arithmetic_family`)."""
+
+    def __init__(
+        self, plan: MergePlan, key: str, base: torch.Tensor, sources: Sequence[TensorSource], present: list[bool]
+    ) -> None:
+        self._plan, self._key, self._base, self._sources, self._present = plan, key, base, list(sources), present
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]  # type: ignore[return-value]
+        found = self._plan.delta(self._key, self._base, self._sources[index]) if self._present[index] else None
+        return found if found is not None else torch.zeros(self._base.shape, dtype=torch.float32)
 
 
 @dataclass

@@ -121,10 +121,15 @@ def _rank_by_magnitude(x: torch.Tensor) -> torch.Tensor:
     return ranks.view(x.shape)
 
 
-def _flat_mask(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
-    mask[indices] = True
-    return mask.view(x.shape)
+_CHUNK = 1 << 20  # entries per slice of the elementwise passes below (their results do not depend on it)
+
+
+def _sort_indices(magnitudes: torch.Tensor, descending: bool) -> torch.Tensor:
+    """``torch.sort(magnitudes, descending).indices`` (mergekit's call, so the same order of equal values), sorting
+    ``magnitudes`` in place: the sort's own copy of the values is not made (``magnitudes`` is a temporary)."""
+    indices = torch.empty(magnitudes.shape, dtype=torch.int64, device=magnitudes.device)
+    torch.sort(magnitudes, descending=descending, out=(magnitudes, indices))
+    return indices
 
 
 def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -139,8 +144,12 @@ def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if density <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    order = torch.argsort(x.abs().flatten().float(), descending=True)
-    return _flat_mask(x, order[: max(1, int(density * x.numel()))])
+    shape, k, magnitudes = x.shape, max(1, int(density * x.numel())), x.abs().flatten().float()
+    del x  # a caller's temporary (a lazily read task vector) is freed before the sort's memory is taken
+    order = _sort_indices(magnitudes, descending=True)  # argsort(descending=True)'s order
+    mask = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
+    mask[order[:k]] = True
+    return mask.view(shape)
 
 
 def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float, scope: BreadcrumbsScope = "tensor") -> torch.Tensor:
@@ -165,11 +174,14 @@ def breadcrumbs_mask(x: torch.Tensor, density: float, gamma: float, scope: Bread
         raise ValueError(f"scope={scope!r} is not one of 'tensor' (mergekit), 'row' (official Breadcrumbs code).")
     if density >= 1:
         return torch.ones_like(x, dtype=torch.bool)
-    n = x.numel()
+    n, shape, magnitudes = x.numel(), x.shape, x.abs().flatten().float()
+    del x  # as in magnitude_mask: freed before the sort
     keep = int(density * n)
     bottom = max(0, n - keep - int(gamma * n))
-    ascending = torch.sort(x.abs().flatten().float(), descending=False).indices
-    return _flat_mask(x, ascending[bottom : bottom + keep])
+    ascending = _sort_indices(magnitudes, descending=False)
+    mask = torch.zeros(n, dtype=torch.bool, device=ascending.device)
+    mask[ascending[bottom : bottom + keep]] = True
+    return mask.view(shape)
 
 
 def _bernoulli_dtype(x: torch.Tensor) -> torch.dtype:
@@ -296,6 +308,17 @@ def combine(
     return merged
 
 
+def _work(delta: torch.Tensor, sparsifier: Sparsifier | None) -> torch.Tensor:
+    """The dtype :func:`sparsify` prunes ``delta`` in (mergekit's DARE working dtype for ``bernoulli``)."""
+    return delta.to(_bernoulli_dtype(delta)) if sparsifier == "bernoulli" else delta
+
+
+def _ratio(work: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """:func:`l1_rescale`'s factor ``sum|work| / sum|kept|`` on the whole tensor, ``None`` where it is skipped."""
+    before, after = work.abs().sum(), (work * mask).abs().sum()
+    return None if before < 1e-7 or after < 1e-7 else before / after
+
+
 def task_arithmetic_family(
     deltas: Sequence[torch.Tensor],
     weights: float | Sequence[float] | None = None,
@@ -314,15 +337,55 @@ def task_arithmetic_family(
     ``D_t = w_t * sparsify(tau_t)`` per model in order (the order of the random draws), then :func:`combine`,
     all in the dtype of ``deltas``. ``weights``, ``density`` and ``gamma`` are one number for every model or one
     per model.
+
+    Memory: the masks (and rescale ratios) are computed per model on the whole tensor, which the selections need,
+    reading ``deltas[t]`` for each and dropping it before the next (a lazy sequence, as the merge engine passes,
+    then holds only one task vector while a magnitude sort runs). Everything after them is elementwise across
+    models, so it runs over slices of the flattened tensor into the result: one mask per model, the task vectors
+    and a slice are held, never a pruned or weighted copy of them all (the values are those of the whole-tensor
+    formulas, bit for bit).
     """
     count = len(deltas)
+    if not count:
+        raise ValueError("A merge needs at least one task vector.")
     w = _per_model(weights, count, "weight", 1.0)
     dens, gams = _per_model(density, count, "density", 1.0), _per_model(gamma, count, "gamma", 0.01)
-    trimmed = _stack(
-        [sparsify(d, sparsifier, dens[i], gams[i], rescale, scope, generator) for i, d in enumerate(deltas)]
-    )
-    column = _column(w, trimmed)
-    return combine(trimmed * column, column, consensus, normalize, lam)
+    masks: list[torch.Tensor | None] = []
+    ratios: list[torch.Tensor | None] = []
+    for i in range(count):
+        mask = None
+        # deltas[i] goes straight into the mask function (no name holds it here), so it can free it before sorting
+        if sparsifier is None or (dens[i] >= 1 and not (sparsifier == "breadcrumbs" and scope == "row")):
+            pass  # sparsify keeps the task vector whole (and draws nothing)
+        elif sparsifier == "magnitude":
+            mask = magnitude_mask(deltas[i], dens[i])
+        elif sparsifier == "breadcrumbs":
+            mask = breadcrumbs_mask(deltas[i], dens[i], gams[i], scope)
+        elif sparsifier == "bernoulli":
+            mask = bernoulli_mask(deltas[i], dens[i], generator)
+        else:
+            raise ValueError(f"sparsifier={sparsifier!r} is not one of 'magnitude', 'breadcrumbs', 'bernoulli'.")
+        masks.append(mask)
+        ratios.append(_ratio(_work(deltas[i], sparsifier), mask) if rescale and mask is not None else None)
+    tensors = list(deltas)
+    dtype, shape = tensors[0].dtype, tensors[0].shape
+    works = [_work(d, sparsifier) if m is not None else d for d, m in zip(tensors, masks)]
+    column = torch.tensor(w, dtype=dtype, device=tensors[0].device).view(-1, 1)
+    out = torch.empty(shape, dtype=dtype, device=tensors[0].device)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        rows = []
+        for delta, work, mask, ratio in zip(tensors, works, masks, ratios):
+            row = work.reshape(-1)[part]
+            if mask is not None:
+                row = row * mask.reshape(-1)[part]
+            if ratio is not None:
+                row = row * ratio
+            rows.append(row.to(delta.dtype))
+        trimmed = torch.stack(rows)
+        flat[part] = combine(trimmed * column, column, consensus, normalize, lam)
+    return out
 
 
 def task_arithmetic(

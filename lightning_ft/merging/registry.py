@@ -253,6 +253,21 @@ _FAMILY_SUMMARY = {
 }
 
 
+class _Cast(Sequence[torch.Tensor]):
+    """``[d.to(dtype) for d in deltas]``, converted at each access (a lazy ``deltas`` stays lazy)."""
+
+    def __init__(self, deltas: Sequence[torch.Tensor], dtype: torch.dtype) -> None:
+        self._deltas, self._dtype = deltas, dtype
+
+    def __len__(self) -> int:
+        return len(self._deltas)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]  # type: ignore[return-value]
+        return self._deltas[index].to(self._dtype)
+
+
 def _register_family(
     name: str,
     pretty_name: str,
@@ -295,7 +310,7 @@ def _register_family(
         params: dict[str, Any],
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        work = [d.to(base.dtype) for d in deltas]  # mergekit subtracts in the base's (``dtype``-cast) dtype
+        work = _Cast(deltas, base.dtype)  # mergekit subtracts in the base's (``dtype``-cast) dtype
         return ops.task_arithmetic_family(
             work, _column(models, "weight"), [m.get("density", 1.0) for m in models],
             [m.get("gamma", 0.01) for m in models], sparsifier, consensus, params["normalize"],

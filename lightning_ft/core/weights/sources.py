@@ -254,6 +254,15 @@ def registered_formats() -> list[ArtifactFormat]:
     return [_FORMATS[name] for name in sorted(_FORMATS)]
 
 
+def _builtin_folder(path: Path) -> TensorSource | None:
+    """A peft adapter folder or an HF model folder as a source, else ``None``."""
+    if (path / "adapter_config.json").is_file():
+        return lora_from_folder(path)
+    if (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file():
+        return HFSource(path)
+    return None
+
+
 def open_source(path: str | os.PathLike[str], base_keys: Sequence[str]) -> TensorSource:
     """Open one merge ingredient, recognising its format from the path.
 
@@ -262,6 +271,10 @@ def open_source(path: str | os.PathLike[str], base_keys: Sequence[str]) -> Tenso
             an HF folder or a Lightning ``.ckpt``; a bundled alias names its folder.
         base_keys: Tensor names of the base model (to match checkpoint prefixes).
 
+    Artifacts are single files, so an HF or peft folder that no format registered so far claims is opened
+    without importing the modules of :data:`FORMAT_MODULES` (a merge of HF folders stays light: importing
+    :mod:`lightning_ft.sparse` brings Lightning, about 150 MB of resident memory).
+
     Returns:
         The source.
 
@@ -269,6 +282,10 @@ def open_source(path: str | os.PathLike[str], base_keys: Sequence[str]) -> Tenso
         ValueError: If the format is not recognised.
     """
     p = resolve_path(path)
+    if p.is_dir() and not any(fmt.detect(p) for fmt in _FORMATS.values()):
+        builtin = _builtin_folder(p)  # an HF or peft folder: no need to import the artifact formats' modules
+        if builtin is not None:
+            return builtin
     formats = registered_formats()
     for fmt in formats:
         if fmt.detect(p):
