@@ -226,18 +226,17 @@ class MergePlan:
         Ascending name order is the order in which mergekit's executor merges tensors, so a random method
         consumes the seeded generator as mergekit's ``--random-seed`` run does (one fp32 Bernoulli draw per
         tensor and model with density < 1, models in recipe order). Tensors no ingredient touches (and
-        non-floating ones) come with ``None``; so do the task vectors unless ``keep_deltas`` (they are dropped as
-        soon as the method returns).
+        non-floating ones) come with ``None``; so do the task vectors unless ``keep_deltas``. The task vectors are
+        a lazy sequence (:class:`_LazyDeltas`), read again at each access rather than held.
         """
         models, generator = self.models_of(sources), self._generator()
         for key in sorted(self.base.keys()):
             base = self.base_tensor(key)
-            deltas: Sequence[torch.Tensor] | None
-            if keep_deltas:
-                deltas = self.deltas(key, base, sources)
-            else:  # which ingredients touch it, one task vector alive at a time; the method reads them lazily
-                present = [self.delta(key, base, source) is not None for source in sources]
-                deltas = _LazyDeltas(self, key, base, sources, present) if any(present) else None
+            # which ingredients touch it, one task vector alive at a time; the method reads them lazily
+            present = [self.delta(key, base, source) is not None for source in sources]
+            deltas: Sequence[torch.Tensor] | None = (
+                _LazyDeltas(self, key, base, sources, present) if any(present) else None
+            )
             merged = None if deltas is None else self.method(base, deltas, models, self.params, generator)
             if not keep_deltas:
                 deltas = None
@@ -249,7 +248,7 @@ class MergePlan:
         summed = merged = 0.0
         for _, _, deltas, tau in self._merged(self.sources, keep_deltas=True):
             if deltas is not None and tau is not None:
-                summed += float(torch.stack(deltas).sum(0).abs().sum(dtype=torch.float64))
+                summed += float(torch.stack(list(deltas)).sum(0).abs().sum(dtype=torch.float64))
                 merged += float(tau.abs().sum(dtype=torch.float64))
             del deltas, tau
         self.lines_alpha = lines_alpha_from_norms(summed, merged, len(self.sources))
