@@ -216,9 +216,9 @@ class CopilotDecoder(nn.Module):
       the Copilot's width (identity at start when the widths agree).
     * ``memory_proj``: aligns the Pilot's width to the Copilot's (identity when equal).
     * the output layer (``head``): ``full``, a trainable projection ``lm_out`` to the vocabulary; ``tied``, a
-      trainable map ``out_proj`` to the embedding width followed by the frozen ``embed`` matrix (the way a tied LM
-      head reads out, with 0.3M instead of 28M trainable parameters on SmolLM2). Either starts at zero by default,
-      so an untrained Copilot changes nothing.
+      trainable map ``out_proj`` to the embedding width read out through the frozen ``embed`` matrix (as a tied LM
+      head, whitened by ``(E^T E)^-1``: see :meth:`readout`), with 0.3M instead of 28M trainable parameters on
+      SmolLM2. Either starts at zero by default, so an untrained Copilot changes nothing.
     """
 
     def __init__(self, cfg: CopilotConfig, zero_init_output: bool = True) -> None:
@@ -344,7 +344,26 @@ class CopilotDecoder(nn.Module):
         """Copilot hidden states -> fp32 rectification vectors over the vocabulary."""
         if self.cfg.head == "full":
             return self.lm_out(hidden).float()
-        return F.linear(self.out_proj(hidden), self.embed.to(hidden.dtype)).float()
+        return F.linear(self.readout(hidden).to(self.embed.dtype), self.embed).float()
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied head's pre-readout row ``out_proj(h) (E^T E)^-1`` (fp32): its product with ``embed^T`` is the
+        rectification. The rectification is the least-squares lift of ``out_proj(h)`` onto the embeddings' span, so
+        that reading it back through ``embed`` (as errors are read) returns ``out_proj(h)`` exactly, and the
+        trainable map works at the scale of the error readings ``e_y - E^T p`` (a plain ``E out_proj(h)`` is
+        ``E^T E``, about ``vocab * var(E)`` times, larger: AdamW's first steps overshoot the 0.005 error scale)."""
+        return self.out_proj(hidden).float() @ self._gram_inverse()
+
+    @torch.no_grad()
+    def _gram_inverse(self) -> torch.Tensor:
+        key = (id(self.embed), self.embed._version, self.embed.data_ptr())
+        if getattr(self, "_gram_key", None) != key:
+            embed = self.embed.double()
+            gram = embed.T @ embed
+            ridge = 1e-8 * float(gram.diagonal().mean())  # keeps a rank-deficient embedding matrix invertible
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            self._gram_inv, self._gram_key = torch.linalg.inv(gram + ridge * eye).float(), key
+        return self._gram_inv
 
     @torch.no_grad()
     def reads_out_through(self, weight: torch.Tensor) -> bool:
@@ -361,15 +380,15 @@ class CopilotDecoder(nn.Module):
     @torch.no_grad()
     def feedback(self, hidden: torch.Tensor) -> torch.Tensor:
         """``input_rows(rectify(hidden))`` (the next decoding input) without the two ``[vocab, d]`` products: the
-        rectification enters through ``embed``, so the output and input maps compose into one ``[hidden, embed]``
-        matrix (``W^T E``, or ``P^T E^T E`` for the tied head), computed once per set of weights and reused.
+        tied head's rectification reads back through ``embed`` as ``out_proj(h)`` itself; the full head's output
+        and input maps compose into one ``[hidden, embed]`` matrix ``W^T E``, computed once per set of weights.
 
         Equal to the two-step form up to float rounding; used when decoding, never under autograd."""
+        if self.cfg.head == "tied":
+            return self.input_proj(self.out_proj(hidden).to(self.embed.dtype))
         weights = (self.head_weight, self.embed)
         key = tuple(x for w in weights for x in (id(w), w._version, w.data_ptr()))
         if self._feedback_key != key or self._feedback_map is None:
-            embed = self.embed.float()
-            head = self.head_weight.float()
-            composed = head.T @ embed if self.cfg.head == "full" else head.T @ (embed.T @ embed)
+            composed = self.head_weight.float().T @ self.embed.float()
             self._feedback_map, self._feedback_key = composed.to(self.embed.dtype), key
         return self.input_proj(hidden.to(self.embed.dtype) @ self._feedback_map)

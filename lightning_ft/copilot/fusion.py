@@ -150,7 +150,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
     def _before_head(self, head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """Run the Copilot's step and append its pre-readout row to the head's input ``[B, n, d]``."""
         states = args[0]
-        readout = self.module.copilot.out_proj(self._copilot_step(None))  # [B, d]
+        readout = self.module.copilot.readout(self._copilot_step(None))  # [B, d]
         return (torch.cat((states, readout[:, None].to(states.dtype)), dim=1), *args[1:])
 
     def _after_head(self, head: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
