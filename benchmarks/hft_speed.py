@@ -88,7 +88,7 @@ def worker(spec: dict[str, Any]) -> None:
             if profile and batch_idx == PROFILED[0]:
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 self.prof.__enter__()
-            self.marks = {"start": time.perf_counter()}
+            self.marks = {"start": time.perf_counter(), "cpu": time.process_time()}
 
         def on_before_backward(self, *args: Any) -> None:
             self.marks["backward"] = time.perf_counter()
@@ -97,10 +97,11 @@ def worker(spec: dict[str, Any]) -> None:
             self.marks["after_backward"] = time.perf_counter()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            end = time.perf_counter()
+            end, cpu = time.perf_counter(), time.process_time()
             m = self.marks
             phases = {"step": end - m["start"], "forward": m["backward"] - m["start"],
-                      "backward": m["after_backward"] - m["backward"], "optimizer": end - m["after_backward"]}  # fmt: skip
+                      "backward": m["after_backward"] - m["backward"], "optimizer": end - m["after_backward"],
+                      "cpu": cpu - m["cpu"]}  # fmt: skip
             if self.prof is not None and batch_idx == PROFILED[1] - 1:
                 self.prof.__exit__(None, None, None)
                 self.prof = _top_ops(self.prof, PROFILED[1] - PROFILED[0])
@@ -197,12 +198,14 @@ def summarise(workers: dict[str, Worker]) -> list[dict[str, Any]]:
     rows = []
     for name, w in workers.items():
         idx = [i for i in timed(w) if i in set(timed(base))]
-        med = {k: statistics.median(w.steps[i][k] for i in idx) for k in ("step", "forward", "backward", "optimizer")}
+        keys = ("step", "forward", "backward", "optimizer", "cpu")
+        med = {k: statistics.median(w.steps[i][k] for i in idx) for k in keys if k in w.steps[0]}
         base_med = statistics.median(base.steps[i]["step"] for i in idx)
+        cpu_ratio = med.get("cpu", 0.0) / statistics.median(base.steps[i].get("cpu", 1.0) for i in idx)
         paired = statistics.median(w.steps[i]["step"] / base.steps[i]["step"] for i in idx)
         rows.append({
             "method": name, "label": METHODS[name.split("@")[0]]["label"] + (" (before the fix)" if "@" in name else ""),
-            "steps_timed": len(idx), "median_s": med, "ratio": med["step"] / base_med, "paired_ratio": paired,
+            "steps_timed": len(idx), "median_s": med, "ratio": med["step"] / base_med, "paired_ratio": paired, "cpu_ratio": cpu_ratio,
             "trainable": max(s["trainable"] for s in w.steps), "source": w.done.get("source"),
             "profile": w.done.get("profile"),
         })  # fmt: skip
@@ -223,17 +226,20 @@ def write_report(name: str, rows: list[dict[str, Any]], command: str, steps: int
         "step (one step runs while the others wait), so all rows see the same background load. Other engineers' "
         "work shared the 2-core machine during the run: absolute seconds are noisy, the ratios are the result. "
         "Medians over the steps after the first two (profiled steps left out); `paired` is the median over steps of "
-        "the method's step over full FT's step of the same index (run back to back). Phases: forward (with "
+        "the method's step over full FT's step of the same index (run back to back). `CPU time`: the process's CPU "
+         "seconds in the step (all threads), less sensitive than wall time to the share of the machine a step gets. "
+         "Phases: forward (with "
          "zero_grad), backward, then clipping + optimizer step + Lightning's step bookkeeping."),
         "",
-        "| method | trainable params | step | rel. to full FT | paired | forward | backward | clip + optimizer |",
-        "|---|---|---|---|---|---|---|---|",
+        ("| method | trainable params | step | rel. to full FT | paired | CPU time | CPU rel. to full FT | forward | "
+         "backward | clip + optimizer |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["median_s"]
         lines.append(
             f"| {r['label']} | {r['trainable']:,} | {m['step']:.3f} s | {r['ratio']:.3f} | {r['paired_ratio']:.3f} | "
-            f"{m['forward']:.3f} s | {m['backward']:.3f} s | {m['optimizer']:.3f} s |"
+            f"{m.get('cpu', float('nan')):.3f} s | {r.get('cpu_ratio', float('nan')):.3f} | {m['forward']:.3f} s | {m['backward']:.3f} s | {m['optimizer']:.3f} s |"
         )
     for r in rows:
         if r["profile"]:
