@@ -192,11 +192,11 @@ def _write(name: str, result: dict[str, Any]) -> None:
     s = result["summary"]
     lines = [
         f"# Merge speed and memory: lightning-ft merge vs mergekit 0.1.5 ({name})", "",
-        f"Command: `{result['command']}` ({result['machine']}; other work shared the machine, so absolute times "
-        "are noisy: the ratios come from runs interleaved in this one invocation, medians).", "",
-        "Recipe: TIES, density 0.5, weight 1, dtype float32, three SmolLM2-135M \"fine-tunes\" (the bundled model "
-        "plus seeded noise, stand-ins for a speed/memory benchmark only). Inputs "
-        f"{result['sizes']['inputs_gb']} GB (base + 3), output {result['sizes']['output_gb']} GB.", "",
+        (f"Command: `{result['command']}` ({result['machine']}; other work shared the machine, so absolute times "
+         "are noisy: the ratios come from runs interleaved in this one invocation, medians)."), "",
+        ("Recipe: TIES, density 0.5, weight 1, dtype float32, three SmolLM2-135M \"fine-tunes\" (the bundled model "
+         "plus seeded noise, stand-ins for a speed/memory benchmark only). Inputs "
+         f"{result['sizes']['inputs_gb']} GB (base + 3), output {result['sizes']['output_gb']} GB."), "",
         "| tool | wall time (s, median) | peak RSS (MB, median) | runs |", "|---|---|---|---|",
     ]  # fmt: skip
     for tool in ("ours", "mergekit"):
@@ -205,10 +205,10 @@ def _write(name: str, result: dict[str, Any]) -> None:
             lines.append(f"| {tool} | {s[tool]['seconds']} | {s[tool]['peak_rss_mb']} | {runs} |")
     if "ratio_ours_over_mergekit" in s:
         r, a = s["ratio_ours_over_mergekit"], s["agreement"]
-        lines += ["", f"Ours / mergekit: wall time **{r['seconds']}**, peak RSS **{r['peak_rss_mb']}** "
-                  "(goal: RSS at most 0.333, time at most 1.0).", "",
-                  f"Same result: {a['bit_identical']} of {a['tensors']} tensors bit-identical, max abs difference "
-                  f"{a['max_abs_diff']:.3g}."]  # fmt: skip
+        lines += ["", (f"Ours / mergekit: wall time **{r['seconds']}**, peak RSS **{r['peak_rss_mb']}** "
+                       "(goal: RSS at most 0.333, time at most 1.0)."), "",
+                  (f"Same result: {a['bit_identical']} of {a['tensors']} tensors bit-identical, max abs difference "
+                   f"{a['max_abs_diff']:.3g}.")]  # fmt: skip
     else:
         lines += ["", "mergekit-yaml was not found (set MERGEKIT_YAML or put it on PATH): our figures alone."]
     if result["extras"]:
