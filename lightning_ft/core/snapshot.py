@@ -197,6 +197,7 @@ class PretrainedSnapshot:
         with torch.no_grad():
             for info in snapshot.layer_map:
                 snapshot._capture_one(info, params[info.name])
+        snapshot._files.close()  # the comparison read every tensor: its pages need not stay resident; reads reopen
         return snapshot
 
     @classmethod

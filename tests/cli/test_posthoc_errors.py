@@ -264,7 +264,7 @@ def test_a_write_that_fails_half_way_leaves_the_previous_output_whole(
         Path(filename).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr("lightning_ft.core.weights.writer.save_file", disk_full)
+    monkeypatch.setattr("lightning_ft.core.weights.writer._create_shard", disk_full)
     monkeypatch.setattr("lightning_ft.merging.compeft.save_file", disk_full)
     argv = {"merge": _MERGE, "compress": _COMPRESS, "decompress": _DECOMPRESS, "sparse-apply": _SPARSE}[command]
     output = copy_ws / ("previous.safetensors" if command == "compress" else "previous")

@@ -165,7 +165,7 @@ def test_save_hf_folder_keeps_the_previous_folder_and_writes_its_extra_files_ins
     save_hf_folder(state, str(tiny_llama_dir), tmp_path / "out", extra_files={"note.json": "{}"})
     assert (tmp_path / "out" / "note.json").read_text() == "{}" and (tmp_path / "out" / "config.json").is_file()
     before = _tree(tmp_path)
-    _fail_after_one_file(monkeypatch, "lightning_ft.core.weights.writer.save_file")
+    _fail_after_one_file(monkeypatch, "lightning_ft.core.weights.writer._create_shard")
     with pytest.raises(DiskFull):
         save_hf_folder(state, str(tiny_llama_dir), tmp_path / "out", overwrite=True)
     assert _tree(tmp_path) == before
