@@ -26,7 +26,14 @@ from safetensors.torch import save_file
 
 from lightning_ft.core.io import atomic_file, check_finite, check_output
 from lightning_ft.core.layer_map import plain_name
-from lightning_ft.core.weights import SafetensorsReader, TensorSource, register_format, resolve_path, save_hf_folder
+from lightning_ft.core.weights import (
+    SafetensorsReader,
+    TensorSource,
+    TensorSpec,
+    register_format,
+    resolve_path,
+    stream_hf_folder,
+)
 from lightning_ft.errors import UserError
 
 __all__ = ["FORMAT", "SparseDelta", "SparseSource", "apply_sparse", "is_sparse_artifact"]
@@ -273,9 +280,10 @@ def apply_sparse(
 ) -> Path:
     """Add one or more sparse deltas to a base model and write an HF-loadable folder.
 
-    Streams the base tensor by tensor from its safetensors; dtypes are preserved. The folder is written whole or not
-    at all; an ``output`` that is, holds or sits inside an input is refused, and so is an existing non-empty one
-    unless ``overwrite``.
+    Streams the base tensor by tensor from its safetensors into the output's
+    (:func:`~lightning_ft.core.weights.stream_hf_folder`), so peak memory is about one tensor plus the deltas;
+    dtypes are preserved. The folder is written whole or not at all; an ``output`` that is, holds or sits inside
+    an input is refused, and so is an existing non-empty one unless ``overwrite``.
 
     Args:
         base: HF folder or bundled alias (``smollm2-135m``).
@@ -306,19 +314,20 @@ def apply_sparse(
                 found = f"shape {reader.shape(key)}" if key in keys else "no such tensor"
                 raise ValueError(f"the sparse delta's {key!r} ({shape}) does not fit {base} ({found}): apply it to "
                                  "the model it was trained from.")  # fmt: skip
-    state: dict[str, torch.Tensor] = {}
-    for key in reader.keys():
-        tensor = reader.get(key)
-        touched = [(d, f) for d, f in zip(deltas, factors) if key in d.shapes]
-        if touched:
-            tensor = tensor.clone()
-            for delta, factor in touched:
-                delta.apply_key(key, tensor, factor, with_dense)
-        state[key] = tensor
     report = {"base": str(base), "artifacts": [str(a) if not isinstance(a, SparseDelta) else "<in memory>"
                                                for a in artifacts], "scales": factors}  # fmt: skip
-    extra = {"sparse_apply.json": json.dumps(report, indent=2)}
-    return save_hf_folder(state, str(base), output, extra_files=extra, inputs=paths, overwrite=overwrite)
+    names = reader.keys()
+    layout = [TensorSpec(key, reader.dtype(key), reader.shape(key)) for key in names]
+    with stream_hf_folder(str(base), output, layout, inputs=paths, overwrite=overwrite) as writer:
+        for key in names:
+            tensor = reader.get(key)  # a fresh tensor: the deltas are added to it in place
+            for delta, factor in zip(deltas, factors):
+                if key in delta.shapes:
+                    delta.apply_key(key, tensor, factor, with_dense)
+            writer.write(key, tensor)
+            del tensor
+        writer.write_text("sparse_apply.json", json.dumps(report, indent=2))
+    return Path(output)
 
 
 def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
