@@ -415,7 +415,7 @@ def main(argv: list[str]) -> None:
         usage = "usage: lightning-ft {merge,compress,decompress,sparse-apply} [--help]"
         raise UsageError(f"a post-hoc command is needed: one of {', '.join(commands)}.", usage)
     command, rest = argv[0], argv[1:]
-    if command in ("sparse-apply", "decompress"):  # imported here: lightning_ft.sparse brings Lightning
+    if command in ("sparse-apply", "decompress"):  # imported here: only these commands need the artifact module
         from lightning_ft.sparse.artifact import apply_sparse, is_sparse_artifact
     if command == "sparse-apply":
         args = _sparse_apply_parser().parse_args(rest)

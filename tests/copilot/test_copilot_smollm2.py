@@ -32,7 +32,8 @@ def test_copilot_learns_the_pilots_error_on_smollm2(smollm2_dir: Path, tmp_path:
         after = float(module.copilot_step_loss(probe))
     assert after < 0.95 * before, (before, after)  # below the zero predictor it started as
     metrics = trainer.callback_metrics
-    for key in ("val/target_acc", "val/fused_target_acc", "val/fused_target_loss", "train/copilot_loss"):
+    for key in ("val/target_acc", "val/fused_target_acc", "val/fused_target_loss", "train/copilot_loss",
+                "val/copilot_rmse", "val/copilot_zero_rmse"):
         assert key in metrics and torch.isfinite(metrics[key]), key
     assert module.copilot_lambda in (0.0, 0.1, 0.3, 0.5, 0.8, 1.0)
     assert (tmp_path / "copilot" / "copilot.json").is_file()
