@@ -208,3 +208,12 @@ class CopilotMixin(CopilotEvaluation):
         # Lightning has checked the Trainer's accumulation and clipping settings for automatic optimization; from
         # here on the module steps by hand and honours them itself.
         self.automatic_optimization = False
+
+    @override
+    def configure_callbacks(self) -> Any:
+        # the first hook of a fit, called before Lightning checks the Trainer's settings: a second fit of this module
+        # is checked as automatic optimization again (setup turns it off), instead of refusing gradient_clip_val
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            self.automatic_optimization = True
+        return super().configure_callbacks()

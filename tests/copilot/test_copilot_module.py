@@ -375,3 +375,14 @@ def test_a_shared_head_readout_decodes_exactly_as_the_separate_product(tiny_llam
         module.copilot.embed.add_(1.0)  # no longer the Pilot's head: the processor keeps the separate product
     with CopilotLogitsProcessor(module, lam=1.0, share_head=True) as fuse:
         assert not fuse._head_handles
+
+
+def test_a_second_fit_of_the_same_module_with_clipping_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """setup turns automatic optimisation off after Lightning's checks; the next fit turns it back on before them, so
+    a second fit (a later stage, another Trainer) passes the same checks instead of refusing gradient_clip_val, and
+    global_step counts the Pilot's steps after each fit."""
+    module = _module(tiny_llama_dir)
+    for stage in ("first", "second"):
+        trainer = make_trainer(tmp_path / stage, 2, gradient_clip_val=1.0)
+        trainer.fit(module, make_data())
+        assert trainer.global_step == 2 and not module.automatic_optimization
