@@ -1,19 +1,17 @@
-"""Copilot benchmark: the Pilot alone against Pilot + Copilot on the bundled SmolLM2-135M and Rotten Tomatoes.
+"""Copilot benchmark on the bundled SmolLM2-135M and Rotten Tomatoes: costs, and fused decoding against the Pilot.
 
-Both runs train in this process, one after the other, with the same seed, data, data order and step budget. The
-Pilot's trajectory is the same with and without the Copilot (the mixin's defining property), so the Pilot-only
-accuracy of the second run must equal the first run's: the script checks it. Reported:
+* ``--timing-only``: the Pilot alone and Pilot + Copilot fitted in alternating rounds in this process (same data),
+  median step times and their ratio, a per-part breakdown of the joint step (the Pilot's forward, the error over the
+  vocabulary and its copy to the CPU log, the Copilot's forward, the shared backward, each optimizer), and greedy
+  decoding latency, fused against the Pilot alone, alternating prompt by prompt.
+* default: one Pilot + Copilot fit per seed (data order; the Pilot's trajectory is the one it has alone, a tested
+  property), scored on held-out reviews: the Pilot's and the fused accuracy and answer NLL (lambda 'auto', chosen on
+  the validation split from 0 and the paper's grid), every lambda of the grid, and the Copilot's RMSE against the
+  zero predictor's; mean and standard deviation over the seeds.
 
-* Pilot-only and fused target accuracy on held-out reviews (fused: ``p + lambda * f``, lambda chosen on the
-  validation split from the paper's grid), the lambda sweep, and the control perplexity (HumanEval);
-* training-time overhead: median step time of Pilot + Copilot over the Pilot alone;
-* inference-latency overhead: greedy generation of ``--new-tokens`` tokens per held-out prompt, one prompt at a
-  time, fused against the Pilot alone, alternating prompt by prompt; median ratio;
-* the mistake log's memory (peak MiB) and the Copilot's parameter counts.
-
-    python benchmarks/copilot.py --name copilot_seeds --seeds 0 1 2        # fused vs Pilot over three data orders
-    python benchmarks/copilot.py --name smoke --quick --seeds 0            # a few minutes: proves the script runs
-    python benchmarks/copilot.py --name copilot_timing --timing-only --steps 8 --rounds 3   # overheads only
+    python benchmarks/copilot.py --name copilot_seeds --seeds 0 1 2                   # about 10 min per seed alone
+    python benchmarks/copilot.py --name smoke --quick --seeds 0                       # a few minutes
+    python benchmarks/copilot.py --name copilot_timing_tied --timing-only --head tied --steps 6 --rounds 2
 
 Results go to ``benchmarks/results/<name>.md`` and ``.json``. Run it alone: step-time ratios from a shared
 machine are not comparable.
