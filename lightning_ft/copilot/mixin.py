@@ -74,8 +74,8 @@ class CopilotMixin(CopilotEvaluation):
     chosen at the end of ``fit`` from 0 and ``lambda_grid`` on the validation data, by ``lambda_metric``. Whether the
     Copilot learns is logged in validation: ``val/copilot_rmse``, the RMSE of its rectification (decoded as at
     inference) against the Pilot's true error ``onehot(y) - p`` at the scored positions, next to
-    ``val/copilot_zero_rmse``, the RMSE of predicting zero (an untrained Copilot). The Copilot is part of Lightning checkpoints and is exported
-    beside the HF folder (``copilot_output``), from where ``copilot_path`` loads it. Paper:
+    ``val/copilot_zero_rmse``, the RMSE of predicting zero (an untrained Copilot). The Copilot is part of Lightning
+    checkpoints and is exported beside the HF folder (``copilot_output``), from where ``copilot_path`` loads it. Paper:
     https://arxiv.org/abs/2505.16270
 
     Args:
