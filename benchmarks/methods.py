@@ -10,6 +10,11 @@ so seed 0 is the DataModule's default order), the global seed and the callbacks'
     python benchmarks/methods.py --name foundation             # default budget (< 1 h on 2 cores)
     python benchmarks/methods.py --name smoke --quick          # a few minutes
     python benchmarks/methods.py --methods full_ft lora --seeds 0 1 --steps 120
+    python benchmarks/methods.py --name table --seeds 0 1 2 --jobs 2   # two runs at a time, one thread each
+
+Each finished (method, seed) is appended to ``results/<name>.runs.jsonl``; a rerun with the same name and settings
+skips those, so an interrupted invocation resumes where it stopped. With ``--jobs N`` the step-time column is
+measured with N runs sharing the machine (ratios to full FT stay within the invocation).
 
 A method issue adds its row to ``METHODS``: module arguments plus callbacks (``class_path`` dicts).
 """
@@ -24,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -226,9 +232,11 @@ def _step_timer() -> Any:
     return Timer()
 
 
-def _spawn(method: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+def _spawn(method: str, seed: int, settings: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
     spec = json.dumps({"method": method, "seed": seed, "settings": settings})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    if threads is not None:
+        env["BENCH_THREADS"] = str(threads)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -243,6 +251,55 @@ def _mean(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
 
+def _run_all(name: str, jobs: list[tuple[str, int]], settings: dict[str, Any], workers: int) -> list[dict[str, Any]]:
+    """Run every (method, seed), ``workers`` at a time, reusing runs already in ``results/<name>.runs.jsonl``."""
+    log = HERE / "results" / f"{name}.runs.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("settings") == settings:
+                done[(r["method"], r["seed"])] = r
+    todo = [j for j in jobs if j not in done]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs reused from {log.name}", flush=True)
+    threads = max(1, (os.cpu_count() or 2) // workers) if workers > 1 else None
+
+    def one(job: tuple[str, int]) -> dict[str, Any]:
+        result = _spawn(job[0], job[1], settings, threads)
+        result["settings"] = settings
+        with open(log, "a") as f:  # one line per finished run, appended whole
+            f.write(json.dumps(result) + "\n")
+        return result
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(one, todo):
+            done[(result["method"], result["seed"])] = result
+    return [done[j] for j in jobs]
+
+
+def _verdict(row: dict[str, Any], lora: dict[str, Any] | None) -> str:
+    """Does the method forget less than LoRA at LoRA's accuracy or better? Ranges are mean ± half the range."""
+    if lora is None or row is lora:
+        return "reference" if row is lora else "n/a"
+    (acc, acc_h), (l_acc, l_acc_h) = row["target_acc"], lora["target_acc"]
+    (ctl, ctl_h), (l_ctl, l_ctl_h) = row["control_change_pct"], lora["control_change_pct"]
+    if acc + acc_h < l_acc - l_acc_h:
+        accuracy = "lower accuracy"
+    elif acc - acc_h > l_acc + l_acc_h:
+        accuracy = "higher accuracy"
+    else:
+        accuracy = "same accuracy within spread"
+    if ctl + ctl_h < l_ctl - l_ctl_h:
+        forgetting = "forgets less"
+    elif ctl - ctl_h > l_ctl + l_ctl_h:
+        forgetting = "forgets more"
+    else:
+        forgetting = "forgets the same within spread"
+    yes = accuracy != "lower accuracy" and forgetting == "forgets less"
+    return f"{'yes' if yes else 'no'}: {forgetting}, {accuracy}"
+
+
 def summarise(results: list[dict[str, Any]], zero: dict[str, float]) -> list[dict[str, Any]]:
     """One row per method: means over seeds (± half the range), changes against zero-shot."""
     rows = []
@@ -255,12 +312,16 @@ def summarise(results: list[dict[str, Any]], zero: dict[str, float]) -> list[dic
         step = statistics.mean(r["step_time"] for r in runs)
         rows.append({
             "method": method, "label": METHODS[method]["label"], "seeds": [r["seed"] for r in runs],
-            "target_acc": acc, "target_nll": nll, "control_change_pct": ctrl,
+            "target_acc": acc, "target_nll": nll, "per_seed_acc": [r["after"]["target_acc"] for r in runs],
+            "per_seed_control_pct": [(r["after"]["control_ppl"] / zero["control_ppl"] - 1) * 100 for r in runs], "control_change_pct": ctrl,
             "trainable": runs[0]["trainable"], "optimizer_mb": runs[0]["optimizer_bytes"] / 2**20,
             "peak_rss_increase_mb": statistics.mean(r["peak_rss_increase_mb"] for r in runs),
             "step_time_s": step, "step_time_rel": step / statistics.mean(full_step) if full_step else float("nan"),
             "selected": runs[0].get("selected", 0), "sparse_optimizer_mb": runs[0].get("sparse_optimizer_bytes", 0) / 2**20,
         })
+    lora = next((r for r in rows if r["method"] == "lora"), None)
+    for r in rows:
+        r["vs_lora"] = _verdict(r, lora)
     return rows
 
 
@@ -285,16 +346,22 @@ def write_report(name: str, rows: list[dict[str, Any]], zero: dict[str, float], 
         f"control perplexity {zero['control_ppl']:.3f}.",
         "",
         "| method | seeds | target acc | answer NLL | control ppl change | trainable params | optimizer state | "
-        "peak RSS increase | step time | rel. to full FT |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS increase | step time | rel. to full FT | forgets less than LoRA at LoRA's accuracy or better? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['label']} | {','.join(map(str, r['seeds']))} | {r['target_acc'][0]:.3f} ± {r['target_acc'][1]:.3f} | "
-            f"{r['target_nll'][0]:.3f} | {r['control_change_pct'][0]:+.2f}% ± {r['control_change_pct'][1]:.2f} | "
+            f"{r['target_nll'][0]:.3f} ± {r['target_nll'][1]:.3f} | "
+            f"{r['control_change_pct'][0]:+.2f}% ± {r['control_change_pct'][1]:.2f} | "
             f"{r['trainable']:,} | {r['optimizer_mb']:.1f} MB | {r['peak_rss_increase_mb']:.0f} MB | "
-            f"{r['step_time_s']:.2f} s | {r['step_time_rel']:.2f} |"
+            f"{r['step_time_s']:.2f} s | {r['step_time_rel']:.2f} | {r['vs_lora']} |"
         )
+    lines += ["", "The last column compares ranges (mean ± half the range over seeds): 'forgets less' only when the "
+              "method's whole control-perplexity range lies below LoRA's, 'lower accuracy' only when its whole accuracy "
+              "range lies below LoRA's; overlapping ranges are called the same. Per seed (target acc / control change):"]
+    lines += [f"- {r['label']}: " + ", ".join(f"seed {s}: {a:.3f} / {c:+.2f}%" for s, a, c in
+              zip(r["seeds"], r["per_seed_acc"], r["per_seed_control_pct"])) for r in rows]
     sparse = [r for r in rows if r.get("selected")]
     if sparse:
         lines += ["", "Sparse fine-tuning rows: trainable = selected entries; optimizer state = compact state (int32 "
@@ -334,6 +401,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help=f"few minutes: {QUICK}, one seed")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count // jobs threads)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -346,8 +414,9 @@ def main() -> None:
     methods = ["full_ft"] + [m for m in args.methods if m != "full_ft"]  # full FT is the time baseline
     command = "python benchmarks/methods.py " + " ".join(sys.argv[1:])
     print(f"zero-shot ({settings})", flush=True)
-    zero = _spawn("zero_shot", 0, settings)["after"]
-    results = [_spawn(m, s, settings) for m in methods for s in seeds]
+    jobs = [("zero_shot", 0)] + [(m, s) for s in seeds for m in methods]  # seed-major: a stopped run has whole seeds
+    results = _run_all(args.name, jobs, settings, args.jobs)
+    zero, results = results[0]["after"], results[1:]
     path = write_report(args.name, summarise(results, zero), zero, settings, command)
     print(path.read_text())
 
