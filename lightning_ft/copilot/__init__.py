@@ -5,7 +5,7 @@ CLI), or mix :class:`CopilotMixin` into your own composition, e.g.
 ``class M(CopilotMixin, MaskedThoughtMixin, CausalLMModule)``.
 """
 
-from lightning_ft.copilot.decoder import CopilotConfig, CopilotDecoder, CopilotLayer, DecoderCache
+from lightning_ft.copilot.decoder import CopilotConfig, CopilotDecoder, CopilotLayer, DecoderCache, pack_stream
 from lightning_ft.copilot.fusion import CopilotLogitsProcessor, PilotCapture, fuse_log_probs, fuse_probs
 from lightning_ft.copilot.log import MistakeLog, Round
 from lightning_ft.copilot.mixin import LAMBDA_GRID, CopilotMixin
@@ -25,6 +25,7 @@ __all__ = [
     "Round",
     "fuse_log_probs",
     "fuse_probs",
+    "pack_stream",
 ]
 
 

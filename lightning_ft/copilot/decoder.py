@@ -1,13 +1,16 @@
 """The Copilot decoder: alternating causal self-attention and masked cross-attention to the Pilot's states.
 
-Layer ``1, 3, 5, ...`` (1-based, the paper's odd layers) self-attend causally over the Copilot's own stream with
-rotary positions; layers ``2, 4, ...`` replace self-attention by cross-attention whose keys and values come from
+The Copilot's own sequence (its *stream*) is the error sequence: the positions that carry an error (a labelled next
+token), in order; the Pilot's states of every position form the cross-attention memory. Layer ``1, 3, 5, ...``
+(1-based, the paper's odd layers) self-attend causally over the stream with rotary positions (each element at its
+token position); layers ``2, 4, ...`` replace self-attention by cross-attention whose keys and values come from
 ``[X ; pool(h)]``: the Pilot's input embeddings and its hidden states averaged over layers, concatenated along the
-sequence. Every attention is masked so that the output at position ``t`` reads only positions ``<= t`` of the
-Pilot's states (what the Pilot has computed when it predicts token ``t + 1``) and only the Copilot inputs up to
-``t``, which carry the errors of positions ``< t``. The layers are Llama-style (RMSNorm, SwiGLU) so that their
-weights can be copied from a pretrained decoder of that family. The decoder runs over a whole sequence (training)
-or a few new positions at a time with a cache (fused decoding); both give the same numbers.
+sequence. Every attention is masked so that the stream element at position ``t`` reads only positions ``<= t`` of
+the Pilot's states (what the Pilot has computed when it predicts token ``t + 1``) and only stream elements up to
+``t``, whose inputs carry the errors of earlier elements. The prompt reaches the Copilot through the memory alone,
+so its cost follows the number of error positions, not the sequence length. The layers are Llama-style (RMSNorm,
+SwiGLU) so that their weights can be copied from a pretrained decoder of that family. The decoder runs over a whole
+sequence (training) or a few new positions at a time with a cache (fused decoding); both give the same numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CopilotConfig", "CopilotDecoder", "CopilotLayer", "DecoderCache"]
+__all__ = ["CopilotConfig", "CopilotDecoder", "CopilotLayer", "DecoderCache", "pack_stream"]
 
 _LLAMA_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
@@ -127,18 +130,31 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Ten
 
 @dataclass
 class DecoderCache:
-    """Keys/values of every position seen so far, per layer, for decoding a few positions at a time."""
+    """What decoding a few positions at a time keeps: per layer the keys/values seen so far (the stream's in
+    self-attention layers, the memory's in cross-attention layers), the memory's validity and length, and each stream
+    element's memory position and validity."""
 
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
-    key_valid: torch.Tensor | None = None  # [B, t] bool, validity of the positions seen so far
-    length: int = 0
+    key_valid: torch.Tensor | None = None  # [B, t] bool, validity of the memory positions seen so far
+    length: int = 0  # memory positions seen so far
+    stream_positions: torch.Tensor | None = None  # [B, s] long, memory position of each stream element so far
+    stream_valid: torch.Tensor | None = None  # [B, s] bool
 
     def select(self, rows: torch.Tensor) -> DecoderCache:
         """The cache of the given rows (beam search reorders its hypotheses)."""
         pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
         return DecoderCache([pick(k) for k in self.keys], [pick(v) for v in self.values], pick(self.key_valid),
-                            self.length)  # fmt: skip
+                            self.length, pick(self.stream_positions), pick(self.stream_valid))  # fmt: skip
+
+
+def pack_stream(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream of each row of ``mask [B, t]`` (bool, the error positions): ``positions [B, m]`` (long, in order,
+    left-packed; ``m`` is the largest count) and ``kept [B, m]`` (which entries are real; the rest pad)."""
+    counts = mask.sum(1)
+    width = int(counts.max()) if mask.numel() else 0
+    positions = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    return positions, torch.arange(width, device=mask.device)[None] < counts[:, None]
 
 
 class CopilotLayer(nn.Module):
@@ -169,31 +185,24 @@ class CopilotLayer(nn.Module):
         memory: torch.Tensor | None,
         cache: DecoderCache | None,
         index: int,
-        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x [B, n, d]`` new positions; ``mask [B, 1, n, t]`` over all positions so far (True attends);
-        ``memory [B, 2, n, d]`` (cross layers): ``X`` and ``pool(h)`` at the new positions; ``cache`` keeps
-        this layer's keys/values (``[B, kv, t, hd]``, or ``[B, kv, 2, t, hd]`` for cross layers);
-        ``query_index [B, m]``: compute the output only at these positions (keys and values still cover all), giving
-        ``[B, m, d]``."""
+        """``x [B, m, d]`` new stream elements at rotary ``positions [B, m]``; ``mask [B, 1, m, keys]`` (True
+        attends) over the stream so far (self-attention) or the memory so far (cross-attention); ``memory [B, 2, n, d]``
+        (cross layers): ``X`` and ``pool(h)`` at the new memory positions; ``cache`` keeps this layer's keys/values
+        (``[B, kv, s, hd]``, or ``[B, kv, 2, t, hd]`` for cross layers)."""
         cfg = self.cfg
-        b, n = x.shape[:2]
+        b, m = x.shape[:2]
         h = self.input_layernorm(x)
-        hq, q_positions = h, positions
-        if query_index is not None:
-            take = lambda t: t.gather(1, query_index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-            x, hq, q_positions = take(x), take(h), positions.gather(1, query_index)
-            mask = mask.gather(2, query_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
-        m = hq.shape[1]
-        q = self.self_attn.q_proj(hq).view(b, m, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        q = self.self_attn.q_proj(h).view(b, m, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         if self.cross:
             source = self.memory_norm(memory)  # type: ignore[misc]
+            n = source.shape[2]
             k = self.self_attn.k_proj(source).view(b, 2, n, cfg.num_kv_heads, cfg.head_dim).permute(0, 3, 1, 2, 4)
             v = self.self_attn.v_proj(source).view(b, 2, n, cfg.num_kv_heads, cfg.head_dim).permute(0, 3, 1, 2, 4)
         else:
-            k = self.self_attn.k_proj(h).view(b, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            v = self.self_attn.v_proj(h).view(b, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-            q, k = _rotate(q, q_positions, cfg.rope_theta), _rotate(k, positions, cfg.rope_theta)
+            k = self.self_attn.k_proj(h).view(b, m, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = self.self_attn.v_proj(h).view(b, m, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            q, k = _rotate(q, positions, cfg.rope_theta), _rotate(k, positions, cfg.rope_theta)
         if cache is not None:
             old_k, old_v = cache.keys[index], cache.values[index]
             if old_k is not None:
@@ -295,50 +304,61 @@ class CopilotDecoder(nn.Module):
         pilot_hidden: torch.Tensor,
         valid: torch.Tensor,
         cache: DecoderCache | None = None,
-        query: torch.Tensor | None = None,
+        stream: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Hidden states ``[B, n, hidden]`` (after the final norm) of ``n`` new positions, or ``[N, hidden]`` at the
-        ``N`` positions of ``query`` (row-major), computing the last layer only there.
+        """Hidden states ``[B, m, hidden]`` (after the final norm) of ``m`` new stream elements.
 
         Args:
-            inputs: ``[B, n, hidden]`` Copilot inputs (:meth:`input_rows` of the error at the previous position).
-            pilot_embeds: ``[B, n, pilot_hidden]`` the Pilot's input embeddings at these positions.
-            pilot_hidden: ``[B, n, pilot_hidden]`` the Pilot's layer-averaged hidden states at these positions.
-            valid: ``[B, n]`` which positions are real tokens (not padding).
+            inputs: ``[B, m, hidden]`` Copilot inputs of the new stream elements (:meth:`input_rows` of the error of
+                the element before; zero for a row's first).
+            pilot_embeds: ``[B, n, pilot_hidden]`` the Pilot's input embeddings at the ``n`` new memory positions
+                (``n`` may be 0 when continuing with a cache).
+            pilot_hidden: ``[B, n, pilot_hidden]`` the Pilot's layer-averaged hidden states there.
+            valid: ``[B, n]`` which new memory positions are real tokens (not padding).
             cache: ``None`` for a whole sequence; a :class:`DecoderCache` (empty at first) to continue one.
-            query: ``[B, n]`` bool, the positions whose output is wanted (without ``cache``; at least one): the
-                last layer's queries, output map and MLP run at those positions only (the paper's loss and the
-                fusion read the Copilot at the answer positions alone).
+            stream: ``(positions [B, m], kept [B, m])`` the memory position (counted from the sequence's start) of
+                each new stream element and whether it is real (:func:`pack_stream`); default: every new memory
+                position is a stream element, real where ``valid``.
         """
-        n = inputs.shape[1]
+        n = pilot_embeds.shape[1]
         start = cache.length if cache is not None else 0
         key_valid = valid.bool()
+        if cache is not None and cache.key_valid is not None:
+            key_valid = torch.cat((cache.key_valid, key_valid), dim=1)
+        if stream is None:
+            positions = torch.arange(start, start + n, device=inputs.device)[None].expand(inputs.shape[0], -1)
+            kept = valid.bool()
+        else:
+            positions, kept = stream[0].long(), stream[1].bool()
+        if positions.numel() and int(positions.max()) >= start + n:
+            raise ValueError(
+                f"CopilotDecoder: a stream element at memory position {int(positions.max())} is past the "
+                f"{start + n} memory positions given so far."
+            )
+        all_positions, all_kept = positions, kept
         if cache is not None:
-            if cache.key_valid is not None:
-                key_valid = torch.cat((cache.key_valid, key_valid), dim=1)
             if not cache.keys:
                 cache.keys, cache.values = [None] * len(self.layers), [None] * len(self.layers)
+            if cache.stream_positions is not None:
+                all_positions = torch.cat((cache.stream_positions, positions), dim=1)
+                all_kept = torch.cat((cache.stream_valid, kept), dim=1)  # type: ignore[arg-type]
             cache.key_valid, cache.length = key_valid, start + n
-        q_index = torch.arange(start, start + n, device=inputs.device)[:, None]
-        k_index = torch.arange(start + n, device=inputs.device)[None, :]
-        # position t sees positions j <= t that are real tokens, and always itself (no row is empty)
-        allowed = (k_index <= q_index)[None] & (key_valid[:, None, :] | (k_index == q_index)[None])
-        positions = (key_valid.long().cumsum(1) - 1).clamp_min(0)[:, start:]
+            cache.stream_positions, cache.stream_valid = all_positions, all_kept
+        m, s = positions.shape[1], all_positions.shape[1]
+        query = positions[:, :, None]
+        own = torch.arange(s - m, s, device=inputs.device)[:, None] == torch.arange(s, device=inputs.device)[None]
+        # an element sees the real stream elements at or before its position, and always itself (no row is empty)
+        self_mask = ((all_positions[:, None, :] <= query) & all_kept[:, None, :]) | own[None]
+        memory_index = torch.arange(start + n, device=inputs.device)[None, None, :]
+        # and the real memory positions at or before its own position, and always that position
+        cross_mask = ((memory_index <= query) & key_valid[:, None, :]) | (memory_index == query)
+        rope = (key_valid.long().cumsum(1) - 1).clamp_min(0).gather(1, positions)  # token index among real tokens
         memory = self.memory_proj(torch.stack((pilot_embeds, pilot_hidden), dim=1).to(inputs.dtype))
         x = inputs
-        last = len(self.layers) - 1
-        index, kept = None, None
-        if query is not None:
-            if cache is not None or not bool(query.any()):
-                raise ValueError("CopilotDecoder: query needs a whole sequence (no cache) and at least one position.")
-            counts = query.sum(1)
-            width = int(counts.max())
-            index = torch.sort((~query).to(torch.int8), dim=1, stable=True).indices[:, :width]  # wanted first, in order
-            kept = torch.arange(width, device=query.device)[None] < counts[:, None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, allowed[:, None], memory if layer.cross else None, cache, i, index if i == last else None)
-        x = self.norm(x)
-        return x if kept is None else x[kept]
+            mask = cross_mask if layer.cross else self_mask
+            x = layer(x, rope, mask[:, None], memory if layer.cross else None, cache, i)
+        return self.norm(x)
 
     def rectify(self, hidden: torch.Tensor) -> torch.Tensor:
         """Copilot hidden states -> fp32 rectification vectors over the vocabulary."""

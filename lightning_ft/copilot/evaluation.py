@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 from typing_extensions import override
 
-from lightning_ft.copilot.decoder import DecoderCache
+from lightning_ft.copilot.decoder import DecoderCache, pack_stream
 from lightning_ft.copilot.fusion import CopilotLogitsProcessor, PilotCapture, fuse_log_probs
 from lightning_ft.copilot.rounds import target_columns
 from lightning_ft.copilot.training import CopilotTraining
@@ -76,35 +76,24 @@ class CopilotEvaluation(CopilotTraining):
         the input after a scored position is the Copilot's own output there, every other input is zero."""
         cp = self.copilot
         dtype = cp.dtype
-        b, t = valid.shape
+        b = valid.shape[0]
         if not bool(where.any()):
             return torch.zeros(0, cp.cfg.vocab_size, device=valid.device)
-        first = int(where.any(0).nonzero()[0])
-        last = int(where.any(0).nonzero()[-1])
-        if bool((where.sum(1) <= 1).all()):  # one scored position per row: no feedback, every input is zero
-            zeros = torch.zeros(b, last + 1, cp.cfg.hidden_size, dtype=dtype, device=valid.device)
-            head = slice(0, last + 1)
-            out = cp(zeros, embeds[:, head].to(dtype), hidden[:, head].to(dtype), valid[:, head], query=where[:, head])
-            return cp.rectify(out)
-        cache = DecoderCache()
-        zeros = torch.zeros(b, first + 1, cp.cfg.hidden_size, dtype=dtype, device=valid.device)
-        state = cp(
-            zeros, embeds[:, : first + 1].to(dtype), hidden[:, : first + 1].to(dtype), valid[:, : first + 1], cache
-        )[:, -1]
-        out = torch.zeros(b, t, cp.cfg.vocab_size, device=valid.device)
-        for pos in range(first, last + 1):
-            rect = cp.rectify(state)  # [B, V] at position pos
-            out[:, pos] = rect
-            if pos == last:
+        positions, kept = pack_stream(where)
+        embeds, hidden = embeds.to(dtype), hidden.to(dtype)
+        zeros = torch.zeros(b, 1, cp.cfg.hidden_size, dtype=dtype, device=valid.device)
+        if positions.shape[1] == 1:  # one scored position per row: no feedback
+            return cp.rectify(cp(zeros, embeds, hidden, valid, stream=(positions, kept))[kept[:, 0], 0])
+        cache, rects = DecoderCache(), []
+        state = cp(zeros, embeds, hidden, valid, cache, stream=(positions[:, :1], kept[:, :1]))[:, 0]
+        none = embeds[:, :0]
+        for j in range(positions.shape[1]):
+            rects.append(cp.rectify(state))  # [B, V] at each row's j-th scored position
+            if j + 1 == positions.shape[1]:
                 break
-            feed = torch.where(
-                where[:, pos, None], cp.feedback(state), torch.zeros((), dtype=dtype, device=valid.device)
-            )
-            nxt = slice(pos + 1, pos + 2)
-            state = cp(
-                feed[:, None].to(dtype), embeds[:, nxt].to(dtype), hidden[:, nxt].to(dtype), valid[:, nxt], cache
-            )[:, 0]
-        return out[where]
+            nxt = (positions[:, j + 1 : j + 2], kept[:, j + 1 : j + 2])
+            state = cp(cp.feedback(state)[:, None].to(dtype), none, none, valid[:, :0], cache, stream=nxt)[:, 0]
+        return torch.stack(rects, dim=1)[kept]  # row-major, as where.nonzero()
 
     def _log_eval(self, prefix: str) -> None:
         cast(ModuleHost, super())._log_eval(prefix)

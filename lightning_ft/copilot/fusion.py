@@ -168,12 +168,12 @@ class CopilotLogitsProcessor(LogitsProcessor):
             )
         rows, new = embeds.shape[:2]
         device, dtype = embeds.device, copilot.dtype
-        if self.cache.length == 0:  # the prompt
+        if self.cache.length == 0:  # the prompt: the Copilot's stream starts at its last position, with input 0
             valid = torch.ones(rows, new, dtype=torch.bool, device=device)
             if self.prompt_mask is not None:
                 mask = self.prompt_mask.to(device).bool()
                 valid = mask.repeat_interleave(rows // mask.shape[0], dim=0)[:, -new:]
-            inputs = torch.zeros(rows, new, copilot.cfg.hidden_size, dtype=dtype, device=device)
+            inputs = torch.zeros(rows, 1, copilot.cfg.hidden_size, dtype=dtype, device=device)
         else:
             if input_ids is not None:
                 self._check_length(new, input_ids.shape[1])
@@ -181,7 +181,9 @@ class CopilotLogitsProcessor(LogitsProcessor):
             assert self.next_input is not None  # set at every step
             valid = torch.ones(rows, new, dtype=torch.bool, device=device)
             inputs = self.next_input[:, None].to(dtype)
-        out = copilot(inputs, embeds.to(dtype), hidden.to(dtype), valid, self.cache)[:, -1]
+        last = torch.full((rows, 1), self.cache.length + new - 1, dtype=torch.long, device=device)
+        stream = (last, torch.ones(rows, 1, dtype=torch.bool, device=device))
+        out = copilot(inputs, embeds.to(dtype), hidden.to(dtype), valid, self.cache, stream=stream)[:, -1]
         self.next_input = copilot.feedback(out)
         return out
 

@@ -10,8 +10,10 @@ learns to predict that error from the log, and at inference ``p = p_pilot + lamb
 The paper publishes no code. The points it leaves open are arguments here, with these defaults (each marked
 UNVERIFIED in ``specs/core-methods.md``):
 
-* Errors exist only at positions with a labelled next token (the response); elsewhere the Copilot's input is 0.
-  At decoding the prompt's inputs are 0 and each generated position gets the Copilot's previous output.
+* Errors exist only at positions with a labelled next token (the response), and the Copilot's own sequence is
+  those positions in order (the error sequence, shifted right: its first input is 0); the prompt reaches it only
+  through the cross-attention memory, so its cost follows the response length. At decoding its sequence starts at
+  the prompt's last position and each generated position gets the Copilot's previous output.
 * The ``vocab -> hidden`` input map is a frozen copy of the Pilot's input embeddings followed by a trainable
   square map (``e_y - E^T p`` is what an error reads as); the ``hidden -> vocab`` output map is trainable and
   starts at zero, so an untrained Copilot leaves the Pilot unchanged.

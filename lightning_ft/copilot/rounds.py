@@ -6,6 +6,7 @@ from typing import Any, cast
 
 import torch
 
+from lightning_ft.copilot.decoder import pack_stream
 from lightning_ft.copilot.fusion import PilotCapture
 from lightning_ft.copilot.log import Round
 from lightning_ft.copilot.storage import CopilotStorage
@@ -72,27 +73,26 @@ class CopilotRounds(CopilotStorage):
 
     def copilot_outputs(self, entry: Round) -> tuple[torch.Tensor, torch.Tensor]:
         """The Copilot's teacher-forced outputs at a round's error positions and the logged errors, both ``[N, V]``
-        fp32: the input at position ``t + 1`` is the error of position ``t``, so the output at ``t`` sees the errors
-        of positions ``< t`` only."""
+        fp32. The Copilot's stream is the row's error positions in order: each element's input is the error of the
+        element before (zero for the first), so the output at a position sees the errors of earlier ones only."""
         cp = self.copilot
         dtype = cp.dtype
         entry = entry.to(self.device)
-        b, t = entry.valid.shape
-        where = entry.error_mask.nonzero()
-        inputs = torch.zeros(b, t, cp.cfg.hidden_size, dtype=dtype, device=entry.valid.device)
-        if where.shape[0]:
-            rows = (
-                cp.input_rows_sparse(entry.errors, entry.indices)
-                if entry.indices is not None
-                else cp.input_rows(entry.errors)
-            )
-            inputs = inputs.index_put((where[:, 0], where[:, 1] + 1), rows.to(dtype))
-        if where.shape[0] == 0:  # nothing to learn from; keep every parameter in the graph (DDP)
-            hidden = cp(inputs, entry.embeds.to(dtype), entry.hidden.to(dtype), entry.valid)
-            empty = (hidden.sum() + cp.head_weight.sum()).float() * 0.0
-            return empty.expand(0, cp.cfg.vocab_size), torch.zeros(0, cp.cfg.vocab_size, device=hidden.device)
-        hidden = cp(inputs, entry.embeds.to(dtype), entry.hidden.to(dtype), entry.valid, query=entry.error_mask)
-        return cp.rectify(hidden), entry.dense_errors(cp.cfg.vocab_size)
+        b = entry.valid.shape[0]
+        embeds, hidden = entry.embeds.to(dtype), entry.hidden.to(dtype)
+        if not bool(entry.error_mask.any()):  # nothing to learn from; keep every parameter in the graph (DDP)
+            zeros = torch.zeros(b, 1, cp.cfg.hidden_size, dtype=dtype, device=entry.valid.device)
+            first = torch.zeros(b, 1, dtype=torch.long, device=entry.valid.device)
+            out = cp(zeros, embeds, hidden, entry.valid, stream=(first, torch.ones_like(first, dtype=torch.bool)))
+            empty = (out.sum() + cp.head_weight.sum()).float() * 0.0
+            return empty.expand(0, cp.cfg.vocab_size), torch.zeros(0, cp.cfg.vocab_size, device=out.device)
+        positions, kept = pack_stream(entry.error_mask)
+        rows = cp.input_rows_sparse(entry.errors, entry.indices) if entry.indices is not None else cp.input_rows(entry.errors)
+        packed = torch.zeros(b, positions.shape[1], cp.cfg.hidden_size, dtype=dtype, device=rows.device)
+        packed[kept] = rows.to(dtype)  # row-major, as the errors are stored
+        inputs = torch.cat((torch.zeros_like(packed[:, :1]), packed[:, :-1]), dim=1)  # shifted right by one element
+        out = cp(inputs, embeds, hidden, entry.valid, stream=(positions, kept))
+        return cp.rectify(out[kept]), entry.dense_errors(cp.cfg.vocab_size)
 
     def copilot_step_loss(self, entry: Round) -> torch.Tensor:
         """RMSE between the Copilot's output and the logged errors of one round (on the module's device)."""

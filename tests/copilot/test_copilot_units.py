@@ -14,6 +14,7 @@ from lightning_ft.copilot import (
     Round,
     fuse_log_probs,
     fuse_probs,
+    pack_stream,
 )
 
 V, D = 50, 16
@@ -269,16 +270,90 @@ def test_auto_lambda_considers_zero_and_chooses_on_the_named_metric() -> None:
         _choose(rows, lambda_metric="accuracy")
 
 
+def _stream_mask() -> torch.Tensor:
+    where = torch.zeros(3, 9, dtype=torch.bool)
+    where[0, [2, 3, 7]] = True
+    where[1, 5] = True
+    where[2, [0, 3, 4, 8]] = True
+    return where
+
+
+def _stream_inputs(where: torch.Tensor, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    positions, kept = pack_stream(where)
+    g = torch.Generator().manual_seed(seed)
+    return positions, kept, torch.randn(*positions.shape, D, generator=g)
+
+
+def test_pack_stream_lists_each_rows_positions_in_order() -> None:
+    positions, kept = pack_stream(_stream_mask())
+    assert positions[kept].tolist() == [2, 3, 7, 5, 0, 3, 4, 8]
+    assert kept.sum(1).tolist() == [3, 1, 4]
+
+
 @pytest.mark.parametrize("layers", [4, 5])
-def test_outputs_at_query_positions_equal_the_whole_sequence_at_those_positions(layers: int) -> None:
+def test_a_stream_of_every_position_is_the_whole_sequence(layers: int) -> None:
+    """Naming every real position as the stream gives the default (every position) exactly."""
     dec = _decoder(layers=layers)
     x, emb, hid, valid = _inputs(b=3, t=9)
     valid[1, 6:] = False  # right padding in one row
-    query = torch.zeros(3, 9, dtype=torch.bool)
-    query[0, [2, 7]] = True
-    query[1, 5] = True
-    query[2, [0, 3, 4, 8]] = True
-    full = dec(x, emb, hid, valid)
-    torch.testing.assert_close(dec(x, emb, hid, valid, query=query), full[query], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="at least one position"):
-        dec(x, emb, hid, valid, query=torch.zeros_like(query))
+    positions, kept = pack_stream(valid)
+    packed = torch.zeros(3, positions.shape[1], D)
+    packed[kept] = x[valid]
+    out = dec(packed, emb, hid, valid, stream=(positions, kept))
+    torch.testing.assert_close(out[kept], dec(x, emb, hid, valid)[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_stream_element_reads_memory_up_to_its_position_and_earlier_elements_only() -> None:
+    """The element at position p: the Pilot's states at positions <= p (prompt included) reach it, later ones and
+    later elements' inputs do not."""
+    dec = _decoder()
+    _, emb, hid, valid = _inputs(b=3, t=9)
+    where = _stream_mask()
+    positions, kept, inputs = _stream_inputs(where)
+    base = dec(inputs, emb, hid, valid, stream=(positions, kept))
+    for p in range(9):
+        emb2, hid2 = emb.clone(), hid.clone()
+        emb2[:, p + 1 :] += 10.0
+        hid2[:, p + 1 :] -= 10.0
+        out = dec(inputs, emb2, hid2, valid, stream=(positions, kept))
+        early = kept & (positions <= p)
+        torch.testing.assert_close(out[early], base[early], rtol=0, atol=1e-6)
+        later = kept & (positions > p)
+        if bool(later.any()):
+            assert not torch.allclose(out[later], base[later])
+    hid3 = hid.clone()
+    hid3[0, 1] += 5.0  # a prompt position of row 0 (its stream starts at 2) reaches every element of that row
+    out = dec(inputs, emb, hid3, valid, stream=(positions, kept))
+    assert all(not torch.allclose(out[0, j], base[0, j]) for j in range(3))
+    torch.testing.assert_close(out[1:], base[1:], rtol=0, atol=0)
+    inputs2 = inputs.clone()
+    inputs2[2, 2:] += 3.0  # row 2's elements 2 and 3 (positions 4 and 8)
+    out = dec(inputs2, emb, hid, valid, stream=(positions, kept))
+    torch.testing.assert_close(out[2, :2], base[2, :2], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[2, 2], base[2, 2])
+
+
+def test_cached_stream_decoding_equals_the_whole_stream() -> None:
+    """Memory given in chunks (the prompt, then one position at a time) with the stream element at each chunk's
+    last position equals running the whole stream at once; padding elements and left padding are invisible."""
+    dec = _decoder()
+    _, emb, hid, valid = _inputs(b=2, t=9)
+    valid[0, :2] = False  # left padding
+    where = torch.zeros(2, 9, dtype=torch.bool)
+    where[:, 4:] = True
+    positions, kept, inputs = _stream_inputs(where)
+    full = dec(inputs, emb, hid, valid, stream=(positions, kept))
+    cache, outs = DecoderCache(), []
+    chunks = [(0, 5)] + [(t, t + 1) for t in range(5, 9)]
+    for j, (a, z) in enumerate(chunks):
+        stream = (torch.full((2, 1), z - 1), torch.ones(2, 1, dtype=torch.bool))
+        outs.append(dec(inputs[:, j : j + 1], emb[:, a:z], hid[:, a:z], valid[:, a:z], cache, stream=stream))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    cache = DecoderCache()  # the whole memory first, then one stream element per call with no new memory
+    outs = [dec(inputs[:, :1], emb, hid, valid, cache, stream=(positions[:, :1], kept[:, :1]))]
+    for j in range(1, positions.shape[1]):
+        outs.append(dec(inputs[:, j : j + 1], emb[:, :0], hid[:, :0], valid[:, :0], cache,
+                        stream=(positions[:, j : j + 1], kept[:, j : j + 1])))  # fmt: skip
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="past the 9 memory positions"):
+        dec(inputs[:, :1], emb[:, :0], hid[:, :0], valid[:, :0], cache, stream=(torch.full((2, 1), 9), kept[:, :1]))
