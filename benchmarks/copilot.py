@@ -49,6 +49,21 @@ def _data(cfg: dict[str, Any], tokenizer: Any, seed: int) -> Any:
     return dm
 
 
+_LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0}
+
+
+def _pilot_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The Pilot: full fine-tuning at ``learning_rate``, or the paper's LoRA Pilot (every linear layer, lr 5e-4)."""
+    if cfg.get("pilot", "full") == "lora":
+        return {"learning_rate": 5e-4, "peft": {**_LORA, "target_modules": "all-linear"}}
+    return {"learning_rate": cfg["learning_rate"]}
+
+
+def _copilot_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA Copilot (the paper's, lr 5e-4) or a fully trained one (the mixin's default lr)."""
+    return {"copilot_peft": dict(_LORA), "copilot_learning_rate": 5e-4} if cfg.get("copilot_lora") else {}
+
+
 def _fit(module: Any, dm: Any, cfg: dict[str, Any]) -> list[float]:
     import lightning as L
 
@@ -85,6 +100,12 @@ def _latency(module: Any, dm: Any, cfg: dict[str, Any]) -> dict[str, float]:
             "ratio": statistics.median(f / p for f, p in zip(fused, pilot))}  # fmt: skip
 
 
+def _describe(cfg: dict[str, Any]) -> str:
+    pilot = "LoRA r=16 (all linear, lr 5e-4)" if cfg.get("pilot", "full") == "lora" else "fully fine-tuned"
+    copilot = "LoRA r=16 Copilot layers (lr 5e-4)" if cfg.get("copilot_lora") else "fully trained Copilot layers (lr 1e-4)"
+    return f"{pilot}, {copilot}"
+
+
 def write_timing(name: str, r: dict[str, Any]) -> Path:
     out = HERE / "results" / f"{name}.md"
     (HERE / "results" / f"{name}.json").write_text(json.dumps(r, indent=2))
@@ -92,7 +113,7 @@ def write_timing(name: str, r: dict[str, Any]) -> Path:
     lines = [
         f"# Copilot overheads ({name})", "",
         f"Bundled SmolLM2-135M, Rotten Tomatoes, batch {cfg['batch_size']}, max length {cfg['max_length']}, Copilot "
-        f"{cfg['copilot_layers']} layers, head `{cfg['head']}`. Training: {cfg['rounds']} alternating rounds of "
+        f"{cfg['copilot_layers']} layers, head `{cfg['head']}`; Pilot {_describe(cfg)}. Training: {cfg['rounds']} alternating rounds of "
         f"{cfg['steps']} steps of the Pilot alone and of Pilot + Copilot (same process, same data; median of each "
         f"round's steps 3 on). Latency: greedy decoding of {cfg['new_tokens']} tokens, {cfg['latency_prompts']} prompts "
         "one at a time, fused (lambda 1) and the Pilot alone alternating prompt by prompt (median ratio).", "",
@@ -169,12 +190,11 @@ def run_timing(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     from lightning_ft.modules import CausalLMModule
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    common = {"model": "smollm2-135m", "learning_rate": cfg["learning_rate"], "warmup_steps": cfg["warmup_steps"],
-              "output_dir": ""}  # fmt: skip
+    common = {"model": "smollm2-135m", "warmup_steps": cfg["warmup_steps"], "output_dir": "", **_pilot_args(cfg)}
     L.seed_everything(seed)
     pilot = CausalLMModule(**common)
     joint = CopilotCausalLM(**common, copilot_layers=cfg["copilot_layers"], copilot_lambda=1.0, copilot_output="",
-                            copilot_head=cfg["head"])  # fmt: skip
+                            copilot_head=cfg["head"], **_copilot_args(cfg))  # fmt: skip
     dm = _data(cfg, pilot.tokenizer, seed)
     sections = _instrument(joint)
     pilot_steps, joint_steps = [], []
@@ -207,10 +227,10 @@ def run_quality(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     L.seed_everything(seed)
-    joint = CopilotCausalLM(model="smollm2-135m", learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
-                            output_dir="", copilot_layers=cfg["copilot_layers"], copilot_lambda="auto",
+    joint = CopilotCausalLM(model="smollm2-135m", warmup_steps=cfg["warmup_steps"], output_dir="",
+                            copilot_layers=cfg["copilot_layers"], copilot_lambda="auto",
                             lambda_metric=cfg["lambda_metric"], copilot_output="", copilot_head=cfg["head"],
-                            buffer_rounds=cfg["buffer_rounds"])  # fmt: skip
+                            buffer_rounds=cfg["buffer_rounds"], **_pilot_args(cfg), **_copilot_args(cfg))  # fmt: skip
     dm = _data(cfg, joint.tokenizer, seed)
     test = list(dm.test_dataloader())
     zero_shot = joint.evaluate(test)
@@ -236,8 +256,8 @@ def write_quality(name: str, cfg: dict[str, Any], runs: list[dict[str, Any]], co
     lines = [
         f"# Copilot: fused decoding against the Pilot alone ({name})", "",
         f"Bundled SmolLM2-135M, Rotten Tomatoes, {cfg['steps']} steps, batch {cfg['batch_size']}, lr "
-        f"{cfg['learning_rate']}; Copilot {cfg['copilot_layers']} layers from the Pilot's lowest, head `{cfg['head']}`, "
-        f"lr 1e-4, mistake log {cfg['buffer_rounds']} rounds; lambda 'auto' (0 and the paper's grid) chosen on "
+        f"{_pilot_args(cfg)['learning_rate']}; Pilot {_describe(cfg)}; Copilot {cfg['copilot_layers']} layers from the "
+        f"Pilot's lowest, head `{cfg['head']}`, mistake log {cfg['buffer_rounds']} rounds; lambda 'auto' (0 and the paper's grid) chosen on "
         f"{cfg['val_size']} validation reviews by {cfg['lambda_metric'] or 'target_acc'}. Scored on {cfg['test_size']} "
         f"held-out reviews; {len(runs)} seeds (data orders), mean ± standard deviation.", "",
         "| seed | Pilot acc | Pilot NLL | lambda | fused acc | fused NLL | Copilot RMSE | zero-predictor RMSE |",
@@ -273,11 +293,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lambda-metric", choices=["target_acc", "target_loss"])
     parser.add_argument("--timing-only", action="store_true", help="step times and latency only, no scoring")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (--timing-only)")
+    parser.add_argument("--pilot", choices=["full", "lora"], default="full",
+                        help="the Pilot: full fine-tuning, or LoRA r=16 alpha=16 on every linear layer (paper's recipe)")
+    parser.add_argument("--copilot-lora", action="store_true", help="LoRA r=16 alpha=16 on the Copilot's layers (paper)")
     parser.add_argument("--note", default="", help="a line on the machine's load, written into the timing table")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = {**DEFAULTS, **(QUICK if args.quick else {}), "head": args.head, "buffer_rounds": args.buffer_rounds,
-           "lambda_metric": args.lambda_metric, "rounds": args.rounds}  # fmt: skip
+           "lambda_metric": args.lambda_metric, "rounds": args.rounds, "pilot": args.pilot,
+           "copilot_lora": args.copilot_lora}  # fmt: skip
     if args.steps:
         cfg["steps"] = args.steps
     command = "python benchmarks/copilot.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -204,6 +204,10 @@ class MergePlan:
             delta = (base.float() + delta).to(self.dtype).float() - base.float()
         return delta
 
+    def touches(self, key: str, base: torch.Tensor, source: TensorSource) -> bool:
+        """Whether :meth:`delta` of ``key`` is not ``None``, without reading the tensor where the source knows."""
+        return base.is_floating_point() and key in self._keyset(source) and source.touches(key, base)
+
     def _keyset(self, source: TensorSource) -> set[str]:
         if id(source) not in self._keysets:
             self._keysets[id(source)] = set(source.keys())
@@ -233,7 +237,7 @@ class MergePlan:
         for key in sorted(self.base.keys()):
             base = self.base_tensor(key)
             # which ingredients touch it, one task vector alive at a time; the method reads them lazily
-            present = [self.delta(key, base, source) is not None for source in sources]
+            present = [self.touches(key, base, source) for source in sources]
             deltas: Sequence[torch.Tensor] | None = (
                 _LazyDeltas(self, key, base, sources, present) if any(present) else None
             )

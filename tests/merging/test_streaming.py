@@ -92,8 +92,8 @@ def test_a_cli_merge_holds_one_tensor_per_input_at_a_time(
     monkeypatch.setattr(SafetensorsReader, "get", counting)
     main(["merge", "--base", str(tiny_llama_dir), "--models", *three, "--method", "ties", "--param", "density=0.5",
           "--output", str(tmp_path / "out")])  # fmt: skip
-    # the base once per tensor; each ingredient three times (which ones touch it, its mask, the merge): the task
-    # vectors are read again rather than held while a mask is sorted
-    assert len(held) == len(keys) * (1 + 3 * len(three)) and len(alive) == 3
+    # the base once per tensor; each ingredient twice (its mask, the merge; a full model touches every tensor
+    # without a read): the task vectors are read again rather than held while a mask is sorted
+    assert len(held) == len(keys) * (1 + 2 * len(three)) and len(alive) == 3
     assert max(held) <= len(three)  # the base tensor and the ingredients' tensors of the current key, at most
     assert max(alive) - before <= 1 + len(three) + 2  # those (+ the method's locals), never the merged outputs

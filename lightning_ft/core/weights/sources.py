@@ -71,6 +71,11 @@ class TensorSource:
         """fp32 task vector of ``key`` given the base tensor, or ``None`` when untouched."""
         raise NotImplementedError
 
+    def touches(self, key: str, base: torch.Tensor) -> bool:
+        """Whether :meth:`delta` of ``key`` (one of :meth:`keys`) is not ``None``; full models answer without
+        reading the tensor."""
+        return self.delta(key, base) is not None
+
 
 class HFSource(TensorSource):
     """A full fine-tuned model saved as an HF folder."""
@@ -88,6 +93,9 @@ class HFSource(TensorSource):
 
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.reader.get(key).float() - base.float()
+
+    def touches(self, key: str, base: torch.Tensor) -> bool:
+        return True
 
 
 class CheckpointSource(TensorSource):
@@ -129,6 +137,9 @@ class CheckpointSource(TensorSource):
 
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.state[self.map[key]].float() - base.float()
+
+    def touches(self, key: str, base: torch.Tensor) -> bool:
+        return True
 
 
 class LoRASource(TensorSource):
