@@ -290,12 +290,11 @@ class CopilotDecoder(nn.Module):
     # ------------------------------------------------------------------ running
     def input_rows(self, errors: torch.Tensor) -> torch.Tensor:
         """``[..., vocab]`` error (or rectification) vectors -> ``[..., hidden]`` Copilot inputs."""
-        return self.input_proj(errors.to(self.embed.dtype) @ self.embed)
+        return self.input_proj(self.read(errors))
 
     def input_rows_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`input_rows` for vectors given by their ``k`` largest entries ``[N, k]`` (values, ids)."""
-        gathered = self.embed[indices.long()]  # [N, k, D]
-        return self.input_proj((values.to(self.embed.dtype)[..., None] * gathered).sum(1))
+        return self.input_proj(self.read_sparse(values, indices))
 
     def forward(
         self,
@@ -383,7 +382,30 @@ class CopilotDecoder(nn.Module):
             ridge = 1e-8 * float(gram.diagonal().mean())  # keeps a rank-deficient embedding matrix invertible
             eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
             self._gram_inv, self._gram_key = torch.linalg.inv(gram + ridge * eye).float(), key
+            self._gram = gram
         return self._gram_inv
+
+    def read(self, errors: torch.Tensor) -> torch.Tensor:
+        """``[..., vocab]`` vectors read through the embeddings, ``errors @ embed`` ``[..., embed_size]`` (the part of
+        :meth:`input_rows` before the trainable map)."""
+        return errors.to(self.embed.dtype) @ self.embed
+
+    def read_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """:meth:`read` of vectors given by their ``k`` largest entries ``[N, k]`` (values, ids)."""
+        return (values.to(self.embed.dtype)[..., None] * self.embed[indices.long()]).sum(1)
+
+    def tied_squared_error(self, hidden: torch.Tensor, reading: torch.Tensor, norm_sq: torch.Tensor) -> torch.Tensor:
+        """``||rectify(hidden) - e||^2`` per row (fp64) for the tied head, from ``reading = e @ embed`` and
+        ``norm_sq = ||e||^2`` alone, without the ``[vocab]``-wide rectification: with ``f = E r``,
+        ``||f - e||^2 = r^T (E^T E) r - 2 r . (E^T e) + ||e||^2``. Equal to the dense form up to float rounding,
+        gradients included; the dense form's cost (two products with the ``[vocab, embed]`` matrix per row, forward
+        and backward) is gone."""
+        if self.cfg.head != "tied":
+            raise ValueError("tied_squared_error needs copilot head='tied' (a full head has no such identity).")
+        r = self.readout(hidden).double()
+        self._gram_inverse()
+        quad = ((r @ self._gram.to(r.device)) * r).sum(-1)
+        return (quad - 2 * (r * reading.double()).sum(-1) + norm_sq.double()).clamp_min(0.0)
 
     @torch.no_grad()
     def reads_out_through(self, weight: torch.Tensor) -> bool:

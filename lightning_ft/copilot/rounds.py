@@ -76,30 +76,54 @@ class CopilotRounds(CopilotStorage):
         fp32. The Copilot's stream is the row's error positions in order: each element's input is the error of the
         element before (zero for the first), so the output at a position sees the errors of earlier ones only."""
         cp = self.copilot
-        dtype = cp.dtype
         entry = entry.to(self.device)
+        hidden, _ = self._teacher_forced(entry)
+        if hidden.shape[0] == 0:  # zero rows, still connected to every parameter
+            return hidden.sum().float().expand(0, cp.cfg.vocab_size), torch.zeros(0, cp.cfg.vocab_size, device=hidden.device)
+        return cp.rectify(hidden), entry.dense_errors(cp.cfg.vocab_size)
+
+    def _teacher_forced(self, entry: Round) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Copilot's final hidden states ``[N, hidden]`` at a round's error positions (row-major) and the errors
+        read through its embeddings ``[N, embed]`` (``None`` without errors: then ``hidden`` is an empty tensor still
+        connected to every parameter, so DDP sees them all)."""
+        cp = self.copilot
+        dtype = cp.dtype
         b = entry.valid.shape[0]
-        embeds, hidden = entry.embeds.to(dtype), entry.hidden.to(dtype)
-        if not bool(entry.error_mask.any()):  # nothing to learn from; keep every parameter in the graph (DDP)
+        embeds, states = entry.embeds.to(dtype), entry.hidden.to(dtype)
+        if not bool(entry.error_mask.any()):
             zeros = torch.zeros(b, 1, cp.cfg.hidden_size, dtype=dtype, device=entry.valid.device)
             first = torch.zeros(b, 1, dtype=torch.long, device=entry.valid.device)
-            out = cp(zeros, embeds, hidden, entry.valid, stream=(first, torch.ones_like(first, dtype=torch.bool)))
-            empty = (out.sum() + cp.head_weight.sum()).float() * 0.0
-            return empty.expand(0, cp.cfg.vocab_size), torch.zeros(0, cp.cfg.vocab_size, device=out.device)
+            out = cp(zeros, embeds, states, entry.valid, stream=(first, torch.ones_like(first, dtype=torch.bool)))
+            empty = (out.sum() + cp.head_weight.sum()) * 0.0
+            return empty.expand(0, cp.cfg.hidden_size), None
         positions, kept = pack_stream(entry.error_mask)
-        rows = cp.input_rows_sparse(entry.errors, entry.indices) if entry.indices is not None else cp.input_rows(entry.errors)
-        packed = torch.zeros(b, positions.shape[1], cp.cfg.hidden_size, dtype=dtype, device=rows.device)
-        packed[kept] = rows.to(dtype)  # row-major, as the errors are stored
+        reading = cp.read_sparse(entry.errors, entry.indices) if entry.indices is not None else cp.read(entry.errors)
+        packed = torch.zeros(b, positions.shape[1], cp.cfg.hidden_size, dtype=dtype, device=reading.device)
+        packed[kept] = cp.input_proj(reading).to(dtype)  # row-major, as the errors are stored
         inputs = torch.cat((torch.zeros_like(packed[:, :1]), packed[:, :-1]), dim=1)  # shifted right by one element
-        out = cp(inputs, embeds, hidden, entry.valid, stream=(positions, kept))
-        return cp.rectify(out[kept]), entry.dense_errors(cp.cfg.vocab_size)
+        out = cp(inputs, embeds, states, entry.valid, stream=(positions, kept))
+        return out[kept], reading
 
     def copilot_step_loss(self, entry: Round) -> torch.Tensor:
-        """RMSE between the Copilot's output and the logged errors of one round (on the module's device)."""
-        out, target = self.copilot_outputs(entry)
-        if out.shape[0] == 0:
-            return out.sum()  # zero, connected to every parameter
-        diff = out - target
+        """RMSE between the Copilot's output and the logged errors of one round (on the module's device).
+
+        With the tied head the squared error of each row comes from :meth:`CopilotDecoder.tied_squared_error`
+        (the same value, without the ``[N, vocab]`` rectification and its backward); with the full head from the
+        dense difference."""
+        cp = self.copilot
+        vocab = cp.cfg.vocab_size
+        entry = entry.to(self.device)
+        if cp.cfg.head == "tied":
+            hidden, reading = self._teacher_forced(entry)
+            if reading is None:
+                return hidden.sum().float()  # zero, connected to every parameter
+            norm_sq = entry.errors.float().pow(2).sum(-1)  # topk: the entries kept are the whole target
+            per_row = cp.tied_squared_error(hidden, reading, norm_sq) / vocab
+        else:
+            out, target = self.copilot_outputs(entry)
+            if out.shape[0] == 0:
+                return out.sum()  # zero, connected to every parameter
+            per_row = (out - target).pow(2).mean(-1)
         if self.copilot_settings.copilot_loss == "token_rmse":
-            return diff.pow(2).mean(-1).add(1e-12).sqrt().mean()
-        return diff.pow(2).mean().add(1e-12).sqrt()
+            return per_row.add(1e-12).sqrt().mean().float()
+        return per_row.mean().add(1e-12).sqrt().float()

@@ -106,6 +106,35 @@ def test_the_error_at_t_and_later_never_reaches_the_copilot_output_at_t(tiny_lla
         assert not torch.allclose(out[after], base[after])
 
 
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+@pytest.mark.parametrize("loss", ["rmse", "token_rmse"])
+def test_the_tied_heads_loss_equals_the_dense_rmse_with_its_gradients(tiny_llama_dir: Path, storage: str, loss: str) -> None:
+    """The tied head's loss, computed in the embedding space (no [N, vocab] rectification), equals the RMSE of the
+    dense rectification against the logged errors, and so do the gradients of every Copilot parameter."""
+    module = _module(tiny_llama_dir, copilot_head="tied", error_storage=storage, error_topk=16, copilot_loss=loss)
+    with torch.no_grad():
+        module.copilot.out_proj.weight.normal_(std=0.05)
+    dm = _chat(max_length=64)
+    dm.tokenizer = module.tokenizer
+    batch = _batch(dm)
+    module._round_store = {}
+    with torch.no_grad(), PilotCapture(module.backbone) as capture:
+        module.compute_loss(batch)
+    entry = module._record_round(batch, capture)
+    module._round_store = None
+    params = [p for p in module.copilot.parameters() if p.requires_grad]
+    fast = module.copilot_step_loss(entry)
+    fast_grads = torch.autograd.grad(fast, params)
+    out, target = module.copilot_outputs(entry)
+    per_row = (out - target).pow(2).mean(-1)
+    dense = per_row.add(1e-12).sqrt().mean() if loss == "token_rmse" else per_row.mean().add(1e-12).sqrt()
+    dense_grads = torch.autograd.grad(dense, params)
+    torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-7)
+    for a, b in zip(fast_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-6)
+    assert float(fast.detach()) > 0
+
+
 def test_pilot_trajectory_is_bit_identical_with_and_without_the_copilot(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Manual optimisation with accumulation 2, norm clipping and weight decay steps the Pilot exactly as Lightning's
     automatic mode does without a Copilot; the Copilot trains meanwhile."""
