@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--name", default="merge_speed")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each tool")
     parser.add_argument("--no-extras", action="store_true", help="skip LiNeS, sparse-apply, decompress, floor")
+    parser.add_argument("--note", default="other work shared the machine, so absolute times are noisy",
+                        help="what else ran on the machine, written into the report")
     args = parser.parse_args()
     mergekit = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
     inputs = _build_inputs()
@@ -160,7 +162,7 @@ def main() -> None:
         command = f"MERGEKIT_YAML={os.environ['MERGEKIT_YAML']} {command}"
     extras: dict[str, Any] = {}
     result = {"command": command, "mergekit_yaml": mergekit, "summary": summary, "runs": rows, "extras": extras,
-              "sizes": sizes, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}  # fmt: skip
+              "sizes": sizes, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "note": args.note}  # fmt: skip
     _write(args.name, result)  # written after each stage, so an interrupted run keeps what it measured
     if not args.no_extras:
         lines = json.loads(recipe.read_text())
@@ -192,8 +194,8 @@ def _write(name: str, result: dict[str, Any]) -> None:
     s = result["summary"]
     lines = [
         f"# Merge speed and memory: lightning-ft merge vs mergekit 0.1.5 ({name})", "",
-        (f"Command: `{result['command']}` ({result['machine']}; other work shared the machine, so absolute times "
-         "are noisy: the ratios come from runs interleaved in this one invocation, medians)."), "",
+        (f"Command: `{result['command']}` ({result['machine']}; {result.get('note', '')}: the ratios come from runs "
+         "interleaved in this one invocation, medians)."), "",
         ("Recipe: TIES, density 0.5, weight 1, dtype float32, three SmolLM2-135M \"fine-tunes\" (the bundled model "
          "plus seeded noise, stand-ins for a speed/memory benchmark only). Inputs "
          f"{result['sizes']['inputs_gb']} GB (base + 3), output {result['sizes']['output_gb']} GB."), "",
