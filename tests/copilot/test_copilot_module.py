@@ -106,8 +106,7 @@ def test_the_error_at_t_and_later_never_reaches_the_copilot_output_at_t(tiny_lla
         assert not torch.allclose(out[after], base[after])
 
 
-@pytest.mark.parametrize("storage", ["dense", "topk"])
-@pytest.mark.parametrize("loss", ["rmse", "token_rmse"])
+@pytest.mark.parametrize(("storage", "loss"), [("dense", "rmse"), ("topk", "token_rmse")])
 def test_the_tied_heads_loss_equals_the_dense_rmse_with_its_gradients(tiny_llama_dir: Path, storage: str, loss: str) -> None:
     """The tied head's loss, computed in the embedding space (no [N, vocab] rectification), equals the RMSE of the
     dense rectification against the logged errors, and so do the gradients of every Copilot parameter."""
