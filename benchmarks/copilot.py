@@ -124,6 +124,9 @@ def write_timing(name: str, r: dict[str, Any]) -> Path:
         f"{lat['pilot_s']:.3f} s | {lat['fused_s']:.3f} s | {(lat['ratio'] - 1) * 100:+.1f}% | "
         f"{r['copilot_trainable']:,} | {r['buffer_peak_mib']:.1f} MiB ({r['buffer_rounds']} rounds) |",
     ]  # fmt: skip
+    if r.get("train_overhead_per_round"):
+        rounds = ", ".join(f"{x * 100:+.1f}%" for x in r["train_overhead_per_round"])
+        lines += ["", f"Training overhead of each round alone (median joint step / median Pilot step): {rounds}."]
     if r.get("sections"):
         lines += ["", "Where a Pilot + Copilot step's time goes (median seconds per step, same run):", "",
                   "| part | seconds | share of the step |", "|---|---|---|",
@@ -197,11 +200,13 @@ def run_timing(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
                             copilot_head=cfg["head"], **_copilot_args(cfg))  # fmt: skip
     dm = _data(cfg, pilot.tokenizer, seed)
     sections = _instrument(joint)
-    pilot_steps, joint_steps = [], []
+    pilot_steps, joint_steps, per_round = [], [], []
     for _ in range(cfg["rounds"]):
-        pilot_steps += _fit(pilot, dm, cfg)[2:]
+        pilot_round = _fit(pilot, dm, cfg)[2:]
         marks = {k: len(v) for k, v in sections.items()}
-        joint_steps += _fit(joint, dm, cfg)[2:]
+        joint_round = _fit(joint, dm, cfg)[2:]
+        pilot_steps, joint_steps = pilot_steps + pilot_round, joint_steps + joint_round
+        per_round.append(statistics.median(joint_round) / statistics.median(pilot_round) - 1)
         for k, v in sections.items():  # drop each round's first two steps, as for the step times
             del v[marks[k] : marks[k] + 2]
     pilot_step, joint_step = statistics.median(pilot_steps), statistics.median(joint_steps)
@@ -209,7 +214,8 @@ def run_timing(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         joint.copilot.head_weight.normal_(std=0.01)
     return {
         "settings": cfg, "seed": seed, "step_time_pilot_s": pilot_step, "step_time_joint_s": joint_step,
-        "train_overhead": joint_step / pilot_step - 1, "latency": _latency(joint, dm, cfg),
+        "train_overhead": joint_step / pilot_step - 1, "train_overhead_per_round": per_round,
+        "latency": _latency(joint, dm, cfg),
         "sections": {_SECTIONS[k]: statistics.median(v) for k, v in sections.items() if v},
         "buffer_peak_mib": joint.mistake_log.peak_bytes / 2**20, "buffer_rounds": len(joint.mistake_log),
         "copilot_trainable": sum(p.numel() for p in joint.copilot.parameters() if p.requires_grad),
