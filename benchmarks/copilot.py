@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _timing import median_step, step_timer  # benchmarks/_timing.py (this script's folder is on sys.path)
+from _timing import step_timer  # benchmarks/_timing.py (this script's folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 DEFAULTS = {"steps": 120, "batch_size": 8, "max_length": 96, "learning_rate": 2e-4, "warmup_steps": 10, "val_size": 200,
@@ -102,7 +102,9 @@ def _latency(module: Any, dm: Any, cfg: dict[str, Any]) -> dict[str, float]:
 
 def _describe(cfg: dict[str, Any]) -> str:
     pilot = "LoRA r=16 (all linear, lr 5e-4)" if cfg.get("pilot", "full") == "lora" else "fully fine-tuned"
-    copilot = "LoRA r=16 Copilot layers (lr 5e-4)" if cfg.get("copilot_lora") else "fully trained Copilot layers (lr 1e-4)"
+    copilot = (
+        "LoRA r=16 Copilot layers (lr 5e-4)" if cfg.get("copilot_lora") else "fully trained Copilot layers (lr 1e-4)"
+    )
     return f"{pilot}, {copilot}"
 
 
@@ -299,9 +301,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lambda-metric", choices=["target_acc", "target_loss"])
     parser.add_argument("--timing-only", action="store_true", help="step times and latency only, no scoring")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (--timing-only)")
-    parser.add_argument("--pilot", choices=["full", "lora"], default="full",
-                        help="the Pilot: full fine-tuning, or LoRA r=16 alpha=16 on every linear layer (paper's recipe)")
-    parser.add_argument("--copilot-lora", action="store_true", help="LoRA r=16 alpha=16 on the Copilot's layers (paper)")
+    parser.add_argument(
+        "--pilot",
+        choices=["full", "lora"],
+        default="full",
+        help="the Pilot: full fine-tuning, or LoRA r=16 alpha=16 on every linear layer (paper's recipe)",
+    )
+    parser.add_argument(
+        "--copilot-lora", action="store_true", help="LoRA r=16 alpha=16 on the Copilot's layers (paper)"
+    )
     parser.add_argument("--note", default="", help="a line on the machine's load, written into the timing table")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

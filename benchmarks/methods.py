@@ -47,7 +47,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "hft": {
         "label": "HFT",
         "module": {"learning_rate": 2e-4},
-        "callbacks": [{"class_path": "lightning_ft.callbacks.HalfFineTuning", "init_args": {"redraw": "fit", "seed": 0}}],
+        "callbacks": [
+            {"class_path": "lightning_ft.callbacks.HalfFineTuning", "init_args": {"redraw": "fit", "seed": 0}}
+        ],
     },
     "hft_reset": {
         "label": "HFT with reset (redraw every 40 steps)",
@@ -97,7 +99,8 @@ METHODS: dict[str, dict[str, Any]] = {
                 "class_path": "lightning_ft.callbacks.SparseFineTuning",
                 "init_args": {
                     "rule": {"class_path": "lightning_ft.sparse.LotteryTicket", "init_args": {"dense_steps": 60}},
-                    "count": 2442240, "save_path": "",
+                    "count": 2442240,
+                    "save_path": "",
                 },
             }
         ],
@@ -109,9 +112,12 @@ METHODS: dict[str, dict[str, Any]] = {
             {
                 "class_path": "lightning_ft.callbacks.SparseFineTuning",
                 "init_args": {
-                    "rule": {"class_path": "lightning_ft.sparse.PrincipalWeights",
-                             "init_args": {"filter_rank": 32, "reselect_every": 40}},
-                    "rank": 8, "save_path": "",
+                    "rule": {
+                        "class_path": "lightning_ft.sparse.PrincipalWeights",
+                        "init_args": {"filter_rank": 32, "reselect_every": 40},
+                    },
+                    "rank": 8,
+                    "save_path": "",
                 },
             }
         ],
@@ -129,7 +135,12 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 DEFAULTS = {
-    "steps": 120, "batch_size": 8, "max_length": 96, "warmup_steps": 10, "val_size": 200, "test_size": 400,
+    "steps": 120,
+    "batch_size": 8,
+    "max_length": 96,
+    "warmup_steps": 10,
+    "val_size": 200,
+    "test_size": 400,
     "control_size": 64,
 }
 QUICK = {"steps": 20, "val_size": 50, "test_size": 100, "control_size": 16, "warmup_steps": 2}
@@ -163,10 +174,17 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     module_kwargs = {"warmup_steps": cfg["warmup_steps"], "output_dir": "", **method.get("module", {})}
     module = CausalLMModule(model="smollm2-135m", **module_kwargs)
     dm = InstructionDataModule(
-        label_options=["positive", "negative"], val_size=cfg["val_size"], test_size=cfg["test_size"],
+        label_options=["positive", "negative"],
+        val_size=cfg["val_size"],
+        test_size=cfg["test_size"],
         batch_size=cfg["batch_size"],
-        eval_batch_size=25, max_length=cfg["max_length"], control="humaneval", control_size=cfg["control_size"],
-        control_max_length=128, split_seed=1234, shuffle_seed=1234 + spec["seed"],
+        eval_batch_size=25,
+        max_length=cfg["max_length"],
+        control="humaneval",
+        control_size=cfg["control_size"],
+        control_max_length=128,
+        split_seed=1234,
+        shuffle_seed=1234 + spec["seed"],
     )
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
@@ -175,6 +193,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["method"] == "zero_shot":
         return {"after": module.evaluate(loaders), "trainable": 0, "optimizer_bytes": 0}
     timer = _step_timer()
+
     def build(value: Any) -> Any:  # nested class_path dicts (a callback's rule) are instantiated too
         if isinstance(value, dict) and "class_path" in value:
             return instantiate_class((), {**value, "init_args": build(value.get("init_args", {}))})
@@ -184,9 +203,17 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     callbacks = [build(c) for c in method.get("callbacks", [])] + [timer]
     trainer = L.Trainer(
-        max_steps=cfg["steps"], accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=1.0,
-        callbacks=callbacks, default_root_dir=str(HERE / "runs"),
+        max_steps=cfg["steps"],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        callbacks=callbacks,
+        default_root_dir=str(HERE / "runs"),
     )
     trainer.fit(module, dm)
     after = module.evaluate(loaders)
@@ -223,7 +250,9 @@ def _step_timer() -> Any:
             total = sum(c.state_bytes for c in sparse)
             for opt in trainer.optimizers:
                 for state in opt.state.values():
-                    total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
+                    total += sum(
+                        v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel") and v.dim() > 0
+                    )
             self.optimizer_bytes = max(self.optimizer_bytes, total)
             if sparse:
                 self.sparse_bytes = max(self.sparse_bytes, total)
@@ -310,22 +339,34 @@ def summarise(results: list[dict[str, Any]], zero: dict[str, float]) -> list[dic
         nll = _mean([r["after"]["target_loss"] for r in runs])
         ctrl = _mean([(r["after"]["control_ppl"] / zero["control_ppl"] - 1) * 100 for r in runs])
         step = statistics.mean(r["step_time"] for r in runs)
-        rows.append({
-            "method": method, "label": METHODS[method]["label"], "seeds": [r["seed"] for r in runs],
-            "target_acc": acc, "target_nll": nll, "per_seed_acc": [r["after"]["target_acc"] for r in runs],
-            "per_seed_control_pct": [(r["after"]["control_ppl"] / zero["control_ppl"] - 1) * 100 for r in runs], "control_change_pct": ctrl,
-            "trainable": runs[0]["trainable"], "optimizer_mb": runs[0]["optimizer_bytes"] / 2**20,
-            "peak_rss_increase_mb": statistics.mean(r["peak_rss_increase_mb"] for r in runs),
-            "step_time_s": step, "step_time_rel": step / statistics.mean(full_step) if full_step else float("nan"),
-            "selected": runs[0].get("selected", 0), "sparse_optimizer_mb": runs[0].get("sparse_optimizer_bytes", 0) / 2**20,
-        })
+        rows.append(
+            {
+                "method": method,
+                "label": METHODS[method]["label"],
+                "seeds": [r["seed"] for r in runs],
+                "target_acc": acc,
+                "target_nll": nll,
+                "per_seed_acc": [r["after"]["target_acc"] for r in runs],
+                "per_seed_control_pct": [(r["after"]["control_ppl"] / zero["control_ppl"] - 1) * 100 for r in runs],
+                "control_change_pct": ctrl,
+                "trainable": runs[0]["trainable"],
+                "optimizer_mb": runs[0]["optimizer_bytes"] / 2**20,
+                "peak_rss_increase_mb": statistics.mean(r["peak_rss_increase_mb"] for r in runs),
+                "step_time_s": step,
+                "step_time_rel": step / statistics.mean(full_step) if full_step else float("nan"),
+                "selected": runs[0].get("selected", 0),
+                "sparse_optimizer_mb": runs[0].get("sparse_optimizer_bytes", 0) / 2**20,
+            }
+        )
     lora = next((r for r in rows if r["method"] == "lora"), None)
     for r in rows:
         r["vs_lora"] = _verdict(r, lora)
     return rows
 
 
-def write_report(name: str, rows: list[dict[str, Any]], zero: dict[str, float], settings: dict[str, Any], command: str) -> Path:
+def write_report(
+    name: str, rows: list[dict[str, Any]], zero: dict[str, float], settings: dict[str, Any], command: str
+) -> Path:
     """Write ``results/<name>.md``, ``.json`` and the accuracy-vs-forgetting plot."""
     out = HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -357,17 +398,32 @@ def write_report(name: str, rows: list[dict[str, Any]], zero: dict[str, float], 
             f"{r['trainable']:,} | {r['optimizer_mb']:.1f} MB | {r['peak_rss_increase_mb']:.0f} MB | "
             f"{r['step_time_s']:.2f} s | {r['step_time_rel']:.2f} | {r['vs_lora']} |"
         )
-    lines += ["", "The last column compares ranges (mean ± half the range over seeds): 'forgets less' only when the "
-              "method's whole control-perplexity range lies below LoRA's, 'lower accuracy' only when its whole accuracy "
-              "range lies below LoRA's; overlapping ranges are called the same. Per seed (target acc / control change):"]
-    lines += [f"- {r['label']}: " + ", ".join(f"seed {s}: {a:.3f} / {c:+.2f}%" for s, a, c in
-              zip(r["seeds"], r["per_seed_acc"], r["per_seed_control_pct"])) for r in rows]
+    lines += [
+        "",
+        "The last column compares ranges (mean ± half the range over seeds): 'forgets less' only when the "
+        "method's whole control-perplexity range lies below LoRA's, 'lower accuracy' only when its whole accuracy "
+        "range lies below LoRA's; overlapping ranges are called the same. Per seed (target acc / control change):",
+    ]
+    lines += [
+        f"- {r['label']}: "
+        + ", ".join(
+            f"seed {s}: {a:.3f} / {c:+.2f}%"
+            for s, a, c in zip(r["seeds"], r["per_seed_acc"], r["per_seed_control_pct"])
+        )
+        for r in rows
+    ]
     sparse = [r for r in rows if r.get("selected")]
     if sparse:
-        lines += ["", "Sparse fine-tuning rows: trainable = selected entries; optimizer state = compact state (int32 "
-                  "indices + two fp32 moments per selected entry) plus the module optimizer's state; the peak includes "
-                  "LT-SFT's dense phase. While only the selected entries train:"]
-        lines += [f"- {r['label']}: {r['selected']:,} entries, optimizer state {r['sparse_optimizer_mb']:.1f} MB" for r in sparse]
+        lines += [
+            "",
+            "Sparse fine-tuning rows: trainable = selected entries; optimizer state = compact state (int32 "
+            "indices + two fp32 moments per selected entry) plus the module optimizer's state; the peak includes "
+            "LT-SFT's dense phase. While only the selected entries train:",
+        ]
+        lines += [
+            f"- {r['label']}: {r['selected']:,} entries, optimizer state {r['sparse_optimizer_mb']:.1f} MB"
+            for r in sparse
+        ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n\n![accuracy vs forgetting](" + f"{name}.png)\n")
     (out / f"{name}.json").write_text(json.dumps({"zero_shot": zero, "rows": rows, "settings": settings}, indent=2))
     _plot(out / f"{name}.png", rows, zero)
@@ -384,8 +440,16 @@ def _plot(path: Path, rows: list[dict[str, Any]], zero: dict[str, float]) -> Non
     ax.scatter([0.0], [zero["target_acc"]], marker="x", color="gray", label="zero-shot")
     markers = "osD^vP*X<>"
     for i, r in enumerate(rows):
-        ax.errorbar(r["control_change_pct"][0], r["target_acc"][0], xerr=r["control_change_pct"][1],
-                    yerr=r["target_acc"][1], fmt=markers[i % len(markers)], capsize=3, label=r["label"], alpha=0.85)
+        ax.errorbar(
+            r["control_change_pct"][0],
+            r["target_acc"][0],
+            xerr=r["control_change_pct"][1],
+            yerr=r["target_acc"][1],
+            fmt=markers[i % len(markers)],
+            capsize=3,
+            label=r["label"],
+            alpha=0.85,
+        )
     ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("control (HumanEval) perplexity change vs zero-shot, % (forgetting →)")
     ax.set_ylabel("held-out target accuracy")

@@ -143,7 +143,7 @@ class DecoderCache:
 
     def select(self, rows: torch.Tensor) -> DecoderCache:
         """The cache of the given rows (beam search reorders its hypotheses)."""
-        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+        pick = lambda t: None if t is None else t.index_select(0, rows)
         return DecoderCache([pick(k) for k in self.keys], [pick(v) for v in self.values], pick(self.key_valid),
                             self.length, pick(self.stream_positions), pick(self.stream_valid))  # fmt: skip
 

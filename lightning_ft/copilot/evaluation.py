@@ -156,7 +156,7 @@ class CopilotEvaluation(CopilotTraining):
             raise ValueError(f"lambda_metric={metric!r} is not measured on this validation data (it has "
                              f"{sorted(k for k in grid[0] if k.startswith('target'))}): set lambda_metric to one of "
                              "those.")  # fmt: skip
-        loss = lambda r: r.get("target_loss", 0.0)  # noqa: E731
+        loss = lambda r: r.get("target_loss", 0.0)
         key = (
             (lambda r: (-r["target_acc"], loss(r), r["lambda"]))
             if metric == "target_acc"

@@ -112,7 +112,11 @@ class CopilotLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(
-        self, module: Any, lam: float | None = None, attention_mask: torch.Tensor | None = None, share_head: bool = False
+        self,
+        module: Any,
+        lam: float | None = None,
+        attention_mask: torch.Tensor | None = None,
+        share_head: bool = False,
     ) -> None:
         self.module = module
         self.lam = float(module.copilot_lambda if lam is None else lam)

@@ -79,7 +79,9 @@ class CopilotRounds(CopilotStorage):
         entry = entry.to(self.device)
         hidden, _ = self._teacher_forced(entry)
         if hidden.shape[0] == 0:  # zero rows, still connected to every parameter
-            return hidden.sum().float().expand(0, cp.cfg.vocab_size), torch.zeros(0, cp.cfg.vocab_size, device=hidden.device)
+            return hidden.sum().float().expand(0, cp.cfg.vocab_size), torch.zeros(
+                0, cp.cfg.vocab_size, device=hidden.device
+            )
         return cp.rectify(hidden), entry.dense_errors(cp.cfg.vocab_size)
 
     def _teacher_forced(self, entry: Round) -> tuple[torch.Tensor, torch.Tensor | None]:
