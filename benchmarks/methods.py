@@ -280,8 +280,11 @@ def _mean(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
 
-def _run_all(name: str, jobs: list[tuple[str, int]], settings: dict[str, Any], workers: int) -> list[dict[str, Any]]:
-    """Run every (method, seed), ``workers`` at a time, reusing runs already in ``results/<name>.runs.jsonl``."""
+def _run_all(
+    name: str, jobs: list[tuple[str, int]], settings: dict[str, Any], workers: int, finished_only: bool = False
+) -> list[dict[str, Any]]:
+    """Run every (method, seed), ``workers`` at a time, reusing runs already in ``results/<name>.runs.jsonl``
+    (``finished_only``: run nothing, return the finished ones)."""
     log = HERE / "results" / f"{name}.runs.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, int], dict[str, Any]] = {}
@@ -292,6 +295,8 @@ def _run_all(name: str, jobs: list[tuple[str, int]], settings: dict[str, Any], w
                 done[(r["method"], r["seed"])] = r
     todo = [j for j in jobs if j not in done]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs reused from {log.name}", flush=True)
+    if finished_only:
+        return [done[j] for j in jobs if j in done]
     threads = max(1, (os.cpu_count() or 2) // workers) if workers > 1 else None
 
     def one(job: tuple[str, int]) -> dict[str, Any]:
@@ -466,6 +471,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help=f"few minutes: {QUICK}, one seed")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count // jobs threads)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="run nothing: report the runs already in results/<name>.runs.jsonl (a partial table)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -479,8 +486,13 @@ def main() -> None:
     command = "python benchmarks/methods.py " + " ".join(sys.argv[1:])
     print(f"zero-shot ({settings})", flush=True)
     jobs = [("zero_shot", 0)] + [(m, s) for s in seeds for m in methods]  # seed-major: a stopped run has whole seeds
-    results = _run_all(args.name, jobs, settings, args.jobs)
+    results = _run_all(args.name, jobs, settings, args.jobs, args.finished_only)
+    if not results or results[0]["method"] != "zero_shot":
+        raise SystemExit(f"no zero-shot run in results/{args.name}.runs.jsonl yet: nothing to report.")
     zero, results = results[0]["after"], results[1:]
+    if args.finished_only:
+        args.name += "_partial"
+        command += "  # partial: the runs finished so far"
     path = write_report(args.name, summarise(results, zero), zero, settings, command)
     print(path.read_text())
 
