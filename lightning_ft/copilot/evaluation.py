@@ -73,7 +73,8 @@ class CopilotEvaluation(CopilotTraining):
         self, embeds: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor, where: torch.Tensor
     ) -> torch.Tensor:
         """The Copilot's rectifications ``[N, V]`` at the positions ``where`` (row-major), decoding as at inference:
-        the input after a scored position is the Copilot's own output there, every other input is zero."""
+        the Copilot's stream is each row's scored positions, and each element's input is the Copilot's own output at the
+        element before (zero for the first)."""
         cp = self.copilot
         dtype = cp.dtype
         b = valid.shape[0]
