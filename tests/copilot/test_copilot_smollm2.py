@@ -1,5 +1,6 @@
-"""The Copilot on the bundled SmolLM2-135M and real review data: it learns the Pilot's error, and the fused
-accuracy is measured against the Pilot alone (no claim that it is higher after a few dozen steps)."""
+"""The Copilot on the bundled SmolLM2-135M and real review data: it fits the Pilot's logged error (a round of the log,
+in sample), and the fused accuracy and the held-out RMSE are logged beside the Pilot's (no claim that they are
+better: at this scale the held-out RMSE equals the zero predictor's, benchmarks/results/copilot_seeds_paper.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from helpers import make_data, make_trainer
 from lightning_ft.copilot import CopilotCausalLM, PilotCapture
 
 
-def test_copilot_learns_the_pilots_error_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
+def test_copilot_fits_the_pilots_logged_error_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
     module = CopilotCausalLM(model=str(smollm2_dir), copilot_layers=2, learning_rate=1e-5, warmup_steps=6,
                              output_dir="", copilot_lambda="auto",
                              copilot_output=str(tmp_path / "copilot"))  # fmt: skip
