@@ -316,6 +316,8 @@ def _verdict(row: dict[str, Any], lora: dict[str, Any] | None) -> str:
     """Does the method forget less than LoRA at LoRA's accuracy or better? Ranges are mean ± half the range."""
     if lora is None or row is lora:
         return "reference" if row is lora else "n/a"
+    if len(row["seeds"]) < 2 or len(lora["seeds"]) < 2:
+        return "not judged (fewer than two seeds)"
     (acc, acc_h), (l_acc, l_acc_h) = row["target_acc"], lora["target_acc"]
     (ctl, ctl_h), (l_ctl, l_ctl_h) = row["control_change_pct"], lora["control_change_pct"]
     if acc + acc_h < l_acc - l_acc_h:
@@ -370,7 +372,12 @@ def summarise(results: list[dict[str, Any]], zero: dict[str, float]) -> list[dic
 
 
 def write_report(
-    name: str, rows: list[dict[str, Any]], zero: dict[str, float], settings: dict[str, Any], command: str
+    name: str,
+    rows: list[dict[str, Any]],
+    zero: dict[str, float],
+    settings: dict[str, Any],
+    command: str,
+    note: str = "",
 ) -> Path:
     """Write ``results/<name>.md``, ``.json`` and the accuracy-vs-forgetting plot."""
     out = HERE / "results"
@@ -386,7 +393,7 @@ def write_report(
         f"Control: HumanEval prompt+solution perplexity ({settings['control_size']} texts, "
         f"128 tokens). Budget: {settings['steps']} steps, batch {settings['batch_size']}, max length {settings['max_length']}, "
         f"AdamW (wd 0), {settings['warmup_steps']} warmup steps then linear decay, clip 1.0. "
-        "Values are means over seeds, ± half the range.",
+        "Values are means over seeds, ± half the range." + (f" {note}" if note else ""),
         "",
         f"Zero-shot: target accuracy {zero['target_acc']:.3f}, answer NLL {zero['target_loss']:.3f}, "
         f"control perplexity {zero['control_ppl']:.3f}.",
@@ -471,8 +478,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help=f"few minutes: {QUICK}, one seed")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count // jobs threads)")
-    parser.add_argument("--finished-only", action="store_true",
-                        help="run nothing: report the runs already in results/<name>.runs.jsonl (a partial table)")
+    parser.add_argument("--note", default="", help="what else shared the machine, written into the report")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: report the runs already in results/<name>.runs.jsonl (a partial table)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -493,7 +504,7 @@ def main() -> None:
     if args.finished_only:
         args.name += "_partial"
         command += "  # partial: the runs finished so far"
-    path = write_report(args.name, summarise(results, zero), zero, settings, command)
+    path = write_report(args.name, summarise(results, zero), zero, settings, command, args.note)
     print(path.read_text())
 
 
