@@ -206,6 +206,9 @@ class LoRASource(TensorSource):
             return self._product(key)
         return None
 
+    def touches(self, key: str, base: torch.Tensor) -> bool:
+        return key in self._saved or key in self._pairs
+
 
 def lora_from_folder(path: Path) -> LoRASource:
     """Open a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) as a LoRA source.
