@@ -37,6 +37,19 @@ def _batch(dm: Any, split: str = "train") -> dict[str, Any]:
     return next(iter(loader))
 
 
+def _logged_round(module: CopilotCausalLM) -> Any:
+    """The round the module logs for one Chit-Chat training batch (max length 64)."""
+    dm = _chat(max_length=64)
+    dm.tokenizer = module.tokenizer
+    batch = _batch(dm)
+    module._round_store = {}
+    with torch.no_grad(), PilotCapture(module.backbone) as capture:
+        module.compute_loss(batch)
+    entry = module._record_round(batch, capture)
+    module._round_store = None
+    return entry
+
+
 def test_round_holds_the_exact_error_embeddings_and_pooled_states(tiny_llama_dir: Path) -> None:
     module = _module(tiny_llama_dir)
     dm = _chat()
@@ -78,14 +91,7 @@ def test_the_error_at_t_and_later_never_reaches_the_copilot_output_at_t(tiny_lla
     import dataclasses
 
     module = _module(tiny_llama_dir).eval()
-    dm = _chat(max_length=64)
-    dm.tokenizer = module.tokenizer
-    batch = _batch(dm)
-    module._round_store = {}
-    with torch.no_grad(), PilotCapture(module.backbone) as capture:
-        module.compute_loss(batch)
-    entry = module._record_round(batch, capture)
-    module._round_store = None
+    entry = _logged_round(module)
     where = entry.error_mask.nonzero()
     row_positions = where[where[:, 0] == 0][:, 1]
     assert row_positions.numel() >= 3
@@ -113,14 +119,7 @@ def test_the_tied_heads_loss_equals_the_dense_rmse_with_its_gradients(tiny_llama
     module = _module(tiny_llama_dir, copilot_head="tied", error_storage=storage, error_topk=16, copilot_loss=loss)
     with torch.no_grad():
         module.copilot.out_proj.weight.normal_(std=0.05)
-    dm = _chat(max_length=64)
-    dm.tokenizer = module.tokenizer
-    batch = _batch(dm)
-    module._round_store = {}
-    with torch.no_grad(), PilotCapture(module.backbone) as capture:
-        module.compute_loss(batch)
-    entry = module._record_round(batch, capture)
-    module._round_store = None
+    entry = _logged_round(module)
     params = [p for p in module.copilot.parameters() if p.requires_grad]
     fast = module.copilot_step_loss(entry)
     fast_grads = torch.autograd.grad(fast, params)
