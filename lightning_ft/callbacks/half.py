@@ -22,7 +22,7 @@ from lightning_ft.core.selection import SelectionCallback, draw_rng
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.core.weights import resolve_path
 from lightning_ft.data.sequential import current_task
-from lightning_ft.support import MethodSupport, sharded_refusal
+from lightning_ft.support import MethodSupport
 
 __all__ = ["HalfFineTuning", "hft_frozen"]
 
@@ -147,9 +147,8 @@ class HalfFineTuning(SelectionCallback):
     """
 
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "mixed"}),
+        frozenset({"ddp", "fsdp2", "mixed"}),
         {
-            "fsdp": sharded_refusal("freezes whole tensors"),
             "quantized": "{name} trains whole base weights and cannot train a quantized backbone: load the model "
             "unquantized (quantization: null).",
             "lora": "{name} trains half of the base weights, but every base weight of {model} is frozen (a peft "

@@ -31,7 +31,9 @@ from lightning_ft.callbacks.layerwise_schedule import OWLORE_ACTIVE_FRACTION, ow
 from lightning_ft.core.galore import GaLoreProjection
 from lightning_ft.core.layer_map import LayerMap, ParamKind, is_quantized_param
 from lightning_ft.core.selection import SelectionCallback, draw_rng
-from lightning_ft.support import MethodSupport, sharded_refusal
+from lightning_ft.errors import UserError
+from lightning_ft.strategies.fsdp2 import is_model_parallel
+from lightning_ft.support import MethodSupport
 
 __all__ = [  # the schedule's and the outlier scores' names: re-exported, their old home
     "OWLORE_ACTIVE_FRACTION", "LayerFreezing", "LayerwiseSampling", "calibration_batches", "input_norms",
@@ -58,8 +60,8 @@ class LayerFreezing(SelectionCallback):
     """
 
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "quantized", "lora", "mixed"}),
-        {"fsdp": sharded_refusal("freezes whole tensors")},
+        frozenset({"ddp", "fsdp2", "quantized", "lora", "mixed"}),
+        {},
         "With a LoRA backbone it freezes or trains the adapters of the chosen blocks.",
     )
 
@@ -178,9 +180,10 @@ class LayerwiseSampling(SelectionCallback):
     """
 
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "quantized", "lora", "mixed"}),
-        {"fsdp": sharded_refusal("freezes whole tensors")},
-        "Needs strategy='ddp_find_unused_parameters_true'; outlier scores of a quantized backbone must be given.",
+        frozenset({"ddp", "fsdp2", "quantized", "lora", "mixed"}),
+        {},
+        "Needs strategy='ddp_find_unused_parameters_true'; outlier scores of a quantized backbone must be given; "
+        "GaLore (galore_rank) is refused under FSDP2.",
     )
 
     def __init__(
@@ -253,6 +256,12 @@ class LayerwiseSampling(SelectionCallback):
     @override
     def check(self, trainer: L.Trainer, model: torch.nn.Module, layer_map: LayerMap) -> None:
         self.layer_map = layer_map
+        if self.galore is not None and is_model_parallel(trainer.strategy):
+            raise UserError(
+                f"LayerwiseSampling(galore_rank={self.galore.rank}) projects each matrix's whole gradient by SVD, which "
+                f"{type(trainer.strategy).__name__} shards across processes: set galore_rank to 0 (plain AdamW) or use "
+                "strategy='ddp_find_unused_parameters_true'."
+            )
         if not 1 <= self.gamma <= layer_map.num_blocks:
             raise ValueError(
                 f"num_active={self.gamma} must be between 1 and the model's {layer_map.num_blocks} blocks."

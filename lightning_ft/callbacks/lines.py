@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-
-import re
 
 import lightning as L
 import torch
@@ -28,8 +27,9 @@ from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer, i
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.core.weights import safetensors_index as _safetensors_files
 from lightning_ft.merging.ops import NonBlockScale, lines_factor, lines_scale
+from lightning_ft.strategies.fsdp2 import any_rank, is_sharded, local
 from lightning_ft.strategies.process_group import destroy_process_group_at_exit
-from lightning_ft.support import MethodSupport, check_support, sharded_refusal
+from lightning_ft.support import MethodSupport, check_support
 
 __all__ = ["LiNeS"]
 
@@ -83,9 +83,10 @@ class LiNeS(L.Callback):
     """
 
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "quantized", "lora", "mixed"}),
-        {"fsdp": sharded_refusal("rescales whole tensors at the end of fit")},
-        "With a LoRA or quantized backbone it scales the adapters (not DoRA).",
+        frozenset({"ddp", "fsdp2", "quantized", "lora", "mixed"}),
+        {},
+        "With a LoRA or quantized backbone it scales the adapters (not DoRA). Under FSDP2 each process scales its "
+        "own shard.",
     )
 
     def __init__(
@@ -196,17 +197,19 @@ class LiNeS(L.Callback):
         }
 
     def _edited(self, model: torch.nn.Module, snapshot: PretrainedSnapshot) -> list[ParamInfo]:
-        """Parameters whose value moved away from theta_0 (adapter A factors and quantized weights excluded)."""
-        chosen = []
+        """Parameters whose value moved away from theta_0 (adapter A factors and quantized weights excluded); under
+        FSDP2 each process compares its own shard, and a tensor that moved on any process counts."""
+        considered, moved = [], []
         for info in snapshot.layer_map:
             param = model.get_parameter(info.name)
             if info.adapter in _SKIPPED_ADAPTERS or is_quantized_param(param):
                 continue
             if not param.is_floating_point():
                 continue
-            if not torch.equal(param.detach(), snapshot.get(info.name, device=param.device, dtype=param.dtype)):
-                chosen.append(info)
-        return chosen
+            considered.append(info)
+            moved.append(not torch.equal(local(param.detach()), snapshot.get_local(info.name, param)))
+        moved = any_rank(moved, self._sharded)
+        return [info for info, did in zip(considered, moved) if did]
 
     @torch.no_grad()
     def apply(
@@ -228,29 +231,38 @@ class LiNeS(L.Callback):
         assert self._model is not None and self._snapshot is not None
         infos = self._edited(self._model, self._snapshot) if infos is None else infos
         factors = self.factors(alpha)
-        for info in infos:
-            if not bool(torch.isfinite(self._scaled(info, factors[info.name], finetuned)).all()):
+        finite = [bool(torch.isfinite(self._scaled(info, factors[info.name], finetuned)).all()) for info in infos]
+        bad = any_rank([not ok for ok in finite], self._sharded)  # every process refuses if one shard is not finite
+        for info, not_finite in zip(infos, bad):
+            if not_finite:
                 raise FloatingPointError(
                     f"LiNeS(alpha={alpha:g}) would write NaN or infinity into {info.name} (its fine-tuned or "
                     "pretrained value is not finite), so it edited no weight and the fit stops before the edited "
                     "model is saved: find where training diverged (lower the learning rate, clip gradients)."
                 )
         for info in infos:
-            self._model.get_parameter(info.name).copy_(self._scaled(info, factors[info.name], finetuned))
+            local(self._model.get_parameter(info.name)).copy_(self._scaled(info, factors[info.name], finetuned))
 
     def _scaled(self, info: ParamInfo, factor: float, finetuned: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """``theta_0 + factor * (theta - theta_0)`` of one parameter, in its dtype and on its device."""
+        """``theta_0 + factor * (theta - theta_0)`` of one parameter (this process's shard of it under FSDP2: the
+        edit is elementwise), in its dtype and on its device."""
         assert self._model is not None and self._snapshot is not None
         param = self._model.get_parameter(info.name)
-        theta = finetuned[info.name].to(param.device) if finetuned is not None else param.detach()
-        theta0 = self._snapshot.get(info.name, device=param.device, dtype=torch.float32)
+        held = local(param.detach())
+        theta = finetuned[info.name].to(held.device) if finetuned is not None else held
+        theta0 = self._snapshot.get_local(info.name, param, dtype=torch.float32)
         return lines_scale(theta0, theta, factor)
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether the model's parameters are FSDP2 shards (each process edits its own rows)."""
+        return self._model is not None and is_sharded(self._model)
 
     # ------------------------------------------------------------------ alpha="auto"
     def _sweep(self, trainer: L.Trainer, pl_module: L.LightningModule, infos: list[ParamInfo]) -> float:
         assert self._model is not None
         loaders = _val_loaders(trainer)
-        finetuned = {i.name: self._model.get_parameter(i.name).detach().to("cpu", copy=True) for i in infos}
+        finetuned = {i.name: local(self._model.get_parameter(i.name).detach()).to("cpu", copy=True) for i in infos}
         evaluate = pl_module.evaluate  # type: ignore[operator]
         try:
             ft = evaluate(loaders)
@@ -265,7 +277,7 @@ class LiNeS(L.Callback):
         finally:
             with torch.no_grad():
                 for info in infos:
-                    self._model.get_parameter(info.name).copy_(finetuned[info.name])
+                    local(self._model.get_parameter(info.name)).copy_(finetuned[info.name])
         self.sweep = rows
         best = max(rows, key=lambda r: r["score"])
         self._emit(trainer, rows, float(best["alpha"]))

@@ -101,7 +101,7 @@ class SparseFineTuning(_SparseStorage):
     support: ClassVar[MethodSupport] = MethodSupport(
         frozenset({"ddp", "mixed"}),
         {
-            "fsdp": sharded_refusal("keeps masks over whole tensors"),
+            "fsdp2": sharded_refusal("keeps masks over whole tensors"),
             "quantized": "{name} adds fp32 differences to the weights, which a quantized backbone cannot hold: load "
             "the model without `quantization` (bf16 weights work).",
             "lora": "{name} trains the backbone's own weights, but this backbone is LoRA-wrapped (peft): drop `peft` "

@@ -124,7 +124,7 @@ class CopilotMixin(CopilotEvaluation):
     support: ClassVar[MethodSupport] = MethodSupport(
         frozenset({"ddp", "quantized", "lora", "mixed"}),
         {
-            "fsdp": "{name} steps the Pilot and the Copilot by hand with two optimizers, which {strategy} would shard "
+            "fsdp2": "{name} steps the Pilot and the Copilot by hand with two optimizers, which {strategy} would shard "
             "together: use strategy='ddp' (or a single device)."
         },
         "Pilot and Copilot may both be LoRA; a quantized Pilot needs copilot_model (unquantized) for the Copilot's "

@@ -70,6 +70,12 @@ class ParameterSelection:
         self._ids = {id(p): n for n, p in self.params.items()}
         self._homes: list[tuple[torch.optim.Optimizer, list[list[torch.nn.Parameter]]]] = []
 
+    def refresh(self) -> None:
+        """Look the candidates' parameters up again by name: FSDP2's ``fully_shard`` (run in ``configure_model``,
+        after ``setup``) replaces every parameter with a sharded one, which keeps its ``requires_grad`` flag."""
+        self.params = self.layer_map.parameters(self.model, [self.layer_map[n] for n in self.candidates])
+        self._ids = {id(p): n for n, p in self.params.items()}
+
     def bind(self, optimizers: Iterable[torch.optim.Optimizer], require_all: bool = False) -> None:
         """Remember each optimizer's param groups as built: the home of every tensor switched on later.
 
@@ -262,6 +268,7 @@ class SelectionCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.selection is None:
             return
+        self.selection.refresh()
         self.selection.bind(trainer.optimizers, require_all=self.dynamic)
         self._bound = True
         self._flush()

@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from lightning_ft.core.layer_map import LayerMap, ParamInfo, is_quantized_param, plain_name
 from lightning_ft.core.weights import INDEX_FILE, SINGLE_FILE, safetensors_index
+from lightning_ft.strategies.fsdp2 import local, shard_info
 
 Storage = Literal["auto", "disk", "memory"]
 
@@ -86,14 +87,16 @@ class _FileHandles:
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def read(self, file: str, key: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor) from ``file``."""
+    def read(self, file: str, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor) from ``file``; with ``rows = (start, count)`` only those rows."""
         with self._lock:
             handle = self._handles.get(file)
             if handle is None:
                 handle = safe_open(file, framework="pt")
                 self._handles[file] = handle
-        return handle.get_tensor(key)
+        if rows is None:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[rows[0] : rows[0] + rows[1]]
 
     def close(self) -> None:
         """Drop every open handle."""
@@ -128,6 +131,7 @@ class PretrainedSnapshot:
         self._index: dict[str, str] = found[1] if found is not None else {}
         self.names: list[str] = [info.name for info in layer_map]
         self._memory: dict[str, torch.Tensor] = {}
+        self._memory_rows: dict[str, tuple[int, int] | None] = {}  # the rows a copy of a shard holds (FSDP2)
         self._disk: dict[str, _DiskRef] = {}
         self._files = _FileHandles()
 
@@ -263,12 +267,13 @@ class PretrainedSnapshot:
         return snapshot
 
     def _capture_one(self, info: ParamInfo, param: torch.Tensor) -> None:
-        """Reference ``param`` on disk when the file matches it, else copy it."""
+        """Reference ``param`` on disk when the file matches it, else copy it (this rank's rows of a shard)."""
         ref = self._find_on_disk(info, param)
         if ref is not None:
             self._disk[info.name] = ref
         else:
-            self._memory[info.name] = _cpu_copy(param)
+            self._memory[info.name] = _cpu_copy(local(param))
+            self._memory_rows[info.name] = shard_info(param)
 
     def _find_on_disk(self, info: ParamInfo, param: torch.Tensor) -> _DiskRef | None:
         """Return the file tensor equal to ``param``, or ``None``."""
@@ -278,7 +283,7 @@ class PretrainedSnapshot:
             file = self._index.get(key)
             if file is None:
                 continue
-            if _file_matches(self._files.read(file, key), param):
+            if _file_matches(self._files.read(file, key, shard_info(param)), local(param)):
                 return _DiskRef(file, key, param.dtype)
         return None
 
@@ -293,7 +298,11 @@ class PretrainedSnapshot:
         return list(self._memory)
 
     def get(
-        self, name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        name: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Return a fresh tensor holding theta_0 of one parameter.
 
@@ -301,6 +310,7 @@ class PretrainedSnapshot:
             name: Canonical parameter name or an alias.
             device: Target device (CPU by default).
             dtype: Target dtype (the parameter's dtype at capture by default).
+            rows: ``(start, count)``: only these rows of dim 0 (a shard's, read alone from disk).
 
         Returns:
             A new tensor, never shared with the snapshot.
@@ -310,10 +320,23 @@ class PretrainedSnapshot:
         """
         canonical = self.layer_map.canonical(name)
         if canonical in self._memory:
-            return self._memory[canonical].to(device=device, dtype=dtype, copy=True)
+            held = self._memory_rows.get(canonical)
+            if held is not None and rows != held:
+                raise ValueError(f"theta_0 of {canonical} was captured from a shard (rows {held}), not {rows}.")
+            tensor = self._memory[canonical]
+            if rows is not None and held is None:
+                tensor = tensor[rows[0] : rows[0] + rows[1]]
+            return tensor.to(device=device, dtype=dtype, copy=True)
         ref = self._disk[canonical]
-        tensor = self._files.read(ref.file, ref.key)
+        tensor = self._files.read(ref.file, ref.key, rows)
         return tensor.to(device=device, dtype=dtype or ref.dtype)
+
+    def get_local(self, name: str, param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """theta_0 of this process's part of ``param``: all of it, or the rows of its shard when ``param`` is a
+        row-sharded ``DTensor`` (FSDP2), read from disk without reading the rest; on ``param``'s device, in
+        ``dtype`` (default: ``param``'s)."""
+        held = local(param)
+        return self.get(name, device=held.device, dtype=dtype or held.dtype, rows=shard_info(param))
 
     def delta(self, model: torch.nn.Module, name: str) -> torch.Tensor:
         """Return the live parameter minus theta_0, on the parameter's device.
@@ -323,10 +346,10 @@ class PretrainedSnapshot:
             name: Canonical parameter name or an alias.
 
         Returns:
-            A new tensor with the live parameter's dtype and device.
+            A new tensor with the live parameter's dtype and device (this process's rows of a sharded one).
         """
         live = model.get_parameter(self.layer_map.canonical(name))
-        return live.detach() - self.get(name, device=live.device, dtype=live.dtype)
+        return local(live.detach()) - self.get_local(name, live)
 
     def restore(self, model: torch.nn.Module, names: Iterable[str] | None = None) -> None:
         """Copy theta_0 back into the live parameters, in place.
@@ -339,7 +362,7 @@ class PretrainedSnapshot:
         with torch.no_grad():
             for name in chosen:
                 live = model.get_parameter(name)
-                live.copy_(self.get(name, device=live.device, dtype=live.dtype))
+                local(live).copy_(self.get_local(name, live))
 
     def __repr__(self) -> str:
         return (

@@ -19,9 +19,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_ft.assets import resolve_model
 from lightning_ft.errors import UserError
 from lightning_ft.modules.backbone import export_path, is_peft_model, save_pretrained_atomic
 from lightning_ft.modules.metrics import EvalMetrics
+from lightning_ft.strategies.fsdp2 import is_model_parallel, is_sharded, save_sharded_pretrained, shard_backbone
 from lightning_ft.strategies.process_group import destroy_process_group_at_exit
 
 __all__ = [
@@ -174,6 +176,31 @@ class FineTuningModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): ``fully_shard`` each block of the backbone, then the backbone
+        (:func:`~lightning_ft.strategies.fsdp2.shard_backbone`); a no-op under any other strategy.
+
+        Only data parallelism is supported (``tensor_parallel_size=1``); :meth:`sharded_modules` names the modules
+        a mixin calls outside the backbone's forward, which get their own group.
+        """
+        trainer = self._trainer
+        if trainer is None or not is_model_parallel(trainer.strategy):
+            return
+        mesh = self.device_mesh
+        if mesh is None or "data_parallel" not in (mesh.mesh_dim_names or ()):
+            return
+        if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+            raise UserError(
+                f"{type(self).__name__} shards data-parallel only, but the strategy asks for tensor_parallel_size="
+                f"{mesh['tensor_parallel'].size()}: use ModelParallelStrategy(data_parallel_size=<world size>, "
+                "tensor_parallel_size=1)."
+            )
+        shard_backbone(self.backbone, mesh["data_parallel"], self.sharded_modules())
+
+    def sharded_modules(self) -> list[nn.Module]:
+        """Modules a mixin's training step calls outside the backbone's forward (each gets its own FSDP2 group)."""
+        return []
+
     # ------------------------------------------------------------------ forward and loss
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -249,7 +276,10 @@ class FineTuningModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         path = self.output_path()
-        if path is not None and self.trainer.is_global_zero:
+        if path is not None and self.backbone is not None and is_sharded(self.backbone):
+            source = str(resolve_model(self.hparams.model, weights=False))
+            save_sharded_pretrained(self.backbone, self.tokenizer, source, path, self.trainer.is_global_zero)
+        elif path is not None and self.trainer.is_global_zero:
             self.save_pretrained(path)
         self.trainer.strategy.barrier("lightning_ft.save_pretrained")  # no rank leaves while rank 0 still writes
 

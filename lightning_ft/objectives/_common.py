@@ -9,13 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
-__all__ = ["UNVERIFIED_SHARDED", "batch_generator", "check_fit_support", "log_train", "training_progress"]
-
-#: the refusal of a sharded strategy for an objective nothing is known to break there (issue #18 will verify FSDP2)
-UNVERIFIED_SHARDED = (
-    "{name} is not yet verified under sharded strategies such as {strategy}: use strategy='ddp' (or a single device)."
-)
-
+__all__ = ["batch_generator", "check_fit_support", "log_train", "training_progress"]
 
 def check_fit_support(method: object, trainer: Any, model: torch.nn.Module | None) -> None:
     """What an objective's ``setup("fit")`` does: register the clean process-group exit, then refuse in one sentence a

@@ -110,7 +110,7 @@ class MultiTokenHeadsMixin(MixinBase):
     support: ClassVar[MethodSupport] = MethodSupport(
         frozenset({"ddp", "lora", "mixed"}),
         {
-            "fsdp": "{name} runs the backbone's final norm and LM head again outside the backbone's forward (its "
+            "fsdp2": "{name} runs the backbone's final norm and LM head again outside the backbone's forward (its "
             "auxiliary heads share them), where {strategy} keeps their weights sharded: use strategy='ddp' (or a "
             "single device).",
             "quantized": "{name} copies a decoder layer of the backbone into each auxiliary head, which a quantized "

@@ -21,7 +21,6 @@ from lightning_ft.core.anatomy import input_embeddings
 from lightning_ft.core.host import MixinBase, ModuleHost, require_host
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.objectives._common import (
-    UNVERIFIED_SHARDED,
     batch_generator,
     check_fit_support,
     log_train,
@@ -107,10 +106,9 @@ class MaskedThoughtMixin(MixinBase):
 
     backbone: nn.Module
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "quantized", "lora", "mixed"}),
-        {"fsdp": UNVERIFIED_SHARDED},
-        "The masking draw depends on the rank, so DDP masks other tokens than one process; sharded strategies are not "
-        "yet verified.",
+        frozenset({"ddp", "fsdp2", "quantized", "lora", "mixed"}),
+        {},
+        "The masking draw depends on the rank, so DDP and FSDP2 mask other tokens than one process.",
     )
 
     def __init__(

@@ -24,7 +24,7 @@ from lightning_ft.data.control import ControlDataModule
 from lightning_ft.data.instruction import InstructionDataModule
 from lightning_ft.data.sampling import train_loader
 from lightning_ft.modules.metrics import aligned_nll
-from lightning_ft.objectives._common import UNVERIFIED_SHARDED, check_fit_support
+from lightning_ft.objectives._common import check_fit_support
 from lightning_ft.objectives.weights import TokenWeightedDataModule
 from lightning_ft.support import MethodSupport
 
@@ -287,9 +287,9 @@ class TaskBalancedLossMixin(MixinBase):
     """
 
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "quantized", "lora", "mixed"}),
-        {"fsdp": UNVERIFIED_SHARDED},
-        "Under DDP each process balances its own batch, as MFTCoder does; sharded strategies are not yet verified.",
+        frozenset({"ddp", "fsdp2", "quantized", "lora", "mixed"}),
+        {},
+        "Under DDP and FSDP2 each process balances its own batch, as MFTCoder does.",
     )
 
     def __init__(

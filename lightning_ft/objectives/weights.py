@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.data.instruction import InstructionDataModule
-from lightning_ft.objectives._common import UNVERIFIED_SHARDED, check_fit_support
+from lightning_ft.objectives._common import check_fit_support
 from lightning_ft.support import MethodSupport
 
 __all__ = ["DiffWeights", "KeyTokenWeights", "SpanWeights", "TokenWeightedDataModule", "TokenWeighting"]
@@ -65,10 +65,9 @@ class TokenWeighting:
     """
 
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "quantized", "lora", "mixed"}),
-        {"fsdp": UNVERIFIED_SHARDED},
-        "Checked by TokenWeightedDataModule; under DDP each process divides by its own batch's weight sum; sharded "
-        "strategies are not yet verified.",
+        frozenset({"ddp", "fsdp2", "quantized", "lora", "mixed"}),
+        {},
+        "Checked by TokenWeightedDataModule; under DDP and FSDP2 each process divides by its own batch's weight sum.",
     )
 
     def response_weights(self, record: dict[str, Any], response: str, offsets: Offsets) -> list[float]:

@@ -151,11 +151,15 @@ ROWS: list[tuple[str, list[str], int, str]] = [
                                                                            "integer or -1"),
     # ---- refusals of the support matrix, before Lightning's own checks (exit 1)
     ("fsdp-half", ["fit", *BASE, "--trainer.strategy", "fsdp", "--trainer.callbacks+=HalfFineTuning"], 1,
-     "HalfFineTuning freezes whole tensors, which FSDPStrategy shards into flat pieces: use strategy='ddp' (or a "
-     "single device)."),
+     "HalfFineTuning does not run under FSDPStrategy, which flattens the parameters into sharded pieces: use "
+     "strategy='fsdp2' (Lightning's ModelParallelStrategy with FSDP2) or strategy='ddp'."),
     ("deepspeed-sparse", ["fit", *BASE, "--trainer.strategy", "deepspeed_stage_3", "--trainer.callbacks+=SparseFineTuning",
                           "--trainer.callbacks.rule", "Magnitude"], 1,
-     "SparseFineTuning keeps masks over whole tensors, which DeepSpeedStrategy shards into flat pieces"),
+     "SparseFineTuning does not run under DeepSpeedStrategy, which flattens the parameters into sharded pieces"),
+    ("fsdp2-sparse", ["fit", *BASE, "--trainer.strategy", "fsdp2", "--trainer.callbacks+=SparseFineTuning",
+                      "--trainer.callbacks.rule", "Magnitude"], 1,
+     "SparseFineTuning keeps masks over whole tensors, which FSDP2Strategy shards across processes: use "
+     "strategy='ddp' (or a single device)."),
     # ---- checkpoints (exit 1, before the model loads)
     ("ckpt-missing", ["fit", *BASE, "--ckpt_path", f"{ROOT}/last.ckpt"], 1,
      "--ckpt_path {ws}/last.ckpt does not exist: --ckpt_path takes the .ckpt file of a run"),

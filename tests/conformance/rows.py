@@ -83,6 +83,8 @@ class Row:
             does ("": it does, up to float rounding); the processes must still agree.
         batch_extra: Extra batch fields the method reads (e.g. ``task_id``), by name.
         dynamic: Whether the trainable set changes during the fit (DDP then needs unused-parameter detection).
+        fsdp2_refuses: The start of the sentence this row's configuration is refused with under FSDP2 although its
+            class supports FSDP2 (e.g. an option that needs whole tensors); "" when it runs.
     """
 
     name: str
@@ -95,6 +97,7 @@ class Row:
     batch_extra: tuple[str, ...] = ()
     dynamic: bool = False
     ddp_differs: str = ""
+    fsdp2_refuses: str = ""
 
     def applies(self, model: str, host: str) -> str | None:
         """Why the cell ``(model, host)`` does not apply, or ``None`` when it does."""
@@ -151,6 +154,8 @@ ROWS: list[Row] = [
         lambda host: LayerwiseSampling(preset="owlore", interval=2, outlier_threshold=2.0, calibration_samples=8,
                                        galore_rank=4, galore_update_proj_gap=2),
         check="selection", dynamic=True,
+        fsdp2_refuses="LayerwiseSampling(galore_rank=4) projects each matrix's whole gradient by SVD, which {strategy} "
+                      "shards across processes",
     ),
     Row("lines", LiNeS, lambda host: LiNeS(alpha=0.5)),
     Row(
@@ -298,15 +303,22 @@ def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class KeepMid(L.Callback):
-    """Copies ``last.ckpt`` to ``mid.ckpt`` when it holds step :data:`MID` (ModelCheckpoint runs after the other
-    callbacks, so at the end of step ``MID + 1`` it is still step ``MID``'s): the file a crash then would leave."""
+    """Copies ``last.ckpt`` (a file, or a distributed checkpoint's folder) to ``mid.ckpt`` when it holds step
+    :data:`MID` (ModelCheckpoint runs after the other callbacks, so at the end of step ``MID + 1`` it is still step
+    ``MID``'s): what a crash then would leave."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == MID + 1 and trainer.is_global_zero:
+            last = self.folder / "last.ckpt"
+            if last.is_dir():  # a distributed checkpoint (FSDP2): a folder of shards
+                shutil.copytree(last, self.folder / "mid.ckpt")
+            else:
+                shutil.copyfile(last, self.folder / "mid.ckpt")
         if trainer.global_step == MID + 1:
-            shutil.copyfile(self.folder / "last.ckpt", self.folder / "mid.ckpt")
+            trainer.strategy.barrier()
 
 
 def fit(
@@ -324,6 +336,12 @@ def fit(
     trainer = make_trainer(root, STEPS, enable_checkpointing=True, callbacks=callbacks)
     trainer.fit(module, TokenData(model, row.batch_extra), ckpt_path=ckpt)
     return module, probe  # type: ignore[return-value]
+
+
+def fsdp2_rows() -> list[Row]:
+    """The rows run under FSDP2 (on the tiny Llama, our host): every DDP row; one that refuses FSDP2 must refuse it
+    with its declared sentence there."""
+    return [row for row in ROWS if row.applies("llama", "ours") is None and "fsdp2" not in row.na]
 
 
 def ddp_rows() -> list[Row]:

@@ -2,7 +2,8 @@
 LightningModule). On every cell that applies: (a) only what the method intends changes, (b) a run resumed from a
 mid-run ``last.ckpt`` equals the uninterrupted run bit for bit, (c) every refusal the method's class declares
 refuses with its sentence, (d) a 2-process gloo DDP run (one process group for every row, ddp_fit.py) matches one
-process."""
+process, (e) a 2-process gloo FSDP2 run (fsdp_fit.py) matches the DDP run and resumes from its distributed checkpoint
+bit for bit, or the method refuses FSDP2 with its declared sentence."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
-from rows import HOSTS, MID, MODELS, ROW, ROWS, build, ddp_rows, fit, params
+from rows import HOSTS, MID, MODELS, ROW, ROWS, build, ddp_rows, fit, fsdp2_rows, params
 
 import lightning_ft.callbacks
 import lightning_ft.copilot
@@ -174,10 +175,10 @@ def wrapped(model_dirs: dict[str, str]) -> dict[str, Any]:
 def test_every_declared_refusal_refuses_with_its_sentence(
     name: str, feature: str, model_dirs: dict[str, str], wrapped: dict[str, Any]
 ) -> None:
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     row = ROW[name]
-    strategy = FSDPStrategy() if feature == "fsdp" else L.Trainer(accelerator="cpu", logger=False).strategy
+    strategy = ModelParallelStrategy() if feature == "fsdp2" else L.Trainer(accelerator="cpu", logger=False).strategy
     precision = "bf16-mixed" if feature == "mixed" else "32-true"
     trainer = types.SimpleNamespace(strategy=strategy, precision=precision, callbacks=[], datamodule=None)
     mixin = row.module is not None and row.declared is not TokenWeighting
@@ -217,16 +218,24 @@ def test_every_declared_refusal_refuses_with_its_sentence(
 
 
 def test_declared_support_is_the_public_lookup() -> None:
-    """The refusals above come from the same declarations ``check_support`` reads (the README table's rows)."""
-    fsdp = types.SimpleNamespace(strategy=type("FSDPStrategy", (), {})(), precision="32-true")
+    """The refusals above come from the same declarations ``check_support`` reads (the README table's rows); the
+    legacy sharded strategies are refused by every method with one sentence naming ModelParallelStrategy."""
+    fsdp2 = types.SimpleNamespace(strategy=type("ModelParallelStrategy", (), {})(), precision="32-true")
     for row in ROWS:
-        refusals = declared_refusals(row.declared)
-        if "fsdp" not in refusals:
-            continue
         name = row.declared.__name__
+        for legacy in ("FSDPStrategy", "DeepSpeedStrategy"):
+            trainer = types.SimpleNamespace(strategy=type(legacy, (), {})(), precision="32-true")
+            with pytest.raises(ValueError) as err:
+                support.check_support(row.declared, trainer)
+            assert str(err.value) == support.legacy_refusal(support.support_of(row.declared), name, legacy)
+            assert "strategy='ddp'" in str(err.value)
+        refusals = declared_refusals(row.declared)
+        if "fsdp2" not in refusals:
+            support.check_support(row.declared, fsdp2)  # supported: no refusal
+            continue
         with pytest.raises(ValueError) as err:
-            support.check_support(row.declared, fsdp)
-        assert str(err.value) == refusals["fsdp"].format(name=name, strategy="FSDPStrategy", model="NoneType")
+            support.check_support(row.declared, fsdp2)
+        assert str(err.value) == refusals["fsdp2"].format(name=name, strategy="ModelParallelStrategy", model="NoneType")
 
 
 # ---------------------------------------------------------------------------------------------- (d) DDP
@@ -265,3 +274,47 @@ def test_two_process_ddp_matches_one_process(name: str, runs: _Runs, ddp_results
         # is near zero (~1e-5 after 6 steps); training other entries or batches differs by ~lr = 1e-2
         diff = (result["params"][n] - p.detach()).abs().max().item()
         assert diff <= 1e-4, f"{n}: {diff:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- (e) FSDP2
+FSDP2_ROWS = [row.name for row in fsdp2_rows()]
+
+
+@pytest.fixture(scope="session")
+def fsdp2_results(model_dirs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every FSDP2 row fitted, then resumed from its step-MID distributed checkpoint, in ONE 2-process gloo group
+    (fsdp_fit.py, run by torchrun); rank 0's gathered weights and method state per row."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(HERE / "fsdp_fit.py"), model_dirs["llama"], str(out), *FSDP2_ROWS]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("name", FSDP2_ROWS)
+def test_fsdp2_matches_ddp_and_resumes_from_its_distributed_checkpoint(
+    name: str, fsdp2_results: Path, ddp_results: Path
+) -> None:
+    row = ROW[name]
+    result = torch.load(fsdp2_results / f"{name}.pt", weights_only=False)
+    refusals = declared_refusals(row.declared)
+    if "fsdp2" in refusals or row.fsdp2_refuses:  # refused in setup(), on both processes, with its sentence
+        cls = row.module.cls if row.module is not None else row.declared  # type: ignore[union-attr]
+        expected = (row.fsdp2_refuses or refusals["fsdp2"]).format(name=cls.__name__, strategy="FSDP2Strategy",
+                                                                   model="LlamaForCausalLM")  # fmt: skip
+        assert "refused" in result, f"{name} declares an FSDP2 refusal but trained under FSDP2"
+        assert result["refused"].startswith(expected), result["refused"]
+        return
+    assert "refused" not in result, result.get("refused")
+    assert result["frozen_stateless"], "a tensor left out had a gradient or optimizer state, or was not sharded"
+    ddp = torch.load(ddp_results / f"{name}.pt", weights_only=True)["params"]
+    assert result["params"].keys() == ddp.keys()
+    for n, p in ddp.items():  # the same reduction (a mean over the two processes' gradients), sharded
+        diff = (result["params"][n] - p).abs().max().item()
+        assert diff <= 1e-5, f"{n}: {diff:.3g}"
+    for n, p in result["params"].items():
+        assert torch.equal(result["resumed"][n], p), f"resumed {n}: {(result['resumed'][n] - p).abs().max():.3g}"
+    _assert_same(result["state"], result["resumed_state"], name)

@@ -1,7 +1,7 @@
 """The declared support matrix: each method class declares its support in its own body (inherited by subclasses);
-it drives the callbacks' setup() refusals (FSDP for every weight-selecting or weight-editing callback: FSDP cannot
-run on CPU, so the refusal is what is tested) and the CLI's early check, and the README's compatibility table is
-exactly its rendering over the exported classes."""
+it drives the callbacks' setup() refusals (FSDP2 where a method needs whole tensors; the legacy FSDPStrategy and
+DeepSpeed for every declared method, naming the strategy to use instead) and the CLI's early check, and the README's
+compatibility table is exactly its rendering over the exported classes."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from lightning_ft.strategies import process_group
 from lightning_ft.support import (
     FEATURES,
     GENERIC,
+    legacy_refusal,
     TABLE_BEGIN,
     TABLE_END,
     MethodSupport,
@@ -35,8 +36,8 @@ from lightning_ft.support import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-_HFT_FSDP = ("{} freezes whole tensors, which FSDPStrategy shards into flat pieces: use strategy='ddp' (or a single "
-             "device).")
+_LEGACY = ("{} does not run under FSDPStrategy, which flattens the parameters into sharded pieces: use "
+           "strategy='fsdp2' (Lightning's ModelParallelStrategy with FSDP2) or strategy='ddp'.")
 
 
 def _callbacks() -> list[L.Callback]:
@@ -60,7 +61,7 @@ class MySparse(SparseFineTuning):
     """A user's subclass of a callback that is not a SelectionCallback."""
 
 
-class EverywhereFreezing(LayerFreezing):
+class EverywhereHFT(HalfFineTuning):
     """A subclass that overrides the declaration it would inherit."""
 
     support: ClassVar[MethodSupport] = MethodSupport(frozenset(FEATURES), notes="supports everything")
@@ -74,41 +75,62 @@ def test_the_exported_declared_classes_are_the_weight_editing_methods_and_the_ob
     assert support_of(CausalLMModule) is GENERIC and support_of(object()) is GENERIC  # no declaration in the MRO
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy, ModelParallelStrategy], ids=["fsdp", "model_parallel"])
-def test_sharded_strategies_are_refused_in_setup_with_one_sentence(tiny_llama_dir: Path, strategy: type) -> None:
+def test_legacy_sharded_strategies_are_refused_in_setup_naming_fsdp2(tiny_llama_dir: Path) -> None:
     module = CausalLMModule(model=str(tiny_llama_dir), output_dir="")
     for callback in _callbacks():
         with pytest.raises(ValueError) as err:
-            callback.setup(_trainer(strategy()), module, "fit")  # type: ignore[arg-type]
+            callback.setup(_trainer(FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
+        expected = legacy_refusal(support_of(callback), type(callback).__name__, "FSDPStrategy")
+        assert str(err.value) == expected and expected.count(". ") == 0
+        assert ("strategy='fsdp2'" in expected) == ("fsdp2" in support_of(callback).supports), expected
+    deepspeed = type("DeepSpeedStrategy", (), {})()
+    with pytest.raises(ValueError) as err:
+        check_support(LiNeS(alpha=0.5), _trainer(deepspeed))
+    assert str(err.value).startswith("LiNeS does not run under DeepSpeedStrategy, which flattens") and (
+        "use strategy='fsdp2'" in str(err.value)
+    )
+    with pytest.raises(ValueError) as err:  # a method that does not run sharded names ddp alone
+        check_support(CopilotMixin, _trainer(FSDPStrategy()))
+    assert str(err.value).endswith("use strategy='ddp' (this method does not run sharded).")
+
+
+def test_fsdp2_is_refused_only_where_declared(tiny_llama_dir: Path) -> None:
+    fsdp2 = _trainer(ModelParallelStrategy(), "32-true")
+    for callback in (HalfFineTuning(), LayerFreezing(freeze_bottom=1), LayerwiseSampling(num_active=1), LiNeS(0.5)):
+        check_support(callback, fsdp2)  # works on shards
+    for method in (CopilotMixin, MultiTokenHeadsMixin):
+        with pytest.raises(ValueError) as err:
+            check_support(method, fsdp2)
         message = str(err.value)
-        name = type(callback).__name__
-        assert message.startswith(name) and strategy.__name__ in message, message
-        assert "use strategy='ddp' (or a single device)." in message and message.count(". ") == 0, message
+        assert message.startswith(method.__name__) and "ModelParallelStrategy" in message, message
+        assert message.endswith("use strategy='ddp' (or a single device).") and message.count(". ") == 0, message
 
 
 def test_a_users_subclass_is_refused_with_the_declaration_it_inherits_named_as_itself(tiny_llama_dir: Path) -> None:
     module = CausalLMModule(model=str(tiny_llama_dir), output_dir="")
     with pytest.raises(ValueError) as err:
         MyHFT().setup(_trainer(FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
-    assert str(err.value) == _HFT_FSDP.format("MyHFT")  # not the generic "freezes or edits whole tensors"
+    assert str(err.value) == _LEGACY.format("MyHFT")
     with pytest.raises(ValueError) as err:
-        MySparse(Magnitude()).setup(_trainer(FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
-    assert str(err.value).startswith("MySparse keeps masks over whole tensors, which FSDPStrategy"), str(err.value)
+        MySparse(Magnitude()).setup(_trainer(ModelParallelStrategy()), module, "fit")  # type: ignore[arg-type]
+    assert str(err.value).startswith("MySparse keeps masks over whole tensors, which ModelParallelStrategy"), str(
+        err.value
+    )
     with pytest.raises(ValueError) as err:  # the generic row would have let a LoRA backbone through
         check_support(MyHFT(), _trainer(_ddp()), find_transformer(_lora(tiny_llama_dir)))
     assert str(err.value).startswith("MyHFT trains half of the base weights, but every base weight of "), str(err.value)
     with pytest.raises(ValueError) as err:  # the CLI's check before anything is built
         check_strategy_support([MyHFT], "fsdp")
-    assert str(err.value) == _HFT_FSDP.format("MyHFT")
+    assert str(err.value) == _LEGACY.format("MyHFT")
 
 
 def test_a_subclass_may_override_the_declaration(tiny_llama_dir: Path) -> None:
-    assert support_of(EverywhereFreezing) is EverywhereFreezing.support is not LayerFreezing.support
-    assert support_of(EverywhereFreezing(freeze_bottom=1)) is EverywhereFreezing.support
-    check_support(EverywhereFreezing(freeze_bottom=1), _trainer(FSDPStrategy()))  # its own row: FSDP is supported
-    check_strategy_support([EverywhereFreezing], "fsdp")
-    with pytest.raises(ValueError, match=re.escape("LayerFreezing freezes whole tensors, which FSDPStrategy")):
-        check_support(LayerFreezing(freeze_bottom=1), _trainer(FSDPStrategy()))
+    assert support_of(EverywhereHFT) is EverywhereHFT.support is not HalfFineTuning.support
+    assert support_of(EverywhereHFT()) is EverywhereHFT.support
+    lora = find_transformer(_lora(tiny_llama_dir))
+    check_support(EverywhereHFT(), _trainer(_ddp()), lora)  # its own row: a LoRA backbone is supported
+    with pytest.raises(ValueError, match=re.escape("HalfFineTuning trains half of the base weights")):
+        check_support(HalfFineTuning(), _trainer(_ddp()), lora)
 
 
 def _lora(model_dir: Path) -> CausalLMModule:
@@ -127,11 +149,14 @@ def test_declared_support_drives_the_refusals(tiny_llama_dir: Path) -> None:
         pass
 
     check_support(MyOwnSelection(), ddp, lora)  # an undeclared method gets the generic row
-    with pytest.raises(ValueError, match="^MyOwnSelection freezes or edits whole tensors, which FSDPStrategy"):
+    with pytest.raises(ValueError, match="^MyOwnSelection has not declared that it works on parameter shards, which "
+                                         "ModelParallelStrategy shards"):  # fmt: skip
+        check_support(MyOwnSelection(), _trainer(ModelParallelStrategy()))
+    with pytest.raises(ValueError, match="^MyOwnSelection does not run under FSDPStrategy, which flattens"):
         check_support(MyOwnSelection(), _trainer(FSDPStrategy()))
     check_strategy_support([MyOwnSelection, CausalLMModule], "fsdp")  # the CLI checks declared classes only
-    assert "fsdp" not in GENERIC.supports
-    with pytest.raises(ValueError, match="add one for 'fsdp'"):
+    assert "fsdp2" not in GENERIC.supports
+    with pytest.raises(ValueError, match="add one for 'fsdp2'"):
         MethodSupport(frozenset({"ddp"}))
 
 
