@@ -1,0 +1,69 @@
+"""Run by ``torchrun --nproc_per_node=2`` from test_fsdp2.py: a full and a LoRA CausalLMModule fitted under
+FSDP2Strategy, each exporting ``hf_model`` at fit end (gathered one tensor at a time onto rank 0). Rank 0 writes the
+gathered weights of each (``<kind>.pt``) for the test to compare with what ``from_pretrained`` loads; each rank
+records the most bytes of gathered (full) tensors alive at once during the export.
+
+Usage: ``fsdp2_export.py <tiny llama folder> <output folder>``
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from pathlib import Path
+
+import lightning as L
+import torch
+from helpers import make_trainer
+
+from lightning_ft.modules import CausalLMModule
+from lightning_ft.strategies import FSDP2Strategy, fsdp2
+
+
+def _tracked() -> list[int]:
+    """Wrap ``full_tensor`` so that each gather records the bytes of all gathered tensors still alive then."""
+    alive: list[weakref.ref[torch.Tensor]] = []
+    peaks: list[int] = []
+    plain = fsdp2.full_tensor
+
+    def full(tensor: torch.Tensor) -> torch.Tensor:
+        whole = plain(tensor)
+        alive[:] = [ref for ref in alive if ref() is not None] + [weakref.ref(whole)]
+        peaks.append(sum(t.numel() * t.element_size() for ref in alive if (t := ref()) is not None))
+        return whole
+
+    fsdp2.full_tensor = full
+    return peaks
+
+
+def _batches() -> torch.utils.data.DataLoader:
+    """Each rank's own fixed random token rows, labelled with themselves."""
+    gen = torch.Generator().manual_seed(int(os.environ["RANK"]))
+    ids = torch.randint(3, 300, (12, 10), generator=gen)
+    return torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2)
+
+
+def main(path: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    peaks = _tracked()
+    for kind, peft in (("full", None), ("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]})):
+        L.seed_everything(0)
+        module = CausalLMModule(model=path, peft=peft, learning_rate=1e-2, warmup_steps=0,
+                                output_dir=str(out / kind / "hf_model"))  # fmt: skip
+        trainer = make_trainer(out / kind, 3, devices=2, strategy=FSDP2Strategy(), use_distributed_sampler=False)
+        peaks.clear()  # and the previous module's gathered weights are gone (``del weights`` below)
+        trainer.fit(module, train_dataloaders=_batches())
+        export_peak = max(peaks)
+        weights = dict(fsdp2.gathered_parameters(module.backbone))
+        if rank == 0:
+            model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+            torch.save({"weights": weights, "export_peak": export_peak, "model_bytes": model_bytes},
+                       out / f"{kind}.pt")  # fmt: skip
+        del weights
+        trainer.strategy.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,137 @@
+"""FSDP2 (``strategy: fsdp2``, Lightning's ModelParallelStrategy): our modules shard each block, the fit-end export
+gathers one tensor at a time onto rank 0 and loads in transformers (and peft), and ``lightning-ft fit`` runs under
+``torchrun`` with 2 CPU processes and resumes from its distributed checkpoint. Every method's FSDP2 behaviour (equal
+to DDP, resumed bit for bit, or refused) is checked by the conformance matrix (tests/conformance, property e)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_ft.core.snapshot import PretrainedSnapshot
+from lightning_ft.strategies.fsdp2 import _blocks
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _torchrun(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", *args]
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_the_blocks_are_the_decoder_layers(tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert _blocks(llama) == list(llama.model.layers)
+    gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    assert _blocks(gpt2) == list(gpt2.transformer.h)
+
+
+def test_the_snapshot_reads_only_a_shards_rows(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    snapshot = PretrainedSnapshot.capture(model)
+    name = "model.layers.1.mlp.down_proj.weight"
+    whole = snapshot.get(name)
+    assert snapshot.storage == "disk" and torch.equal(snapshot.get(name, rows=(3, 5)), whole[3:8])
+    assert snapshot.get(name, rows=(whole.shape[0], 0)).shape == (0, whole.shape[1])  # a rank holding no rows
+
+
+# ---------------------------------------------------------------------------------------------- the export
+@pytest.fixture(scope="module")
+def exported(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full and a LoRA module fitted under FSDP2 in one 2-process gloo group, each exporting hf_model."""
+    out = tmp_path_factory.mktemp("fsdp2_export")
+    _torchrun([str(HERE / "fsdp2_export.py"), str(tiny_llama_dir), str(out)])
+    return out
+
+
+@pytest.mark.ddp
+def test_the_export_loads_in_transformers_and_equals_the_gathered_weights(exported: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result = torch.load(exported / "full.pt", weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(exported / "full" / "hf_model")
+    loaded = dict(model.named_parameters())
+    assert set(loaded) == set(result["weights"])
+    for name, tensor in result["weights"].items():
+        assert torch.equal(loaded[name], tensor), name
+    sizes = sorted((t.numel() * t.element_size() for t in result["weights"].values()), reverse=True)
+    # one tensor at a time: at most the one being written and the next one gathered, never the whole model
+    assert result["export_peak"] <= sizes[0] + sizes[1] < result["model_bytes"]
+
+
+@pytest.mark.ddp
+def test_a_lora_export_is_the_adapter_and_loads_in_peft(exported: Path, tiny_llama_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = torch.load(exported / "lora.pt", weights_only=True)
+    assert (exported / "lora" / "hf_model" / "adapter_config.json").is_file()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                      exported / "lora" / "hf_model")  # fmt: skip
+    loaded = dict(model.named_parameters())
+    adapters = {n: t for n, t in result["weights"].items() if "lora_" in n}
+    assert adapters and all(torch.equal(loaded[n], t) for n, t in adapters.items())
+    assert any(not torch.equal(t, torch.zeros_like(t)) for n, t in adapters.items() if "lora_B" in n), "B trained"
+    assert result["export_peak"] <= sum(t.numel() * t.element_size() for t in adapters.values())
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+@pytest.mark.ddp
+def test_lightning_ft_fit_runs_under_torchrun_with_fsdp2_and_resumes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "fsdp2", "max_steps": 4, "gradient_clip_val": 1.0,
+                    "num_sanity_val_steps": 0, "val_check_interval": 4, "check_val_every_n_epoch": None,
+                    "enable_progress_bar": False,
+                    "callbacks": [{"class_path": "ForgettingReport"},
+                                  {"class_path": "LiNeS", "init_args": {"alpha": 0.5}}]},
+        "model": {"class_path": "lightning_ft.modules.CausalLMModule",
+                  "init_args": {"model": str(tiny_llama_dir), "learning_rate": 1e-3, "warmup_steps": 1}},
+        "data": {"class_path": "lightning_ft.data.InstructionDataModule",
+                 "init_args": {"dataset": "rotten_tomatoes", "prompt_template": "Review: {text}\nSentiment:",
+                               "response_template": " {label}", "label_field": "label",
+                               "label_options": ["positive", "negative"], "train_size": 32, "val_size": 8,
+                               "test_size": 0, "batch_size": 4, "max_length": 48, "control": "humaneval",
+                               "control_size": 4}},
+    }  # fmt: skip
+    (tmp_path / "fsdp2.yaml").write_text(yaml.safe_dump(config))
+    fit = ["-m", "lightning_ft.cli", "fit", "--config", "fsdp2.yaml", "--run_name", "sharded"]
+    _torchrun(fit, cwd=tmp_path)
+    run = tmp_path / "runs" / "sharded"
+    last = run / "checkpoints" / "last.ckpt"
+    assert (last / ".metadata").is_file() and (last / "meta.pt").is_file()  # a distributed checkpoint: one folder
+    assert len(list(last.glob("*.distcp"))) == 2 and (run / "report.md").is_file()
+    dcp_to_torch_save(last, tmp_path / "full.pt")
+    state = torch.load(tmp_path / "full.pt", weights_only=False)["state_dict"]
+    exported = AutoModelForCausalLM.from_pretrained(run / "hf_model")
+    for name, param in exported.named_parameters():  # LiNeS re-saved the checkpoint after its edit
+        assert torch.equal(param, state[f"backbone.{name}"]), name
+
+    _torchrun([*fit, "--ckpt_path", str(last), "--trainer.max_steps", "6"], cwd=tmp_path)  # continues the run
+    steps = [line.split(",") for line in (run / "csv" / "metrics.csv").read_text().splitlines()]
+    step_column = steps[0].index("step")
+    assert max(int(row[step_column]) for row in steps[1:] if row[step_column]) == 6
