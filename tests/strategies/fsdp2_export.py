@@ -1,9 +1,9 @@
-"""Run by ``torchrun --nproc_per_node=2`` from test_fsdp2.py: a full and a LoRA CausalLMModule fitted under
-FSDP2Strategy, each exporting ``hf_model`` at fit end (gathered one tensor at a time onto rank 0). Rank 0 writes the
+"""Run by ``torchrun --nproc_per_node=2`` from test_fsdp2.py: a full and a LoRA CausalLMModule and a
+SequenceClassificationModule (a BERT encoder, new head) fitted under FSDP2Strategy, each exporting ``hf_model`` at fit end (gathered one tensor at a time onto rank 0). Rank 0 writes the
 gathered weights of each (``<kind>.pt``) for the test to compare with what ``from_pretrained`` loads; each rank
 records the most bytes of gathered (full) tensors alive at once during the export.
 
-Usage: ``fsdp2_export.py <tiny llama folder> <output folder>``
+Usage: ``fsdp2_export.py <tiny llama folder> <tiny bert folder> <output folder>``
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from helpers import make_trainer
 
-from lightning_ft.modules import CausalLMModule
+from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_ft.strategies import FSDP2Strategy, fsdp2
 
 
@@ -37,24 +37,34 @@ def _tracked() -> list[int]:
     return peaks
 
 
-def _batches() -> torch.utils.data.DataLoader:
-    """Each rank's own fixed random token rows, labelled with themselves."""
+def _batches(classes: bool = False) -> torch.utils.data.DataLoader:
+    """Each rank's own fixed random token rows, labelled with themselves (or with a class)."""
     gen = torch.Generator().manual_seed(int(os.environ["RANK"]))
     ids = torch.randint(3, 300, (12, 10), generator=gen)
-    return torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2)
+    labels = torch.randint(0, 2, (12,), generator=gen) if classes else ids
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": y} for r, y in zip(ids, labels)]
+    return torch.utils.data.DataLoader(rows, batch_size=2)
 
 
-def main(path: str, out: Path) -> None:
+def main(path: str, bert: str, out: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     peaks = _tracked()
-    for kind, peft in (("full", None), ("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]})):
+    for kind, peft in (
+        ("full", None),
+        ("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]}),
+        ("classifier", None),
+    ):
         L.seed_everything(0)
-        module = CausalLMModule(model=path, peft=peft, learning_rate=1e-2, warmup_steps=0,
-                                output_dir=str(out / kind / "hf_model"))  # fmt: skip
+        if kind == "classifier":
+            module = SequenceClassificationModule(model=bert, num_labels=2, learning_rate=1e-2, warmup_steps=0,
+                                                  output_dir=str(out / kind / "hf_model"))  # fmt: skip
+        else:
+            module = CausalLMModule(model=path, peft=peft, learning_rate=1e-2, warmup_steps=0,
+                                    output_dir=str(out / kind / "hf_model"))  # fmt: skip
         trainer = make_trainer(out / kind, 3, devices=2, strategy=FSDP2Strategy(), use_distributed_sampler=False)
         peaks.clear()  # and the previous module's gathered weights are gone (``del weights`` below)
-        trainer.fit(module, train_dataloaders=_batches())
+        trainer.fit(module, train_dataloaders=_batches(classes=kind == "classifier"))
         export_peak = max(peaks)
         weights = dict(fsdp2.gathered_parameters(module.backbone))
         if rank == 0:
@@ -66,4 +76,4 @@ def main(path: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))

@@ -58,19 +58,22 @@ def test_the_snapshot_reads_only_a_shards_rows(tiny_llama_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- the export
 @pytest.fixture(scope="module")
-def exported(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A full and a LoRA module fitted under FSDP2 in one 2-process gloo group, each exporting hf_model."""
+def exported(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full and a LoRA causal LM and a classifier fitted under FSDP2 in one 2-process gloo group, each exporting
+    hf_model."""
     out = tmp_path_factory.mktemp("fsdp2_export")
-    _torchrun([str(HERE / "fsdp2_export.py"), str(tiny_llama_dir), str(out)])
+    _torchrun([str(HERE / "fsdp2_export.py"), str(tiny_llama_dir), str(tiny_bert_dir), str(out)])
     return out
 
 
 @pytest.mark.ddp
-def test_the_export_loads_in_transformers_and_equals_the_gathered_weights(exported: Path) -> None:
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("kind", ["full", "classifier"])
+def test_the_export_loads_in_transformers_and_equals_the_gathered_weights(exported: Path, kind: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    result = torch.load(exported / "full.pt", weights_only=True)
-    model = AutoModelForCausalLM.from_pretrained(exported / "full" / "hf_model")
+    result = torch.load(exported / f"{kind}.pt", weights_only=True)
+    auto = AutoModelForCausalLM if kind == "full" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(exported / kind / "hf_model")
     loaded = dict(model.named_parameters())
     assert set(loaded) == set(result["weights"])
     for name, tensor in result["weights"].items():
