@@ -268,5 +268,6 @@ def render_table() -> str:
     legend = ("FSDP2 is Lightning's `ModelParallelStrategy` (data-parallel `fully_shard` per block; the modules "
               "shard themselves in `configure_model`). A \"no\" is refused in `setup()` with one sentence naming "
               "the strategy or setting to use instead; the legacy `FSDPStrategy`, `DeepSpeedStrategy` and "
-              "`XLAFSDPStrategy` are refused by every method, naming `ModelParallelStrategy`.")  # fmt: skip
+              "`XLAFSDPStrategy` are refused by every method, naming `strategy: fsdp2` where it runs sharded and "
+              "`ddp` otherwise.")  # fmt: skip
     return "\n".join([TABLE_BEGIN, header, rule, *rows, "", legend, TABLE_END]) + "\n"
