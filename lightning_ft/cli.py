@@ -39,7 +39,7 @@ from lightning_ft.errors import (
 __all__ = ["DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SUBCOMMANDS", "main", "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
 
 # Post-hoc weight commands, dispatched before LightningCLI (they run no Trainer).
-POSTHOC_COMMANDS = ("merge", "compress", "decompress", "sparse-apply")
+POSTHOC_COMMANDS = ("merge", "compress", "decompress", "sparse-apply", "estimate")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # what makes a run folder hold a run that another command must not write over
 RUN_OUTPUTS = ("checkpoints", "hf_model", "report.json", "predictions.jsonl")
@@ -468,6 +468,11 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _run(argv: list[str]) -> None:
+    if argv and argv[0] == "estimate":
+        from lightning_ft.planning.cli import main as estimate_main
+
+        estimate_main(argv[1:])
+        return
     if argv and argv[0] in POSTHOC_COMMANDS:
         from lightning_ft.merging.cli import main as posthoc_main
 

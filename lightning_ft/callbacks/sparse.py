@@ -57,7 +57,7 @@ from lightning_ft.sparse.rules import SelectionRule
 from lightning_ft.sparse.sampled import SampledGrad
 from lightning_ft.strategies.process_group import destroy_process_group_at_exit
 from lightning_ft.strategies.sparse_ddp import SparseCommState
-from lightning_ft.support import MethodSupport, check_support, sharded_refusal
+from lightning_ft.support import MethodSupport, check_support
 
 __all__ = ["ARTIFACT_NAME", "SparseFineTuning"]
 
@@ -99,15 +99,15 @@ class SparseFineTuning(_SparseStorage):
     """
 
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "mixed"}),
+        frozenset({"ddp", "fsdp2", "mixed"}),
         {
-            "fsdp2": sharded_refusal("keeps masks over whole tensors"),
             "quantized": "{name} adds fp32 differences to the weights, which a quantized backbone cannot hold: load "
             "the model without `quantization` (bf16 weights work).",
             "lora": "{name} trains the backbone's own weights, but this backbone is LoRA-wrapped (peft): drop `peft` "
             "from the module (sparse fine-tuning already keeps optimizer state for the selected entries only).",
         },
-        "DDP all-reduces only the selected entries (sparse communication hook); bf16 weights keep fp32 masters.",
+        "DDP all-reduces only the selected entries (sparse communication hook); bf16 weights keep fp32 masters. "
+        "Under FSDP2 each process selects among, keeps state for and steps its own rows (one global top-k).",
     )
 
     def __init__(
@@ -161,6 +161,7 @@ class SparseFineTuning(_SparseStorage):
         self._slots: dict[str, SampledGrad] = {}  # the sampled path's compact gradients while installed
         self._patched: list[torch.nn.Module] = []
         self._clip_restore: list[tuple[Any, str, Any]] = []
+        self._started: L.Trainer | None = None  # the fit whose on_fit_start ran (FSDP2 restores after it)
 
     @property
     @override
@@ -193,13 +194,12 @@ class SparseFineTuning(_SparseStorage):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._refresh_params()  # FSDP2 replaced them with shards in configure_model
         self._bind(trainer)
         self._install_comm_hook(trainer)
+        self._started = trainer
         if self._restored is not None:
-            self._load(self._restored)
-            self._restored = None
-            if self.reset_schedule and self._rewound:  # Lightning loads the checkpoint's states into these next
-                self._fresh_optimizers(trainer)
+            self._restore(trainer, after_fit_start=False)
         else:
             if self.rule.dense_steps > 0:
                 self.phase = "dense"
@@ -209,14 +209,41 @@ class SparseFineTuning(_SparseStorage):
         self._sync_comm_masks()
         self._sync_sampled_grads(trainer)
 
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self._restored is not None and self._started is not None:  # FSDP2 restores after on_fit_start
+            self._restore(self._started, after_fit_start=True)
+
+    def _restore(self, trainer: L.Trainer, after_fit_start: bool) -> None:
+        """Take the checkpoint's masks, compact state and phase; in LT-SFT's sparse phase, the sparse phase's
+        optimizers and schedules (Lightning loads their states next; under FSDP2 they were already loaded into the
+        previous optimizers, whose states carry over)."""
+        assert self._restored is not None
+        self._load(self._restored)
+        self._restored = None
+        if self.reset_schedule and self._rewound:
+            loaded = [optimizer.state_dict() for optimizer in trainer.optimizers] if after_fit_start else []
+            self._fresh_optimizers(trainer)
+            for optimizer, state in zip(trainer.optimizers, loaded):
+                optimizer.load_state_dict(state)
+        if after_fit_start:
+            for optimizer in trainer.optimizers:  # torch's state initialisation before the load gave them dense state
+                for param in self._params.values():
+                    optimizer.state.pop(param, None)
+            self._sync_comm_masks()
+            self._sync_sampled_grads(trainer)
+
     # ------------------------------------------------------------------ end
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = None
         self._unbind()
         self._remove_sampled_grads()
         self._save_artifact(trainer)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._started = None
         self._unbind()
         self._remove_sampled_grads()

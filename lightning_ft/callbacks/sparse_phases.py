@@ -17,6 +17,7 @@ import torch
 from typing_extensions import override
 
 from lightning_ft.callbacks.sparse_selection import _SparseSelection
+from lightning_ft.core.shards import local
 from lightning_ft.sparse.compact import CompactState
 from lightning_ft.sparse.rules import LotteryTicket
 
@@ -71,7 +72,9 @@ class _SparsePhases(_SparseSelection):
         the same optimizer with its state cleared)."""
         assert self._snapshot is not None and self._model is not None
         self._snapshot.restore(self._model, [*self._params, *self._dense_params])
-        self.states = {n: CompactState.create(self._params[n].detach(), s.indices) for n, s in self.states.items()}
+        self.states = {
+            n: CompactState.create(local(self._params[n].detach()), s.indices) for n, s in self.states.items()
+        }
         self._ever = {n: s.indices.long().cpu() for n, s in self.states.items()}
         self._sync_comm_masks()
         self._sync_sampled_grads(trainer)
@@ -108,15 +111,17 @@ class _SparsePhases(_SparseSelection):
             slot = self._slots.get(name)
             if slot is not None:  # the sampled path: the compact gradient, in fp32
                 if slot.grad is not None:
-                    theta = param.detach().reshape(-1)[self.states[name].indices].float()
+                    theta = local(param.detach()).reshape(-1)[self.states[name].indices].float()
                     slot.grad += scale * torch.sign(theta - self._theta0_sel[name])
                 continue
             if param.grad is None:
                 continue
+            grad, theta = local(param.grad), local(param.detach())  # under FSDP2: this process's rows
             if self.phase == "sparse":
                 idx = self.states[name].indices
-                theta = param.detach().reshape(-1)[idx].float()
-                param.grad.view(-1)[idx] += (scale * torch.sign(theta - self._theta0_sel[name])).to(param.grad.dtype)
+                grad.view(-1)[idx] += (scale * torch.sign(theta.reshape(-1)[idx].float() - self._theta0_sel[name])).to(
+                    grad.dtype
+                )
             else:
-                theta0 = self._snapshot.get(name, device=param.device, dtype=torch.float32)
-                param.grad.add_((scale * torch.sign(param.detach().float() - theta0)).to(param.grad.dtype))
+                theta0 = self._snapshot.get_local(name, param, dtype=torch.float32)
+                grad.add_((scale * torch.sign(theta.float() - theta0)).to(grad.dtype))

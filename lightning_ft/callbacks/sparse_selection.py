@@ -2,7 +2,9 @@
 
 The arguments ``targets`` and ``dense`` name tensors of the layer map; ``density``, ``count`` or ``rank`` is the
 budget, spent globally or per matrix. A selection runs the rule under the budget on rank 0 and broadcasts it, so
-every DDP rank trains the same entries; a re-selection keeps the moments of the entries that stay.
+every DDP rank trains the same entries; under FSDP2 every process scores its own rows and the top-k threshold is
+agreed through all-reduced counts (:func:`~lightning_ft.sparse.topk.sharded_topk`), so the processes together choose
+exactly what one process would. A re-selection keeps the moments of the entries that stay.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ft.callbacks.sparse_stepping import _SparseStepping
 from lightning_ft.core.layer_map import KIND_GROUPS, LayerMap, ParamInfo, ParamKind
+from lightning_ft.core.shards import full_tensor, local, shard_info
 from lightning_ft.sparse.compact import CompactState
 from lightning_ft.sparse.rules import SelectionContext, SelectionRule
-from lightning_ft.sparse.topk import allocate, global_topk, tensor_topk
+from lightning_ft.sparse.topk import allocate, global_topk, sharded_topk, tensor_topk
 
 __all__ = ["resolve_budget", "select_infos"]
 
@@ -137,17 +140,17 @@ class _SparseSelection(_SparseStepping):
         self._remove_sampled_grads()  # a rule that scores gradients (Sensitivity) runs its passes densely
         event = len([e for e in self.events if e["event"] == "select"])
         ctx = SelectionContext(self._model, self._params, self._snapshot, event, self.seed, trainer, pl_module)
-        chosen = {n: i.cpu() for n, i in self.choose(ctx).items()} if trainer.is_global_zero else {}
-        indices = trainer.strategy.broadcast(chosen, src=0)  # one selection for every rank
+        if self._sharded:  # every process chooses among its own rows, together (a collective)
+            indices = self.choose(ctx)
+        else:
+            chosen = {n: i.cpu() for n, i in self.choose(ctx).items()} if trainer.is_global_zero else {}
+            indices = trainer.strategy.broadcast(chosen, src=0)  # one selection for every rank
         new_states: dict[str, CompactState] = {}
         for name, param in self._params.items():
-            idx = indices[name].to(param.device)
+            held = local(param.detach())
+            idx = indices[name].to(held.device)
             old = self.states.get(name)
-            new_states[name] = (
-                old.remap(param.detach(), idx)
-                if remap and old is not None
-                else CompactState.create(param.detach(), idx)
-            )
+            new_states[name] = old.remap(held, idx) if remap and old is not None else CompactState.create(held, idx)
         self.states = new_states
         for name, state in new_states.items():
             old_union = self._ever.get(name)
@@ -166,6 +169,11 @@ class _SparseSelection(_SparseStepping):
         rule.prepare(ctx)
         try:
             with torch.no_grad():
+                if self._sharded:
+                    scores = {n: self._shard_score(ctx, n, p) for n, p in params.items()}
+                    return sharded_topk(
+                        scores, self._global_k() if self.allocation == "global" else self._per_matrix_k()
+                    )
                 if self.allocation == "global":
                     k = self._global_k()
                     return global_topk({n: rule.score(ctx, n, p) for n, p in params.items()}, k)
@@ -173,6 +181,16 @@ class _SparseSelection(_SparseStepping):
                 return {n: tensor_topk(rule.score(ctx, n, p), ks[n]) for n, p in params.items()}
         finally:
             rule.finish()
+
+    def _shard_score(self, ctx: SelectionContext, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The scores of this process's rows of a sharded parameter (a rule that needs the whole tensor scores it
+        gathered, one tensor at a time, and keeps its rows)."""
+        whole = full_tensor(param.detach()) if self.rule.whole_tensor else param
+        score = local(self.rule.score(ctx, name, whole))
+        rows = shard_info(param)
+        if rows is not None and tuple(score.shape) == tuple(param.shape) != tuple(local(param).shape):
+            score = score[rows[0] : rows[0] + rows[1]]
+        return score
 
     def _global_k(self) -> int:
         if "count" in self.budget:
@@ -199,7 +217,7 @@ class _SparseSelection(_SparseStepping):
             self._theta0_sel = {}
             return
         self._theta0_sel = {
-            n: self._snapshot.get(n, dtype=torch.float32).reshape(-1)[s.indices.long().cpu()].to(s.indices.device)
+            n: self._snapshot.get_local(n, self._params[n], dtype=torch.float32).reshape(-1)[s.indices.long()]
             for n, s in self.states.items()
         }
 
@@ -213,7 +231,11 @@ class _SparseSelection(_SparseStepping):
             acc = per_block.setdefault(key, [0, 0])
             acc[0] += state.numel
             acc[1] += info.numel
-        selected = sum(s.numel for s in self.states.values())
+        if self._sharded:  # each process counts its own rows: the totals over the processes
+            counts = torch.tensor([v[0] for v in per_block.values()], dtype=torch.int64)
+            torch.distributed.all_reduce(counts)
+            per_block = {k: [int(c), v[1]] for (k, v), c in zip(per_block.items(), counts)}
+        selected = sum(v[0] for v in per_block.values())
         out = {f"sparse/density/{k}": v[0] / v[1] for k, v in per_block.items()}
         out.update({"sparse/selected": float(selected), "sparse/density": selected / max(1, self.eligible_numel),
                     "sparse/state_mib": self.state_bytes / 2**20})  # fmt: skip

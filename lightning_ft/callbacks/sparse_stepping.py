@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from lightning_ft.core.layer_map import LayerMap
+from lightning_ft.core.shards import guard_optimizer_state_init, initializing_optimizer_state, is_sharded, local
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.cuda_ext import sparse_adamw_
 from lightning_ft.sparse.compact import CompactState, mask_gradient_
@@ -68,6 +69,23 @@ class _SparseStepping(L.Callback):
     _patched: list[torch.nn.Module]
     _clip_restore: list[tuple[Any, str, Any]]
 
+    # ------------------------------------------------------------------ FSDP2
+    @property
+    def _sharded(self) -> bool:
+        """Whether the model's parameters are FSDP2 shards: each process then selects, keeps compact state for and
+        steps the entries of its own rows (flat indices into its shard)."""
+        return self._model is not None and is_sharded(self._model)
+
+    def _refresh_params(self) -> None:
+        """Look the eligible and dense tensors up again by name: ``fully_shard`` (``configure_model``, after
+        ``setup``) replaces every parameter with a sharded one."""
+        assert self._model is not None and self._layer_map is not None
+        params = self._layer_map.parameters(
+            self._model, [self._layer_map[n] for n in [*self._params, *self._dense_params]]
+        )
+        self._params = {n: params[n] for n in self._params}
+        self._dense_params = {n: params[n] for n in self._dense_params}
+
     # ------------------------------------------------------------------ optimizer binding
     def _bind(self, trainer: L.Trainer) -> None:
         """Find each eligible tensor's param group and wrap the optimizers that hold them."""
@@ -98,6 +116,7 @@ class _SparseStepping(L.Callback):
                 )
             if group.get("amsgrad"):
                 raise ValueError("SparseFineTuning's compact AdamW has no AMSGrad: set amsgrad=False.")
+        guard_optimizer_state_init()
         for optimizer in holders:
             original = optimizer.step
             optimizer.step = self._wrap_step(original)  # type: ignore[method-assign]
@@ -115,6 +134,10 @@ class _SparseStepping(L.Callback):
 
     def _wrap_step(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+            if initializing_optimizer_state():  # torch's zero-gradient step before a distributed checkpoint: the
+                for param in self._params.values():  # compact state needs none, and no dense state is made
+                    param.grad = None
+                return original(**kwargs)
             loss = None
             if closure is not None:
                 with torch.enable_grad():
@@ -137,7 +160,7 @@ class _SparseStepping(L.Callback):
             group = self._group(name)
             beta1, beta2 = group["betas"]
             sparse_adamw_(
-                param.data, grad, self.states[name], lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                local(param.data), local(grad), self.states[name], lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
                 eps=float(group["eps"]), weight_decay=float(group.get("weight_decay", 0.0)),
                 maximize=bool(group.get("maximize", False)), compact_grad=slot is not None,
             )  # fmt: skip
@@ -149,7 +172,7 @@ class _SparseStepping(L.Callback):
         """Zero each eligible tensor's gradient outside its mask, so clipping sees only the selected entries."""
         for name, param in self._params.items():
             if param.grad is not None:
-                mask_gradient_(param.grad, self.states[name].indices)
+                mask_gradient_(local(param.grad), self.states[name].indices)
 
     # ------------------------------------------------------------------ DDP
     def _install_comm_hook(self, trainer: L.Trainer) -> None:

@@ -3,6 +3,10 @@
 The artifact (``sparse_delta.safetensors``, :class:`~lightning_ft.sparse.artifact.SparseDelta`) holds
 theta - theta_0 at every entry a selection of the fit trained, and the dense tensors whole. The checkpoint entry
 holds the masks, compact values and moments, the phase, the events and the selection counter.
+
+Under FSDP2 each process holds the compact state of its own rows: the checkpoint entry (written by rank 0) holds
+every process's part, gathered when the checkpoint is made, and each process takes back its own on resume; the
+artifact is one file, each process sending rank 0 the differences at its rows' entries.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_ft.callbacks.sparse_phases import _SparsePhases
+from lightning_ft.core.shards import full_tensor, local, shard_info
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.sparse.artifact import SparseDelta
 from lightning_ft.sparse.compact import CompactState
@@ -35,7 +40,7 @@ class _SparseStorage(_SparsePhases):
         if self.phase != "sparse" or self.save_path == "":
             return
         path = Path(self.save_path) if self.save_path else self._default_artifact_path(trainer)
-        delta = self.export()
+        delta = self._export_sharded() if self._sharded else self.export()
         if trainer.is_global_zero:
             delta.save(path)
             rank_zero_info(f"SparseFineTuning: wrote {delta.numel} entries ({delta.nbytes / 2**20:.1f} MiB) to {path}")
@@ -55,6 +60,37 @@ class _SparseStorage(_SparsePhases):
         base = str(getattr(getattr(self._model, "config", None), "_name_or_path", ""))
         return SparseDelta.from_tensors(current, reference, selected, dense, base)
 
+    def _export_sharded(self) -> SparseDelta:
+        """:meth:`export` of a sharded model (a collective; the result is whole on rank 0 only): each process's
+        differences at its rows' entries, in global flat indices, gathered on rank 0, one tensor at a time."""
+        assert self._model is not None and self._snapshot is not None and self._layer_map is not None
+        lm, rank = self._layer_map, torch.distributed.get_rank()
+        base = str(getattr(getattr(self._model, "config", None), "_name_or_path", ""))
+        out = SparseDelta(base=base)
+        for name, idx in self._ever.items():
+            param = self._params[name]
+            held, rows = local(param.detach()), shard_info(param)
+            flat = idx.to(held.device, torch.long)
+            theta0 = self._snapshot.get_local(name, param, dtype=torch.float32).reshape(-1)[flat]
+            diff = held.reshape(-1)[flat].float() - theta0
+            keep = diff != 0
+            offset = (rows[0] if rows is not None else 0) * (held[0].numel() if held.ndim and held.shape[0] else 0)
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, ((flat[keep] + offset).cpu(), diff[keep].cpu()))
+            if rank == 0:
+                key = lm[name].base_name
+                out.shapes[key] = tuple(param.shape)
+                out.indices[key] = torch.cat([p[0] for p in parts]).to(
+                    torch.int32 if param.numel() < 2**31 else torch.int64
+                )
+                out.values[key] = torch.cat([p[1] for p in parts])
+        for name, param in self._dense_params.items():
+            whole = full_tensor(param.detach())
+            if rank == 0:
+                out.shapes[lm[name].base_name] = tuple(whole.shape)
+                out.dense[lm[name].base_name] = whole.cpu().clone()
+        return out
+
     def _default_artifact_path(self, trainer: L.Trainer) -> Path:
         ckpt = trainer.checkpoint_callback
         folder = getattr(ckpt, "dirpath", None) if ckpt is not None else None
@@ -65,11 +101,15 @@ class _SparseStorage(_SparsePhases):
     def state_dict(self) -> dict[str, Any]:
         if self.phase == "setup":
             return {}
+        own = {"states": {n: s.state_dict() for n, s in self.states.items()}, "ever": dict(self._ever)}
+        if self._sharded:  # a collective: rank 0 writes the checkpoint entry, which must hold every process's rows
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, own)
+            own = {"shards": parts}
         return {
             "phase": self.phase,
             "events": list(self.events),
-            "states": {n: s.state_dict() for n, s in self.states.items()},
-            "ever": dict(self._ever),
+            **own,
             "last_selection_step": self._last_selection_step,
             "budget": dict(self.budget),
             "rule": type(self.rule).__name__,
@@ -86,6 +126,16 @@ class _SparseStorage(_SparsePhases):
                 f"the checkpoint's sparse fine-tuning used {state.get('rule')} with budget {state.get('budget')}, "
                 f"not {type(self.rule).__name__} with {self.budget}: resume with the same callback arguments."
             )
+        if "shards" in state:  # written under FSDP2: this process's rows
+            shards = state["shards"]
+            world = torch.distributed.get_world_size() if self._sharded else 1
+            if len(shards) != world:
+                raise ValueError(f"the checkpoint's sparse fine-tuning was sharded over {len(shards)} processes, not "
+                                 f"{world}: resume with {len(shards)} processes.")  # fmt: skip
+            state = {**state, **shards[torch.distributed.get_rank() if self._sharded else 0]}
+        elif self._sharded:
+            raise ValueError("the checkpoint's sparse fine-tuning holds whole tensors, not shards: resume it with the "
+                             "strategy it was written with (ddp or one process).")  # fmt: skip
         unknown = set(state["states"]).difference(self._params)
         if unknown:
             raise ValueError(f"the checkpoint selects entries of {min(unknown)!r}, which is not eligible here: "
@@ -93,7 +143,7 @@ class _SparseStorage(_SparsePhases):
         self.phase = state["phase"]
         self.events = list(state["events"])
         self._last_selection_step = int(state["last_selection_step"])
-        self.states = {n: CompactState.from_state_dict(s, self._params[n]) for n, s in state["states"].items()}
+        self.states = {n: CompactState.from_state_dict(s, local(self._params[n])) for n, s in state["states"].items()}
         self._ever = dict(state.get("ever", {}))
         if self.states:
             self._cache_theta0()

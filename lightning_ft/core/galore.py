@@ -40,7 +40,8 @@ def galore_basis(grad: torch.Tensor, rank: int) -> torch.Tensor:
         ``V_r^T`` (``r x n``) when ``m >= n``, else ``U_r`` (``m x r``), in float32.
     """
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    return vh[:rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]
+    # a copy: a slice would keep the whole min(m, n)^2 SVD factor alive as long as the basis is kept
+    return (vh[:rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]).clone()
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ import torch
 from safetensors import safe_open
 
 from lightning_ft.core.layer_map import LayerMap, ParamInfo, is_quantized_param, plain_name
+from lightning_ft.core.shards import local, shard_info
 from lightning_ft.core.weights import INDEX_FILE, SINGLE_FILE, safetensors_index
-from lightning_ft.strategies.fsdp2 import local, shard_info
 
 Storage = Literal["auto", "disk", "memory"]
 

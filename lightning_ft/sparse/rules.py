@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 
+from lightning_ft.core.shards import local
 from lightning_ft.core.snapshot import PretrainedSnapshot
 
 __all__ = [
@@ -70,11 +71,19 @@ class SelectionRule:
         default_budget: Budget used when the callback is given none (``density``, ``count`` or ``rank``).
         default_allocation: ``global`` (one top-k over all eligible entries) or ``per_matrix``.
         matrices_only: Whether every eligible tensor must be 2-D.
+        whole_tensor: Whether scoring needs each tensor whole (see below).
+
+    Under FSDP2 a parameter is a row-sharded ``DTensor``: a rule scores this process's rows (``local(param)``) unless
+    it sets ``whole_tensor``; a score with the parameter's full shape is cut to the process's rows by the callback.
     """
 
     default_budget: ClassVar[dict[str, float]] = {"density": 0.01}
     default_allocation: ClassVar[str] = "global"
     matrices_only: ClassVar[bool] = False
+    #: whether :meth:`score` needs each whole tensor: under FSDP2 the callback then gathers one tensor at a time and
+    #: keeps its process's rows of the scores; otherwise :meth:`score` gets the sharded parameter and scores the
+    #: process's own rows (``local``)
+    whole_tensor: ClassVar[bool] = False
 
     @property
     def dense_steps(self) -> int:
@@ -106,7 +115,7 @@ class Magnitude(SelectionRule):
     """Keep the largest |theta| (of the weights when the selection happens)."""
 
     def score(self, ctx: SelectionContext, name: str, param: torch.Tensor) -> torch.Tensor:
-        return param.detach().float().abs()
+        return local(param.detach()).float().abs()
 
 
 class Random(SelectionRule):
@@ -162,8 +171,8 @@ class LotteryTicket(SelectionRule):
 
     def score(self, ctx: SelectionContext, name: str, param: torch.Tensor) -> torch.Tensor:
         assert ctx.snapshot is not None
-        theta0 = ctx.snapshot.get(name, device=param.device, dtype=torch.float32)
-        return (param.detach().float() - theta0).abs_()
+        theta0 = ctx.snapshot.get_local(name, param, dtype=torch.float32)
+        return (local(param.detach()).float() - theta0).abs_()
 
 
 class PrincipalWeights(SelectionRule):
@@ -187,6 +196,7 @@ class PrincipalWeights(SelectionRule):
     default_budget: ClassVar[dict[str, float]] = {"rank": 8}
     default_allocation: ClassVar[str] = "per_matrix"
     matrices_only: ClassVar[bool] = True
+    whole_tensor: ClassVar[bool] = True  # the SVD of the whole matrix
 
     def __init__(
         self,
@@ -250,7 +260,7 @@ class Sensitivity(SelectionRule):
         if ctx.trainer is None or ctx.pl_module is None:
             raise ValueError("Sensitivity scores from training batches, so it can only select inside a fit.")
         module, trainer = ctx.pl_module, ctx.trainer
-        self._grad_sq = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in ctx.params.items()}
+        self._grad_sq = {n: torch.zeros_like(local(p), dtype=torch.float32) for n, p in ctx.params.items()}
         saved = {n: p.grad for n, p in ctx.params.items()}
         devices = [module.device] if module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
@@ -262,7 +272,8 @@ class Sensitivity(SelectionRule):
                 _loss(module, batch).backward()
                 for n, p in ctx.params.items():
                     if p.grad is not None:
-                        self._grad_sq[n].addcmul_(p.grad.float(), p.grad.float())
+                        grad = local(p.grad).float()  # under FSDP2: this process's rows of the averaged gradient
+                        self._grad_sq[n].addcmul_(grad, grad)
         for n, p in ctx.params.items():
             p.grad = saved[n]
         for p in module.parameters():  # frozen or non-eligible tensors must not carry this pass's gradients

@@ -5,15 +5,21 @@ the scores' bit patterns (for non-negative IEEE floats the integer order of the 
 it never concatenates the scores into one model-sized vector; about 31 counting passes find the threshold.
 Ties at the threshold are broken by position (tensor order, then flat index), so exactly ``k`` entries are
 chosen and every rank, run and resume chooses the same ones.
+
+:func:`sharded_topk` is the same selection over tensors whose rows are split across the processes of a group (FSDP2):
+each process passes the scores of its own rows, the counts of every bisection pass are all-reduced (one small
+all-reduce per pass, for every tensor at once), and ties go by the global flat order (tensor, then rank, then
+index), so the processes together choose exactly the entries one process holding the whole tensors would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["allocate", "global_topk", "tensor_topk"]
+__all__ = ["allocate", "global_topk", "sharded_topk", "tensor_topk"]
 
 _INF_BITS = 0x7F800000
 
@@ -101,4 +107,68 @@ def allocate(numels: Mapping[str, int], count: int) -> dict[str, int]:
         if out[name] < numels[name]:
             out[name] += 1
             left -= 1
+    return out
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(values)
+    return values
+
+
+def sharded_topk(scores: Mapping[str, torch.Tensor], k: int | Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """:func:`global_topk` (``k`` an int) or one :func:`tensor_topk` per tensor (``k`` a mapping), over row shards.
+
+    A collective over the default process group: every process calls it with the same names in the same order,
+    each with the scores of its own rows (rank ``r`` holding the ``r``-th block of rows, as FSDP2's ``Shard(0)``).
+
+    Args:
+        scores: Name -> this process's non-negative scores.
+        k: Entries to keep in total, or per name.
+
+    Returns:
+        Name -> int64 flat indices into this process's scores, in increasing order.
+    """
+    names = list(scores)
+    bits = [_bits(scores[n]) for n in names]
+    per_tensor = not isinstance(k, int)
+    width = len(names) if per_tensor else 1
+
+    def counts(predicate: Any) -> torch.Tensor:
+        local = torch.tensor([int(predicate(i, b).sum()) for i, b in enumerate(bits)], dtype=torch.int64)
+        return _all_reduce(local if per_tensor else local.sum().reshape(1))
+
+    totals = counts(lambda i, b: torch.ones_like(b, dtype=torch.bool))
+    wanted = torch.tensor([int(k[n]) for n in names] if per_tensor else [int(k)], dtype=torch.int64)  # type: ignore[index]
+    wanted = torch.minimum(wanted.clamp_min(0), totals)
+    lo = torch.zeros(width, dtype=torch.int64)
+    hi = torch.full((width,), _INF_BITS, dtype=torch.int64)  # invariant: count(bits >= lo) >= wanted
+    while bool((active := lo < hi).any()):
+        mid = (lo + hi + 1) // 2
+        ok = counts(lambda i, b: b >= int(mid[i if per_tensor else 0])) >= wanted
+        lo, hi = torch.where(active & ok, mid, lo), torch.where(active & ~ok, mid - 1, hi)
+    threshold = [int(lo[i if per_tensor else 0]) for i in range(len(names))]
+    above = counts(lambda i, b: b > threshold[i])
+    local_ties = torch.tensor([int((b == threshold[i]).sum()) for i, b in enumerate(bits)], dtype=torch.int64)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    ties = [torch.empty_like(local_ties) for _ in range(world)]
+    torch.distributed.all_gather(ties, local_ties)
+    remaining = (wanted - above).tolist()
+    take = []
+    for i in range(len(names)):  # the global flat order: tensor, then rank (its block of rows), then index
+        slot = i if per_tensor else 0
+        mine = 0
+        for r in range(world):
+            given = max(0, min(remaining[slot], int(ties[r][i])))
+            remaining[slot] -= given
+            mine = given if r == rank else mine
+        take.append(mine)
+    out: dict[str, torch.Tensor] = {}
+    for i, (name, b) in enumerate(zip(names, bits)):
+        if int(wanted[i if per_tensor else 0]) == 0:
+            out[name] = torch.empty(0, dtype=torch.long, device=b.device)
+            continue
+        chosen = b > threshold[i]
+        if take[i]:
+            chosen[(b == threshold[i]).nonzero().squeeze(1)[: take[i]]] = True
+        out[name] = chosen.nonzero().squeeze(1)
     return out

@@ -24,11 +24,23 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from lightning_ft.core.shards import (
+    any_rank,
+    full_tensor,
+    guard_optimizer_state_init,
+    initializing_optimizer_state,
+    is_sharded,
+    local,
+    shard_info,
+)
+
 __all__ = [
     "FSDP2Strategy",
     "any_rank",
     "full_tensor",
     "gathered_parameters",
+    "guard_optimizer_state_init",
+    "initializing_optimizer_state",
     "is_model_parallel",
     "is_sharded",
     "local",
@@ -42,55 +54,6 @@ __all__ = [
 def is_model_parallel(strategy: Any) -> bool:
     """Whether ``strategy`` is Lightning's ``ModelParallelStrategy`` (FSDP2), by class name (any subclass)."""
     return any(cls.__name__ == "ModelParallelStrategy" for cls in type(strategy).__mro__)
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether ``fully_shard`` has been applied to ``module`` (or any module inside it)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a ``DTensor`` (a view that in-place edits write through), else ``tensor`` itself."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a ``DTensor`` (a collective: every rank must call it), else ``tensor`` itself."""
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
-
-
-def shard_info(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """``(first row, rows)`` of this rank's shard along dim 0 of a row-sharded ``DTensor``; ``None`` if not sharded.
-
-    FSDP2 shards dim 0 in ``ceil(rows / world)`` pieces; the last ranks may hold fewer rows, or none.
-    """
-    if not _is_dtensor(tensor):
-        return None
-    mesh = tensor.device_mesh
-    world, rank = mesh.size(), mesh.get_local_rank()
-    chunk = -(-tensor.shape[0] // world)
-    start = min(rank * chunk, tensor.shape[0])
-    return start, tensor.to_local().shape[0] if tensor.ndim else 0
-
-
-def any_rank(flags: list[bool], sharded: bool) -> list[bool]:
-    """Each flag OR-ed over the processes when ``sharded`` (each process decided on its own shard), else as given.
-
-    A collective when ``sharded``: every rank must call it with as many flags.
-    """
-    if not sharded or not torch.distributed.is_initialized() or not flags:
-        return flags
-    votes = torch.tensor([float(f) for f in flags])
-    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
-    return [bool(v) for v in votes.tolist()]
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:

@@ -243,3 +243,12 @@ def test_galore_refusals(tiny_llama_dir: Path, tmp_path: Path) -> None:
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(4, 4))], amsgrad=True)
     with pytest.raises(ValueError, match="galore_rank=2 does not support the optimizer's amsgrad=True"):
         GaLoreProjection(2).attach([opt], opt.param_groups[0]["params"])
+
+
+def test_the_galore_basis_holds_only_its_rank() -> None:
+    """The basis is r x min(m, n) floats of its own, not a view that keeps the whole SVD factor alive."""
+    from lightning_ft.core.galore import galore_basis
+
+    for shape in ((40, 24), (24, 40)):
+        basis = galore_basis(torch.randn(*shape), 3)
+        assert basis.untyped_storage().nbytes() == 3 * 24 * 4, shape

@@ -81,7 +81,7 @@ ROWS: list[tuple[str, list[str], int, str]] = [
     # ---- the command line and the config file (exit 2)
     ("no-command", [], 2, "a command is needed: one of fit, validate, test, predict, merge"),
     ("unknown-command", ["fitt", *BASE], 2, "'fitt' is not a command (commands: fit, validate, test, predict, merge, "
-                                            "compress, decompress, sparse-apply): did you mean fit?"),
+                                            "compress, decompress, sparse-apply, estimate): did you mean fit?"),
     ("config-missing", ["fit", "--config", f"{ROOT}/nowhere.yaml"], 2, "--config {ws}/nowhere.yaml does not exist."),
     ("config-bad-yaml", ["fit", "--config", f"{ROOT}/bad.yaml"], 2, "--config {ws}/bad.yaml is not valid YAML: "),
     ("config-list", ["fit", "--config", f"{ROOT}/list.yaml"], 2, "--config {ws}/list.yaml must hold a mapping of "
@@ -156,10 +156,10 @@ ROWS: list[tuple[str, list[str], int, str]] = [
     ("deepspeed-sparse", ["fit", *BASE, "--trainer.strategy", "deepspeed_stage_3", "--trainer.callbacks+=SparseFineTuning",
                           "--trainer.callbacks.rule", "Magnitude"], 1,
      "SparseFineTuning does not run under DeepSpeedStrategy, which flattens the parameters into sharded pieces"),
-    ("fsdp2-sparse", ["fit", *BASE, "--trainer.strategy", "fsdp2", "--trainer.callbacks+=SparseFineTuning",
-                      "--trainer.callbacks.rule", "Magnitude"], 1,
-     "SparseFineTuning keeps masks over whole tensors, which FSDP2Strategy shards across processes: use "
-     "strategy='ddp' (or a single device)."),
+    ("fsdp2-galore", ["fit", *BASE, "--trainer.strategy", "fsdp2", "--trainer.callbacks+=LayerwiseSampling",
+                      "--trainer.callbacks.num_active", "1", "--trainer.callbacks.galore_rank", "4"], 1,
+     "LayerwiseSampling(galore_rank=4) projects each matrix's whole gradient by SVD, which FSDP2Strategy shards across "
+     "processes: set galore_rank to 0 (plain AdamW) or use strategy='ddp_find_unused_parameters_true'."),
     # ---- checkpoints (exit 1, before the model loads)
     ("ckpt-missing", ["fit", *BASE, "--ckpt_path", f"{ROOT}/last.ckpt"], 1,
      "--ckpt_path {ws}/last.ckpt does not exist: --ckpt_path takes the .ckpt file of a run"),

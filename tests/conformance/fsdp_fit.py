@@ -30,7 +30,8 @@ from lightning_ft.strategies.fsdp2 import gathered_parameters
 
 class FrozenStateless(L.Callback):
     """At every optimizer step, on this rank: the candidates a selection left out have no gradient and no optimizer
-    state, and every parameter is a shard (a ``DTensor``)."""
+    state, in a sparse fine-tuning's sparse phase the module's optimizer holds no state for its eligible tensors
+    (theirs is the compact state of this rank's rows), and every parameter is a shard (a ``DTensor``)."""
 
     def __init__(self, method: Any) -> None:
         self.method, self.ok, self.steps = method, True, 0
@@ -40,10 +41,12 @@ class FrozenStateless(L.Callback):
 
         self.steps += 1
         self.ok &= all(isinstance(p, DTensor) for p in pl_module.backbone.parameters())
+        held = {id(p) for p in optimizer.state}
+        if getattr(self.method, "phase", None) == "sparse":  # LT-SFT's dense phase trains them with the optimizer
+            self.ok &= not held & {id(p) for p in self.method._params.values()}
         selection = getattr(self.method, "selection", None)
         if selection is None:
             return
-        held = {id(p) for p in optimizer.state}
         for name in selection.candidates:
             if name not in selection.active:
                 param = selection.params[name]

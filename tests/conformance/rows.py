@@ -85,6 +85,7 @@ class Row:
         dynamic: Whether the trainable set changes during the fit (DDP then needs unused-parameter detection).
         fsdp2_refuses: The start of the sentence this row's configuration is refused with under FSDP2 although its
             class supports FSDP2 (e.g. an option that needs whole tensors); "" when it runs.
+        fsdp2_differs: Why a 2-process FSDP2 run, by design, does not compute what the DDP run does ("": it does).
     """
 
     name: str
@@ -98,6 +99,7 @@ class Row:
     dynamic: bool = False
     ddp_differs: str = ""
     fsdp2_refuses: str = ""
+    fsdp2_differs: str = ""
 
     def applies(self, model: str, host: str) -> str | None:
         """Why the cell ``(model, host)`` does not apply, or ``None`` when it does."""
@@ -135,6 +137,8 @@ ROWS: list[Row] = [
         "sft-sensitivity", SparseFineTuning, _sft(lambda: Sensitivity(batches=2), density=0.05), check="entries",
         refuses={"user": (ValueError, "needs UserModule.compute_loss")},
         ddp_differs="each process sums the squared gradients of its own half batches, not of the global batch",
+        fsdp2_differs="FSDP2 averages each batch's gradients over the processes before they are squared; DDP's rank 0 "
+                      "squares those of its own half batches",
     ),
     Row("sft-lt", SparseFineTuning, _sft(lambda: LotteryTicket(dense_steps=2, l1=0.5), density=0.05), check="entries"),
     Row(

@@ -1,5 +1,6 @@
 """Run by ``torchrun --nproc_per_node=2`` from test_fsdp2.py: a full and a LoRA CausalLMModule and a
-SequenceClassificationModule (a BERT encoder, new head) fitted under FSDP2Strategy, each exporting ``hf_model`` at fit end (gathered one tensor at a time onto rank 0). Rank 0 writes the
+SequenceClassificationModule (a BERT encoder, new head) fitted under FSDP2Strategy, and a full one with
+SparseFineTuning (one artifact written from every process's rows), each exporting ``hf_model`` at fit end (gathered one tensor at a time onto rank 0). Rank 0 writes the
 gathered weights of each (``<kind>.pt``) for the test to compare with what ``from_pretrained`` loads; each rank
 records the most bytes of gathered (full) tensors alive at once during the export.
 
@@ -17,6 +18,7 @@ import lightning as L
 import torch
 from helpers import make_trainer
 
+from lightning_ft.callbacks import Magnitude, SparseFineTuning
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_ft.strategies import FSDP2Strategy, fsdp2
 
@@ -54,6 +56,7 @@ def main(path: str, bert: str, out: Path) -> None:
         ("full", None),
         ("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]}),
         ("classifier", None),
+        ("sparse", None),
     ):
         L.seed_everything(0)
         if kind == "classifier":
@@ -62,7 +65,9 @@ def main(path: str, bert: str, out: Path) -> None:
         else:
             module = CausalLMModule(model=path, peft=peft, learning_rate=1e-2, warmup_steps=0,
                                     output_dir=str(out / kind / "hf_model"))  # fmt: skip
-        trainer = make_trainer(out / kind, 3, devices=2, strategy=FSDP2Strategy(), use_distributed_sampler=False)
+        callbacks = [SparseFineTuning(Magnitude(), density=0.05, save_path=str(out / "sparse.safetensors"))]
+        trainer = make_trainer(out / kind, 3, devices=2, strategy=FSDP2Strategy(), use_distributed_sampler=False,
+                               callbacks=callbacks if kind == "sparse" else [])  # fmt: skip
         peaks.clear()  # and the previous module's gathered weights are gone (``del weights`` below)
         trainer.fit(module, train_dataloaders=_batches(classes=kind == "classifier"))
         export_peak = max(peaks)

@@ -99,6 +99,30 @@ def test_a_lora_export_is_the_adapter_and_loads_in_peft(exported: Path, tiny_lla
     assert result["export_peak"] <= sum(t.numel() * t.element_size() for t in adapters.values())
 
 
+@pytest.mark.ddp
+def test_a_sharded_sparse_fine_tuning_writes_one_artifact_of_every_process_rows(
+    exported: Path, tiny_llama_dir: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_ft.sparse import SparseDelta
+
+    result = torch.load(exported / "sparse.pt", weights_only=True)
+    delta = SparseDelta.load(exported / "sparse.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    delta.apply(base)
+    eligible = sum(p.numel() for n, p in base.named_parameters() if p.ndim == 2 and "layers." in n)
+    assert 0 < delta.numel <= round(0.05 * eligible)  # one global top-k over both processes' rows
+    for name, param in base.named_parameters():  # base + delta is the fitted model, and only masked entries moved
+        assert torch.equal(param, result["weights"][name]), name
+        moved = int((param != before[name]).sum())
+        assert moved == (delta.indices[name].numel() if name in delta.indices else 0), name
+    half = {n: result["weights"][n].numel() // 2 for n in delta.indices}
+    assert any(bool((i.long() < half[n]).any()) for n, i in delta.indices.items())  # rank 0's rows (lower half)
+    assert any(bool((i.long() >= half[n]).any()) for n, i in delta.indices.items())  # and rank 1's
+
+
 # ---------------------------------------------------------------------------------------------- the command line
 @pytest.mark.ddp
 def test_lightning_ft_fit_runs_under_torchrun_with_fsdp2_and_resumes(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -138,3 +162,39 @@ def test_lightning_ft_fit_runs_under_torchrun_with_fsdp2_and_resumes(tiny_llama_
     steps = [line.split(",") for line in (run / "csv" / "metrics.csv").read_text().splitlines()]
     step_column = steps[0].index("step")
     assert max(int(row[step_column]) for row in steps[1:] if row[step_column]) == 6
+
+
+# ---------------------------------------------------------------------------------------------- sharded top-k
+def _sharded_topk_rank(rank: int, port: int, scores: dict[str, torch.Tensor], out: dict[int, object]) -> None:
+    import torch.distributed as dist
+
+    from lightning_ft.sparse.topk import sharded_topk
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mine = {n: s.chunk(2)[rank] if s.shape[0] > 1 else s[:0] if rank else s for n, s in scores.items()}
+        results = [sharded_topk(mine, 37), sharded_topk(mine, {n: 3 + i for i, n in enumerate(scores)})]
+        out[rank] = [{n: idx.tolist() for n, idx in r.items()} for r in results]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_sharded_topk_chooses_exactly_what_one_process_chooses() -> None:
+    import torch.multiprocessing as mp
+
+    from lightning_ft.sparse.topk import global_topk, tensor_topk
+
+    gen = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(7, 5, generator=gen), "b": torch.randint(0, 3, (6, 4), generator=gen).float(),
+              "c": torch.rand(1, 9, generator=gen), "d": torch.zeros(5, 2)}  # fmt: skip  # ties, odd rows, one row
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_sharded_topk_rank, args=(_free_port(), scores, out), nprocs=2, join=True)
+    expected = [global_topk(scores, 37), {n: tensor_topk(s, 3 + i) for i, (n, s) in enumerate(scores.items())}]
+    for which, want in enumerate(expected):
+        for name, score in scores.items():
+            cols = score[0].numel()
+            rows0 = score.chunk(2)[0].shape[0] if score.shape[0] > 1 else score.shape[0]
+            got = out[0][which][name] + [i + rows0 * cols for i in out[1][which][name]]
+            assert got == want[name].tolist(), (which, name)

@@ -112,10 +112,9 @@ def test_a_users_subclass_is_refused_with_the_declaration_it_inherits_named_as_i
         MyHFT().setup(_trainer(FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
     assert str(err.value) == _LEGACY.format("MyHFT")
     with pytest.raises(ValueError) as err:
-        MySparse(Magnitude()).setup(_trainer(ModelParallelStrategy()), module, "fit")  # type: ignore[arg-type]
-    assert str(err.value).startswith("MySparse keeps masks over whole tensors, which ModelParallelStrategy"), str(
-        err.value
-    )
+        MySparse(Magnitude()).setup(_trainer(FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
+    assert str(err.value).startswith("MySparse does not run under FSDPStrategy"), str(err.value)
+    check_support(MySparse(Magnitude()), _trainer(ModelParallelStrategy(), "32-true"))  # FSDP2: inherited support
     with pytest.raises(ValueError) as err:  # the generic row would have let a LoRA backbone through
         check_support(MyHFT(), _trainer(_ddp()), find_transformer(_lora(tiny_llama_dir)))
     assert str(err.value).startswith("MyHFT trains half of the base weights, but every base weight of "), str(err.value)

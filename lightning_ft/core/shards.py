@@ -1,0 +1,107 @@
+"""Row shards of FSDP2 parameters, as the methods see them: this process's rows, the whole tensor, agreement.
+
+Under FSDP2 (``fully_shard``) a parameter is a ``DTensor`` whose local part is a block of rows (``Shard(0)``). The
+methods edit those rows in place (:func:`local`), gather a whole tensor one at a time where the math needs it
+(:func:`full_tensor`), know which rows they hold (:func:`shard_info`) and agree on per-tensor decisions
+(:func:`any_rank`). Outside FSDP2 each helper returns its argument as it is, so the same code serves every strategy.
+Torch only: importing this module does not import Lightning (the sparse artifact and the snapshot use it).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+__all__ = [
+    "any_rank",
+    "full_tensor",
+    "guard_optimizer_state_init",
+    "initializing_optimizer_state",
+    "is_sharded",
+    "local",
+    "shard_info",
+]
+
+_STATE_INIT = threading.local()
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` has been applied to ``module`` (or any module inside it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (a view that in-place edits write through), else ``tensor`` itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a ``DTensor`` (a collective: every rank must call it), else ``tensor`` itself."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def shard_info(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """``(first row, rows)`` of this rank's shard along dim 0 of a row-sharded ``DTensor``; ``None`` if not sharded.
+
+    FSDP2 shards dim 0 in ``ceil(rows / world)`` pieces; the last ranks may hold fewer rows, or none.
+    """
+    if not _is_dtensor(tensor):
+        return None
+    mesh = tensor.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-tensor.shape[0] // world)
+    start = min(rank * chunk, tensor.shape[0])
+    return start, tensor.to_local().shape[0] if tensor.ndim else 0
+
+
+def any_rank(flags: list[bool], sharded: bool) -> list[bool]:
+    """Each flag OR-ed over the processes when ``sharded`` (each process decided on its own shard), else as given.
+
+    A collective when ``sharded``: every rank must call it with as many flags.
+    """
+    if not sharded or not torch.distributed.is_initialized() or not flags:
+        return flags
+    votes = torch.tensor([float(f) for f in flags])
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in votes.tolist()]
+
+
+def initializing_optimizer_state() -> bool:
+    """Whether torch's distributed checkpointing is running its state-initialising ``optimizer.step()`` right now.
+
+    ``get_optimizer_state_dict`` (every distributed checkpoint save and load) first runs one ``step()`` with zero
+    gradients and a zero learning rate on an optimizer that holds no state yet, so that every parameter gets state.
+    A method that wraps ``optimizer.step`` (``SparseFineTuning``'s compact AdamW) must not count that as a step;
+    :func:`guard_optimizer_state_init` makes this flag tell it.
+    """
+    return bool(getattr(_STATE_INIT, "active", False))
+
+
+def guard_optimizer_state_init() -> None:
+    """Make :func:`initializing_optimizer_state` true while torch initialises optimizer state for a distributed
+    checkpoint (wraps ``torch.distributed.checkpoint.state_dict._init_optim_state`` once; idempotent)."""
+    import torch.distributed.checkpoint.state_dict as dcp_state
+
+    original = dcp_state._init_optim_state
+    if getattr(original, "_lightning_ft_guard", False):
+        return
+
+    def guarded(optim: torch.optim.Optimizer) -> None:
+        _STATE_INIT.active = True
+        try:
+            original(optim)
+        finally:
+            _STATE_INIT.active = False
+
+    guarded._lightning_ft_guard = True  # type: ignore[attr-defined]
+    dcp_state._init_optim_state = guarded
