@@ -144,7 +144,7 @@ def sharded_topk(scores: Mapping[str, torch.Tensor], k: int | Mapping[str, int])
     hi = torch.full((width,), _INF_BITS, dtype=torch.int64)  # invariant: count(bits >= lo) >= wanted
     while bool((active := lo < hi).any()):
         mid = (lo + hi + 1) // 2
-        ok = counts(lambda i, b: b >= int(mid[i if per_tensor else 0])) >= wanted
+        ok = counts(lambda i, b, mid=mid: b >= int(mid[i if per_tensor else 0])) >= wanted
         lo, hi = torch.where(active & ok, mid, lo), torch.where(active & ~ok, mid - 1, hi)
     threshold = [int(lo[i if per_tensor else 0]) for i in range(len(names))]
     above = counts(lambda i, b: b > threshold[i])

@@ -4,6 +4,8 @@ SparseFineTuning (one artifact written from every process's rows), each exportin
 gathered weights of each (``<kind>.pt``) for the test to compare with what ``from_pretrained`` loads; each rank
 records the most bytes of gathered (full) tensors alive at once during the export.
 
+First, ``sharded_topk`` on fixed scores split by rows (``topk<rank>.pt``), in the same process group.
+
 Usage: ``fsdp2_export.py <tiny llama folder> <tiny bert folder> <output folder>``
 """
 
@@ -20,6 +22,7 @@ from helpers import make_trainer
 
 from lightning_ft.callbacks import Magnitude, SparseFineTuning
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
+from lightning_ft.sparse.topk import sharded_topk
 from lightning_ft.strategies import FSDP2Strategy, fsdp2
 
 
@@ -48,9 +51,26 @@ def _batches(classes: bool = False) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(rows, batch_size=2)
 
 
+def topk_scores() -> dict[str, torch.Tensor]:
+    """Scores with ties, odd row counts and a one-row tensor, for sharded_topk (test_fsdp2.py builds the same)."""
+    gen = torch.Generator().manual_seed(0)
+    return {"a": torch.rand(7, 5, generator=gen), "b": torch.randint(0, 3, (6, 4), generator=gen).float(),
+            "c": torch.rand(1, 9, generator=gen), "d": torch.zeros(5, 2)}  # fmt: skip
+
+
+def _sharded_topk(out: Path, rank: int) -> None:
+    """Each rank's choice among its rows (FSDP2's row blocks: ``chunk(2)``), a global and a per-tensor budget."""
+    torch.distributed.init_process_group("gloo")
+    scores = topk_scores()
+    mine = {n: s.chunk(2)[rank] if s.shape[0] > 1 else (s[:0] if rank else s) for n, s in scores.items()}
+    chosen = [sharded_topk(mine, 37), sharded_topk(mine, {n: 3 + i for i, n in enumerate(scores)})]
+    torch.save(chosen, out / f"topk{rank}.pt")
+
+
 def main(path: str, bert: str, out: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
+    _sharded_topk(out, rank)
     peaks = _tracked()
     for kind, peft in (
         ("full", None),

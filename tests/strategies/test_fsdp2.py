@@ -165,36 +165,17 @@ def test_lightning_ft_fit_runs_under_torchrun_with_fsdp2_and_resumes(tiny_llama_
 
 
 # ---------------------------------------------------------------------------------------------- sharded top-k
-def _sharded_topk_rank(rank: int, port: int, scores: dict[str, torch.Tensor], out: dict[int, object]) -> None:
-    import torch.distributed as dist
-
-    from lightning_ft.sparse.topk import sharded_topk
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        mine = {n: s.chunk(2)[rank] if s.shape[0] > 1 else s[:0] if rank else s for n, s in scores.items()}
-        results = [sharded_topk(mine, 37), sharded_topk(mine, {n: 3 + i for i, n in enumerate(scores)})]
-        out[rank] = [{n: idx.tolist() for n, idx in r.items()} for r in results]
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.ddp
-def test_sharded_topk_chooses_exactly_what_one_process_chooses() -> None:
-    import torch.multiprocessing as mp
+def test_sharded_topk_chooses_exactly_what_one_process_chooses(exported: Path) -> None:
+    from fsdp2_export import topk_scores
 
     from lightning_ft.sparse.topk import global_topk, tensor_topk
 
-    gen = torch.Generator().manual_seed(0)
-    scores = {"a": torch.rand(7, 5, generator=gen), "b": torch.randint(0, 3, (6, 4), generator=gen).float(),
-              "c": torch.rand(1, 9, generator=gen), "d": torch.zeros(5, 2)}  # fmt: skip  # ties, odd rows, one row
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_sharded_topk_rank, args=(_free_port(), scores, out), nprocs=2, join=True)
+    scores = topk_scores()
+    ranks = [torch.load(exported / f"topk{r}.pt", weights_only=True) for r in range(2)]
     expected = [global_topk(scores, 37), {n: tensor_topk(s, 3 + i) for i, (n, s) in enumerate(scores.items())}]
     for which, want in enumerate(expected):
         for name, score in scores.items():
-            cols = score[0].numel()
-            rows0 = score.chunk(2)[0].shape[0] if score.shape[0] > 1 else score.shape[0]
-            got = out[0][which][name] + [i + rows0 * cols for i in out[1][which][name]]
-            assert got == want[name].tolist(), (which, name)
+            offset = (score.chunk(2)[0].shape[0] if score.shape[0] > 1 else score.shape[0]) * score[0].numel()
+            got = torch.cat([ranks[0][which][name], ranks[1][which][name] + offset])
+            assert got.tolist() == want[name].tolist(), (which, name)

@@ -36,8 +36,10 @@ from lightning_ft.support import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-_LEGACY = ("{} does not run under FSDPStrategy, which flattens the parameters into sharded pieces: use "
-           "strategy='fsdp2' (Lightning's ModelParallelStrategy with FSDP2) or strategy='ddp'.")
+_LEGACY = (
+    "{} does not run under FSDPStrategy, which flattens the parameters into sharded pieces: use "
+    "strategy='fsdp2' (Lightning's ModelParallelStrategy with FSDP2) or strategy='ddp'."
+)
 
 
 def _callbacks() -> list[L.Callback]:
