@@ -186,6 +186,12 @@ class FineTuningModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None or not is_model_parallel(trainer.strategy):
             return
+        if self.hparams.get("merge_adapter") and self.is_peft:
+            raise UserError(
+                "merge_adapter=True merges the adapter into a whole copy of the model, which FSDP2 keeps sharded "
+                "across processes: set merge_adapter to false (hf_model/ then holds the adapter, which peft's "
+                "merge_and_unload merges on one process) or use strategy='ddp'."
+            )
         mesh = self.device_mesh
         if mesh is None or "data_parallel" not in (mesh.mesh_dim_names or ()):
             return

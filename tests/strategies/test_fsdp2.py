@@ -56,6 +56,20 @@ def test_the_snapshot_reads_only_a_shards_rows(tiny_llama_dir: Path) -> None:
     assert snapshot.get(name, rows=(whole.shape[0], 0)).shape == (0, whole.shape[1])  # a rank holding no rows
 
 
+def test_a_merged_adapter_export_is_refused_under_fsdp2(tiny_llama_dir: Path) -> None:
+    import types
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_ft.modules import CausalLMModule
+
+    module = CausalLMModule(model=str(tiny_llama_dir), peft={"r": 2, "target_modules": ["q_proj"]}, merge_adapter=True,
+                            output_dir="")  # fmt: skip
+    module._trainer = types.SimpleNamespace(strategy=ModelParallelStrategy())
+    with pytest.raises(ValueError, match=r"^merge_adapter=True merges the adapter into a whole copy of the model, "):
+        module.configure_model()
+
+
 # ---------------------------------------------------------------------------------------------- the export
 @pytest.fixture(scope="module")
 def exported(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
