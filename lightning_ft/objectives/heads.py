@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from lightning_ft.core.anatomy import DecoderParts, decoder_parts, plain_state
 from lightning_ft.core.host import MixinBase, ModuleHost, require_host
+from lightning_ft.core.shards import is_sharded
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.errors import UserError
 from lightning_ft.modules.backbone import export_path
@@ -108,11 +109,8 @@ class MultiTokenHeadsMixin(MixinBase):
     backbone: nn.Module
     aux_heads: nn.ModuleList
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "lora", "mixed"}),
+        frozenset({"ddp", "fsdp2", "lora", "mixed"}),
         {
-            "fsdp2": "{name} runs the backbone's final norm and LM head again outside the backbone's forward (its "
-            "auxiliary heads share them), where {strategy} keeps their weights sharded: use strategy='ddp' (or a "
-            "single device).",
             "quantized": "{name} copies a decoder layer of the backbone into each auxiliary head, which a quantized "
             "backbone's 4/8-bit weights cannot seed: set quantization to null (LoRA alone works).",
         },
@@ -172,6 +170,11 @@ class MultiTokenHeadsMixin(MixinBase):
             check_fit_support(self, self.trainer, self.backbone)
 
     # ------------------------------------------------------------------ heads
+    def sharded_modules(self) -> list[nn.Module]:
+        """Under FSDP2 each auxiliary head's layer is its own group (called outside the backbone's forward); the final norm
+        and LM head it reuses stay gathered in the backbone's root group from its forward to its backward."""
+        return [layer for head in self.aux_heads for layer in head]
+
     def _decoder(self) -> DecoderParts:
         return decoder_parts(self.backbone, "MultiTokenHeadsMixin")
 
@@ -201,11 +204,17 @@ class MultiTokenHeadsMixin(MixinBase):
 
         from lightning_ft.core.io import atomic_file, check_finite
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.aux_heads.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.gathered_heads().items()}
         check_finite(tensors, f"the auxiliary heads file {path}")
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata={"caft": json.dumps(self._heads_signature())})
         return Path(path)
+
+    def gathered_heads(self) -> dict[str, torch.Tensor]:
+        """The heads' state dict with whole tensors (under FSDP2 each is all-gathered: every process must call)."""
+        from lightning_ft.core.shards import full_tensor
+
+        return {k: full_tensor(v) for k, v in self.aux_heads.state_dict().items()}
 
     def load_heads(self, path: str | Path) -> None:
         """Load heads written by :meth:`save_heads`; a file of another shape fails with one sentence."""
@@ -381,4 +390,6 @@ class MultiTokenHeadsMixin(MixinBase):
         trainer = self.trainer
         if path is not None and trainer.is_global_zero:
             self.save_heads(path)
+        elif path is not None and any(is_sharded(head) for head in self.aux_heads):
+            self.gathered_heads()  # the other processes' part of the all-gathers rank 0's save makes
         trainer.strategy.barrier("lightning_ft.save_heads")

@@ -22,6 +22,7 @@ from helpers import make_trainer
 
 from lightning_ft.callbacks import Magnitude, SparseFineTuning
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
+from lightning_ft.objectives import CAFTCausalLM
 from lightning_ft.sparse.topk import sharded_topk
 from lightning_ft.strategies import FSDP2Strategy, fsdp2
 
@@ -77,9 +78,20 @@ def main(path: str, bert: str, out: Path) -> None:
         ("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]}),
         ("classifier", None),
         ("sparse", None),
+        ("caft", None),
     ):
         L.seed_everything(0)
-        if kind == "classifier":
+        if kind == "caft":
+            module = CAFTCausalLM(
+                model=path,
+                num_heads=2,
+                heads_coefficient=0.5,
+                learning_rate=1e-2,
+                warmup_steps=0,
+                heads_output=str(out / "heads.safetensors"),
+                output_dir=str(out / kind / "hf_model"),
+            )
+        elif kind == "classifier":
             module = SequenceClassificationModule(model=bert, num_labels=2, learning_rate=1e-2, warmup_steps=0,
                                                   output_dir=str(out / kind / "hf_model"))  # fmt: skip
         else:
@@ -91,7 +103,7 @@ def main(path: str, bert: str, out: Path) -> None:
         peaks.clear()  # and the previous module's gathered weights are gone (``del weights`` below)
         trainer.fit(module, train_dataloaders=_batches(classes=kind == "classifier"))
         export_peak = max(peaks)
-        weights = dict(fsdp2.gathered_parameters(module.backbone))
+        weights = dict(fsdp2.gathered_parameters(module.backbone if kind != "caft" else module))
         if rank == 0:
             model_bytes = sum(t.numel() * t.element_size() for t in weights.values())
             torch.save({"weights": weights, "export_peak": export_peak, "model_bytes": model_bytes},

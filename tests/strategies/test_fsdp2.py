@@ -178,6 +178,15 @@ def test_lightning_ft_fit_runs_under_torchrun_with_fsdp2_and_resumes(tiny_llama_
     assert max(int(row[step_column]) for row in steps[1:] if row[step_column]) == 6
 
 
+@pytest.mark.ddp
+def test_caft_heads_train_sharded_and_their_file_holds_the_gathered_heads(exported: Path) -> None:
+    from safetensors.torch import load_file
+
+    result = torch.load(exported / "caft.pt", weights_only=True)
+    heads = load_file(exported / "heads.safetensors")
+    assert heads and all(torch.equal(t, result["weights"][f"aux_heads.{k}"]) for k, t in heads.items())
+
+
 # ---------------------------------------------------------------------------------------------- sharded top-k
 @pytest.mark.ddp
 def test_sharded_topk_chooses_exactly_what_one_process_chooses(exported: Path) -> None:

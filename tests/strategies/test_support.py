@@ -98,9 +98,11 @@ def test_legacy_sharded_strategies_are_refused_in_setup_naming_fsdp2(tiny_llama_
 
 def test_fsdp2_is_refused_only_where_declared(tiny_llama_dir: Path) -> None:
     fsdp2 = _trainer(ModelParallelStrategy(), "32-true")
-    for callback in (HalfFineTuning(), LayerFreezing(freeze_bottom=1), LayerwiseSampling(num_active=1), LiNeS(0.5)):
+    for callback in (HalfFineTuning(), LayerFreezing(freeze_bottom=1), LayerwiseSampling(num_active=1), LiNeS(0.5),
+                     SparseFineTuning(Magnitude())):  # fmt: skip
         check_support(callback, fsdp2)  # works on shards
-    for method in (CopilotMixin, MultiTokenHeadsMixin):
+    check_support(MultiTokenHeadsMixin, fsdp2)
+    for method in (CopilotMixin,):
         with pytest.raises(ValueError) as err:
             check_support(method, fsdp2)
         message = str(err.value)
