@@ -28,7 +28,7 @@ from lightning_ft.core.shards import any_rank, is_sharded, local
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.core.weights import safetensors_index as _safetensors_files
 from lightning_ft.merging.ops import NonBlockScale, lines_factor, lines_scale
-from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+from lightning_ft.core.process_group import destroy_process_group_at_exit
 from lightning_ft.support import MethodSupport, check_support
 
 __all__ = ["LiNeS"]

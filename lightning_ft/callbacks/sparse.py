@@ -55,7 +55,7 @@ from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.sparse.compact import CompactState
 from lightning_ft.sparse.rules import SelectionRule
 from lightning_ft.sparse.sampled import SampledGrad
-from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+from lightning_ft.core.process_group import destroy_process_group_at_exit
 from lightning_ft.strategies.sparse_ddp import SparseCommState
 from lightning_ft.support import MethodSupport, check_support
 

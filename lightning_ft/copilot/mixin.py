@@ -192,7 +192,7 @@ class CopilotMixin(CopilotEvaluation):
         if stage != "fit":
             return
         trainer = self.trainer
-        from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+        from lightning_ft.core.process_group import destroy_process_group_at_exit
         from lightning_ft.support import check_support
 
         destroy_process_group_at_exit()  # a clean gloo exit, also for this mixin in a user's own module

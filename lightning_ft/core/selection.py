@@ -31,7 +31,7 @@ from lightning_ft.core.layer_map import LayerMap, find_transformer
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.core.support import check_support
 from lightning_ft.errors import UserError
-from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+from lightning_ft.core.process_group import destroy_process_group_at_exit
 
 __all__ = ["ParameterSelection", "SelectionCallback", "draw_rng"]
 

@@ -17,6 +17,7 @@ from torch import nn
 __all__ = [
     "any_rank",
     "full_tensor",
+    "gathered_state",
     "guard_optimizer_state_init",
     "initializing_optimizer_state",
     "is_sharded",
@@ -105,3 +106,8 @@ def guard_optimizer_state_init() -> None:
 
     guarded._lightning_ft_guard = True  # type: ignore[attr-defined]
     dcp_state._init_optim_state = guarded
+
+
+def gathered_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with whole tensors (each ``DTensor`` all-gathered: every process must call it)."""
+    return {key: full_tensor(value) for key, value in module.state_dict().items()}

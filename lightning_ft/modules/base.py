@@ -24,7 +24,7 @@ from lightning_ft.errors import UserError
 from lightning_ft.modules.backbone import export_path, is_peft_model, save_pretrained_atomic
 from lightning_ft.modules.metrics import EvalMetrics
 from lightning_ft.strategies.fsdp2 import is_model_parallel, is_sharded, save_sharded_pretrained, shard_backbone
-from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+from lightning_ft.core.process_group import destroy_process_group_at_exit
 
 __all__ = [
     "CHECKPOINT_KEY", "FineTuningModule", "Schedule", "build_optimizer", "check_checkpoint", "checkpoint_mismatch",

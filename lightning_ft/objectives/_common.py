@@ -14,7 +14,7 @@ __all__ = ["batch_generator", "check_fit_support", "log_train", "training_progre
 def check_fit_support(method: object, trainer: Any, model: torch.nn.Module | None) -> None:
     """What an objective's ``setup("fit")`` does: register the clean process-group exit, then refuse in one sentence a
     feature of this fit that ``method``'s declared support (:mod:`lightning_ft.support`) does not cover."""
-    from lightning_ft.strategies.process_group import destroy_process_group_at_exit
+    from lightning_ft.core.process_group import destroy_process_group_at_exit
     from lightning_ft.support import check_support
 
     destroy_process_group_at_exit()

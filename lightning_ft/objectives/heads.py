@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from lightning_ft.core.anatomy import DecoderParts, decoder_parts, plain_state
 from lightning_ft.core.host import MixinBase, ModuleHost, require_host
-from lightning_ft.core.shards import is_sharded
+from lightning_ft.core.shards import gathered_state, is_sharded
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.errors import UserError
 from lightning_ft.modules.backbone import export_path
@@ -204,17 +204,11 @@ class MultiTokenHeadsMixin(MixinBase):
 
         from lightning_ft.core.io import atomic_file, check_finite
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.gathered_heads().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in gathered_state(self.aux_heads).items()}
         check_finite(tensors, f"the auxiliary heads file {path}")
         with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata={"caft": json.dumps(self._heads_signature())})
         return Path(path)
-
-    def gathered_heads(self) -> dict[str, torch.Tensor]:
-        """The heads' state dict with whole tensors (under FSDP2 each is all-gathered: every process must call)."""
-        from lightning_ft.core.shards import full_tensor
-
-        return {k: full_tensor(v) for k, v in self.aux_heads.state_dict().items()}
 
     def load_heads(self, path: str | Path) -> None:
         """Load heads written by :meth:`save_heads`; a file of another shape fails with one sentence."""
@@ -391,5 +385,5 @@ class MultiTokenHeadsMixin(MixinBase):
         if path is not None and trainer.is_global_zero:
             self.save_heads(path)
         elif path is not None and any(is_sharded(head) for head in self.aux_heads):
-            self.gathered_heads()  # the other processes' part of the all-gathers rank 0's save makes
+            gathered_state(self.aux_heads)  # the other processes' part of the all-gathers rank 0's save makes
         trainer.strategy.barrier("lightning_ft.save_heads")

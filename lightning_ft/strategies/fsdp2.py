@@ -282,3 +282,6 @@ def register_strategy() -> None:
 
     if "fsdp2" not in StrategyRegistry:
         StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard per block), data-parallel")
+
+
+register_strategy()  # `strategy: fsdp2` works wherever our modules (which import this module) are used

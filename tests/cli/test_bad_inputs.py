@@ -156,10 +156,9 @@ ROWS: list[tuple[str, list[str], int, str]] = [
     ("deepspeed-sparse", ["fit", *BASE, "--trainer.strategy", "deepspeed_stage_3", "--trainer.callbacks+=SparseFineTuning",
                           "--trainer.callbacks.rule", "Magnitude"], 1,
      "SparseFineTuning does not run under DeepSpeedStrategy, which flattens the parameters into sharded pieces"),
-    ("fsdp2-galore", ["fit", *BASE, "--trainer.strategy", "fsdp2", "--trainer.callbacks+=LayerwiseSampling",
-                      "--trainer.callbacks.num_active", "1", "--trainer.callbacks.galore_rank", "4"], 1,
-     "LayerwiseSampling(galore_rank=4) projects each matrix's whole gradient by SVD, which FSDP2Strategy shards across "
-     "processes: set galore_rank to 0 (plain AdamW) or use strategy='ddp_find_unused_parameters_true'."),
+    ("fsdp2-copilot", ["fit", *BASE, "--trainer.strategy", "fsdp2", "--model", "lightning_ft.copilot.CopilotCausalLM"],
+     1, "CopilotCausalLM steps the Pilot and the Copilot by hand with two optimizers, which FSDP2Strategy would shard "
+        "together: use strategy='ddp' (or a single device)."),
     # ---- checkpoints (exit 1, before the model loads)
     ("ckpt-missing", ["fit", *BASE, "--ckpt_path", f"{ROOT}/last.ckpt"], 1,
      "--ckpt_path {ws}/last.ckpt does not exist: --ckpt_path takes the .ckpt file of a run"),
@@ -216,6 +215,7 @@ def test_bad_input_is_one_sentence(
     assert _fill(sentence, ws, tiny_llama_dir) in lines[-1][len(prefix):], err
     if code == 2:
         assert lines[-2].startswith(f"usage: lightning-ft {command or '{fit,'}"), err
+    assert not torch.distributed.is_initialized(), "refused after a process group was started (it would hold its port)"
 
 
 def test_the_table_holds_forty_distinct_bad_inputs() -> None:

@@ -24,7 +24,7 @@ class _CheckSync(L.Callback):
         assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
         first_batch = pl_module.all_gather(torch.tensor(float(trainer.global_step)))
         assert first_batch.tolist() == [4.0, 4.0]
-        from lightning_ft.strategies import process_group
+        from lightning_ft.core import process_group
 
         assert process_group._registered, "setup() did not register destroying the gloo group at exit"
 

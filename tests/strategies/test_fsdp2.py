@@ -1,7 +1,8 @@
 """FSDP2 (``strategy: fsdp2``, Lightning's ModelParallelStrategy): our modules shard each block, the fit-end export
 gathers one tensor at a time onto rank 0 and loads in transformers (and peft), and ``lightning-ft fit`` runs under
-``torchrun`` with 2 CPU processes and resumes from its distributed checkpoint. Every method's FSDP2 behaviour (equal
-to DDP, resumed bit for bit, or refused) is checked by the conformance matrix (tests/conformance, property e)."""
+``torchrun`` with 2 CPU processes, writing a distributed checkpoint that equals its export. Every method's FSDP2
+behaviour (equal to DDP, resumed from its distributed checkpoint bit for bit, or refused) is checked by the conformance
+matrix (tests/conformance, property e)."""
 
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ def test_a_sharded_sparse_fine_tuning_writes_one_artifact_of_every_process_rows(
 
 # ---------------------------------------------------------------------------------------------- the command line
 @pytest.mark.ddp
-def test_lightning_ft_fit_runs_under_torchrun_with_fsdp2_and_resumes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_lightning_ft_fit_runs_under_torchrun_with_fsdp2(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
 
@@ -171,11 +172,6 @@ def test_lightning_ft_fit_runs_under_torchrun_with_fsdp2_and_resumes(tiny_llama_
     exported = AutoModelForCausalLM.from_pretrained(run / "hf_model")
     for name, param in exported.named_parameters():  # LiNeS re-saved the checkpoint after its edit
         assert torch.equal(param, state[f"backbone.{name}"]), name
-
-    _torchrun([*fit, "--ckpt_path", str(last), "--trainer.max_steps", "6"], cwd=tmp_path)  # continues the run
-    steps = [line.split(",") for line in (run / "csv" / "metrics.csv").read_text().splitlines()]
-    step_column = steps[0].index("step")
-    assert max(int(row[step_column]) for row in steps[1:] if row[step_column]) == 6
 
 
 @pytest.mark.ddp

@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_ft.strategies import destroy_process_group_at_exit
+from lightning_ft.core.process_group import destroy_process_group_at_exit
 
 _CHECK = """
 import atexit, tempfile, torch.distributed as dist
-from lightning_ft.strategies import destroy_process_group_at_exit
+from lightning_ft.core.process_group import destroy_process_group_at_exit
 atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))  # runs after the later handlers
 n = atexit._ncallbacks()
 dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
@@ -35,7 +35,7 @@ def test_the_group_is_destroyed_before_the_interpreter_exits_and_registered_once
 
 
 def test_without_a_group_the_handler_does_nothing() -> None:
-    out = subprocess.run([sys.executable, "-c", "from lightning_ft.strategies import destroy_process_group_at_exit; "
+    out = subprocess.run([sys.executable, "-c", "from lightning_ft.core.process_group import destroy_process_group_at_exit; "
                           "destroy_process_group_at_exit()"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0 and out.stderr.count("Error") == 0, out.stderr
 

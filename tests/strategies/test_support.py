@@ -20,7 +20,7 @@ from lightning_ft.copilot import CopilotMixin
 from lightning_ft.core.layer_map import find_transformer
 from lightning_ft.modules import CausalLMModule
 from lightning_ft.objectives import MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin, TokenWeighting
-from lightning_ft.strategies import process_group
+from lightning_ft.core import process_group
 from lightning_ft.support import (
     FEATURES,
     GENERIC,
