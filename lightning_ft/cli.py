@@ -481,11 +481,20 @@ def _run(argv: list[str]) -> None:
     if not argv or not (argv[0] in SUBCOMMANDS or argv[0].startswith("-")):
         raise _unknown_command(argv[0] if argv else None)
     cli_class = _cli_class()
-    cli_class(
+    cli = cli_class(
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False, **({"parser_mode": "omegaconf"} if _has_omegaconf() else {})},
         args=argv,
     )
+    _finish_wandb(getattr(cli, "trainer", None))
+
+
+def _finish_wandb(trainer: Any) -> None:
+    """Finish the command's W&B run, so that its files are complete when the command returns (``main`` may be
+    called several times in one process, e.g. fit then validate)."""
+    for logger in getattr(trainer, "loggers", None) or []:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
 
 
 def _has_omegaconf() -> bool:

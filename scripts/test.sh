@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 export PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# two workers on two cores, one test file per worker at a time (a file's session fixtures, e.g. the conformance
+# matrix's shared fits and torchrun groups, are then built once)
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 "$@"
