@@ -228,9 +228,10 @@ class SparseFineTuning(_SparseStorage):
             for optimizer, state in zip(trainer.optimizers, loaded):
                 optimizer.load_state_dict(state)
         if after_fit_start:
-            for optimizer in trainer.optimizers:  # torch's state initialisation before the load gave them dense state
-                for param in self._params.values():
-                    optimizer.state.pop(param, None)
+            if self.phase == "sparse":  # torch's state initialisation before the load gave them dense state
+                for optimizer in trainer.optimizers:
+                    for param in self._params.values():
+                        optimizer.state.pop(param, None)
             self._sync_comm_masks()
             self._sync_sampled_grads(trainer)
 
