@@ -134,10 +134,11 @@ class _SparseStepping(L.Callback):
 
     def _wrap_step(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-            if initializing_optimizer_state():  # torch's zero-gradient step before a distributed checkpoint: the
-                for param in self._params.values():  # compact state needs none, and no dense state is made
-                    param.grad = None
-                return original(**kwargs)
+            if initializing_optimizer_state():  # torch's zero-gradient step before a distributed checkpoint
+                if self.phase == "sparse":  # the compact state needs none, and no dense state is made
+                    for param in self._params.values():
+                        param.grad = None
+                return original(**kwargs)  # (a dense phase's tensors get their AdamW state, which the load fills)
             loss = None
             if closure is not None:
                 with torch.enable_grad():
