@@ -42,6 +42,7 @@ __all__ = [
     "UserError",
     "config_problem",
     "debug_requested",
+    "argparse_sentence",
     "did_you_mean",
     "exit_code",
     "explain_parse_error",
@@ -416,3 +417,30 @@ def explain_parse_error(message: str, argv: list[str], *, prog: str, options: It
     reasons = _merge_expects(found)
     best = min(reasons, key=lambda item: item[0])[1] if reasons else " ".join(message.split())
     return UsageError(best, usage)
+
+
+def argparse_sentence(message: str, options: Iterable[str], prog: str) -> str:
+    """An ``argparse`` error message as one sentence, with a suggestion for a misspelt option or choice.
+
+    Args:
+        message: What ``ArgumentParser.error`` was given.
+        options: The parser's ``--long`` option strings.
+        prog: The command's name (``lightning-ft merge``), named in the pointer to ``--help``.
+    """
+    if match := re.match(r"unrecognized arguments: (\S+)", message):
+        option = match[1].split("=", 1)[0]
+        return f"{option} is not an option of {prog}{did_you_mean(option, list(options))}"
+    if match := re.match(r"argument ([^:]+): invalid choice: '?([^']*?)'? \(choose from (.*)\)$", message):
+        option, value = match[1].split("/")[-1], match[2]
+        choices = [c.strip().strip("'") for c in match[3].split(",")]
+        return f"{option} must be one of {', '.join(choices)} (got {value}){did_you_mean(value, choices)}"
+    if match := re.match(r"argument ([^:]+): invalid (int|float) value: '(.*)'$", message):
+        kind = "an integer" if match[2] == "int" else "a number"
+        return f"{match[1].split('/')[-1]} must be {kind} (got {match[3]})."
+    if match := re.match(r"argument ([^:]+): expected (?:one|at least one) argument", message):
+        return f"{match[1].split('/')[-1]} needs a value."
+    if match := re.match(r"the following arguments are required: (.*)$", message):
+        names = match[1].split(", ")
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        return f"{listed} {'is' if len(names) == 1 else 'are'} required: see {prog} --help."
+    return message.rstrip(".") + "."

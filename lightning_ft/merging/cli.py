@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ import yaml
 
 from lightning_ft.core.io import check_output
 from lightning_ft.core.weights import resolve_path
-from lightning_ft.errors import UsageError, UserError, did_you_mean
+from lightning_ft.errors import UsageError, UserError, argparse_sentence
 from lightning_ft.merging.compeft import compress, is_compeft_artifact
 from lightning_ft.merging.engine import MergePlan, ScoreFn, merge_to_folder, parse_dtype
 from lightning_ft.merging.registry import MERGE_METHODS, get_method
@@ -86,23 +85,7 @@ class _Parser(argparse.ArgumentParser):
     def sentence(self, message: str) -> str:
         """argparse's message as one sentence, with a suggestion for a misspelt option or choice."""
         options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        if match := re.match(r"unrecognized arguments: (\S+)", message):
-            option = match[1].split("=", 1)[0]
-            return f"{option} is not an option of {self.prog}{did_you_mean(option, options)}"
-        if match := re.match(r"argument ([^:]+): invalid choice: '?([^']*?)'? \(choose from (.*)\)$", message):
-            option, value = match[1].split("/")[-1], match[2]
-            choices = [c.strip().strip("'") for c in match[3].split(",")]
-            return f"{option} must be one of {', '.join(choices)} (got {value}){did_you_mean(value, choices)}"
-        if match := re.match(r"argument ([^:]+): invalid (int|float) value: '(.*)'$", message):
-            kind = "an integer" if match[2] == "int" else "a number"
-            return f"{match[1].split('/')[-1]} must be {kind} (got {match[3]})."
-        if match := re.match(r"argument ([^:]+): expected (?:one|at least one) argument", message):
-            return f"{match[1].split('/')[-1]} needs a value."
-        if match := re.match(r"the following arguments are required: (.*)$", message):
-            names = match[1].split(", ")
-            listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-            return f"{listed} {'is' if len(names) == 1 else 'are'} required: see {self.prog} --help."
-        return message.rstrip(".") + "."
+        return argparse_sentence(message, options, self.prog)
 
 
 def _methods_epilog() -> str:

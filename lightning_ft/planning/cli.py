@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from lightning_ft.errors import UsageError, UserError, did_you_mean
+from lightning_ft.errors import UsageError, UserError, argparse_sentence
 from lightning_ft.planning.estimate import (
     ACCELERATORS,
     DTYPE_BYTES,
@@ -62,21 +61,7 @@ class _Parser(argparse.ArgumentParser):
 
     def _sentence(self, message: str) -> str:
         options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        if match := re.match(r"unrecognized arguments: (\S+)", message):
-            option = match[1].split("=", 1)[0]
-            return f"{option} is not an option of {self.prog}{did_you_mean(option, options)}"
-        if match := re.match(r"argument ([^:]+): invalid choice: '?([^']*?)'? \(choose from (.*)\)$", message):
-            option, value = match[1].split("/")[-1], match[2]
-            choices = [c.strip().strip("'") for c in match[3].split(",")]
-            return f"{option} must be one of {', '.join(choices)} (got {value}){did_you_mean(value, choices)}"
-        if match := re.match(r"argument ([^:]+): invalid (int|float) value: '(.*)'$", message):
-            kind = "an integer" if match[2] == "int" else "a number"
-            return f"{match[1].split('/')[-1]} must be {kind} (got {match[3]})."
-        if match := re.match(r"argument ([^:]+): expected one argument", message):
-            return f"{match[1].split('/')[-1]} needs a value."
-        if match := re.match(r"the following arguments are required: (.*)$", message):
-            return f"{match[1]} is required: see {self.prog} --help."
-        return message.rstrip(".") + "."
+        return argparse_sentence(message, options, self.prog)
 
 
 def _parser() -> _Parser:
