@@ -248,16 +248,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def ddp_results(model_dirs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every DDP row fitted in ONE 2-process gloo group (ddp_fit.py, run by torchrun); rank 0's weights per row."""
-    out = tmp_path_factory.mktemp("ddp")
+def _torchrun_rows(script: str, model_dir: str, out: Path, rows: list[str]) -> Path:
+    """Run ``script`` (ddp_fit.py or fsdp_fit.py) for ``rows`` in ONE 2-process gloo group under torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(HERE / "ddp_fit.py"), model_dirs["llama"], str(out), *DDP_ROWS]  # fmt: skip
+           str(HERE / script), model_dir, str(out), *rows]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def ddp_results(model_dirs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every DDP row fitted in ONE 2-process gloo group (ddp_fit.py, run by torchrun); rank 0's weights per row."""
+    return _torchrun_rows("ddp_fit.py", model_dirs["llama"], tmp_path_factory.mktemp("ddp"), DDP_ROWS)
 
 
 @pytest.mark.ddp
@@ -284,13 +288,7 @@ FSDP2_ROWS = [row.name for row in fsdp2_rows()]
 def fsdp2_results(model_dirs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every FSDP2 row fitted, then resumed from its step-MID distributed checkpoint, in ONE 2-process gloo group
     (fsdp_fit.py, run by torchrun); rank 0's gathered weights and method state per row."""
-    out = tmp_path_factory.mktemp("fsdp2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(HERE / "fsdp_fit.py"), model_dirs["llama"], str(out), *FSDP2_ROWS]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return out
+    return _torchrun_rows("fsdp_fit.py", model_dirs["llama"], tmp_path_factory.mktemp("fsdp2"), FSDP2_ROWS)
 
 
 @pytest.mark.ddp
