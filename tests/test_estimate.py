@@ -128,6 +128,11 @@ def test_owlore(tiny: ModelShape) -> None:
     # each, gate, up and down 256 + 64 each, the norms 2 * 16 * 4 and the outside 2 * 520 * 4
     galore = estimate(tiny, _plan(method="owlore", active_blocks=1, galore_rank=2))
     assert galore.optimizer == 192 + 160 + 160 + 192 + 3 * 320 + 128 + 4160
+    # FSDP2 on 2 devices shards the side that follows the weight's rows: the tall q, o, gate and up keep half their
+    # moments (64, 64, 128, 128) and their whole basis (64 each); the wide k, v and down half their basis (16, 16,
+    # 32) and their whole moments (128, 128, 256); the plain tensors (norms and the outside) are halved
+    sharded = estimate(tiny, _plan(method="owlore", active_blocks=1, galore_rank=2, devices=2, strategy="fsdp2"))
+    assert sharded.optimizer == (64 + 64 + 128 + 128) + 4 * 64 + (16 + 16 + 32) + (128 + 128 + 256) + (128 + 4160) / 2
 
 
 def test_quantized_lora_weights(tiny: ModelShape) -> None:
@@ -215,8 +220,8 @@ BAD = [
      "mlp_up, mlp_down.")),
     (["--method", "owlore", "--active-blocks", "3"], 1, ("--active-blocks must be between 1 and the model's 2 blocks "
      "(got 3).")),
-    (["--method", "owlore", "--devices", "2", "--strategy", "fsdp2"], 1, ("--galore-rank 256 projects each matrix's "
-     "whole gradient, which fsdp2 shards: pass --galore-rank 0 or --strategy ddp.")),
+    (["--method", "owlore", "--galore-rank", "-1"], 1, ("--galore-rank must be zero (plain AdamW) or a positive rank "
+     "(got -1).")),
 ]  # fmt: skip
 
 

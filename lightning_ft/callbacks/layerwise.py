@@ -31,8 +31,6 @@ from lightning_ft.callbacks.layerwise_schedule import OWLORE_ACTIVE_FRACTION, ow
 from lightning_ft.core.galore import GaLoreProjection
 from lightning_ft.core.layer_map import LayerMap, ParamKind, is_quantized_param
 from lightning_ft.core.selection import SelectionCallback, draw_rng
-from lightning_ft.errors import UserError
-from lightning_ft.strategies.fsdp2 import is_model_parallel
 from lightning_ft.support import MethodSupport
 
 __all__ = [  # the schedule's and the outlier scores' names: re-exported, their old home
@@ -183,7 +181,7 @@ class LayerwiseSampling(SelectionCallback):
         frozenset({"ddp", "fsdp2", "quantized", "lora", "mixed"}),
         {},
         "Needs strategy='ddp_find_unused_parameters_true'; outlier scores of a quantized backbone must be given; "
-        "GaLore (galore_rank) is refused under FSDP2.",
+        "under FSDP2, GaLore gathers one matrix's gradient at a time for its SVD.",
     )
 
     def __init__(
@@ -256,12 +254,6 @@ class LayerwiseSampling(SelectionCallback):
     @override
     def check(self, trainer: L.Trainer, model: torch.nn.Module, layer_map: LayerMap) -> None:
         self.layer_map = layer_map
-        if self.galore is not None and is_model_parallel(trainer.strategy):
-            raise UserError(
-                f"LayerwiseSampling(galore_rank={self.galore.rank}) projects each matrix's whole gradient by SVD, which "
-                f"{type(trainer.strategy).__name__} shards across processes: set galore_rank to 0 (plain AdamW) or use "
-                "strategy='ddp_find_unused_parameters_true'."
-            )
         if not 1 <= self.gamma <= layer_map.num_blocks:
             raise ValueError(
                 f"num_active={self.gamma} must be between 1 and the model's {layer_map.num_blocks} blocks."
@@ -281,6 +273,7 @@ class LayerwiseSampling(SelectionCallback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.galore is not None and self.selection is not None:  # before the groups shrink to the first draw
             assert self.layer_map is not None
+            self.selection.refresh()  # FSDP2's sharded parameters, which the optimizer holds
             attach_galore(self.galore, self.selection, self.layer_map, trainer.optimizers)
         super().on_fit_start(trainer, pl_module)
 

@@ -15,6 +15,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_ft.core.layer_map import LayerMap
+from lightning_ft.core.shards import is_dtensor, local, shard_info
 
 __all__ = ["calibration_batches", "input_norms", "outlier_ratios"]
 
@@ -59,24 +60,33 @@ def outlier_ratios(
         batches = [batches]
     norms = input_norms(model, modules, batches, reduce) if batches is not None else {}
     by_block: dict[int, list[torch.Tensor]] = {}
+    sharded = False  # under FSDP2 each process scores its own rows and the block totals are summed
     for info in infos:
-        weight = model.get_parameter(info.name).detach().float().abs()
+        param = model.get_parameter(info.name)
+        sharded |= is_dtensor(param)
+        weight = local(param).detach().float().abs()
         if info.name in norms:
-            dim = _input_dim(modules[info.name])
             scale = norms[info.name].to(weight.device)
-            weight = weight * (scale.unsqueeze(0) if dim == 1 else scale.unsqueeze(1))
+            if _input_dim(modules[info.name]) == 1:
+                weight = weight * scale.unsqueeze(0)
+            else:  # Conv1D ([in, out]): the input features are the rows, of which this process holds a slice
+                start, rows = shard_info(param) or (0, weight.shape[0])
+                weight = weight * scale[start : start + rows].unsqueeze(1)
         assert info.block is not None
         by_block.setdefault(info.block, []).append(weight)
-    ratios = []
-    for block in range(layer_map.num_blocks):
-        scores = by_block.get(block, [])
-        count = sum(s.numel() for s in scores)
-        if not count:
-            ratios.append(0.0)
-            continue
-        mean = sum(float(s.sum()) for s in scores) / count
-        ratios.append(sum(int((s > threshold * mean).sum()) for s in scores) / count)
-    return ratios
+    blocks = [by_block.get(block, []) for block in range(layer_map.num_blocks)]
+    totals = torch.tensor([[sum(s.numel() for s in b), sum(float(s.sum()) for s in b)] for b in blocks],
+                          dtype=torch.float64)  # fmt: skip
+    if sharded and reduce is not None:
+        totals = reduce(totals)
+    counts, means = totals[:, 0], totals[:, 1] / totals[:, 0].clamp(min=1)
+    above = torch.tensor(
+        [sum(int((s > threshold * float(mean)).sum()) for s in b) for b, mean in zip(blocks, means)],
+        dtype=torch.float64,
+    )
+    if sharded and reduce is not None:
+        above = reduce(above)
+    return [float(a / c) if c else 0.0 for a, c in zip(above, counts)]
 
 
 @torch.no_grad()

@@ -24,6 +24,16 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from lightning_ft.core.shards import (
+    gather_rows,
+    guard_optimizer_state_init,
+    initializing_optimizer_state,
+    is_dtensor,
+    local,
+    rows_like,
+    shard_info,
+)
+
 __all__ = ["GaLoreProjection", "galore_basis", "project", "project_back"]
 
 BASIS_KEY = "galore_basis"
@@ -40,8 +50,9 @@ def galore_basis(grad: torch.Tensor, rank: int) -> torch.Tensor:
         ``V_r^T`` (``r x n``) when ``m >= n``, else ``U_r`` (``m x r``), in float32.
     """
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    # a copy: a slice would keep the whole min(m, n)^2 SVD factor alive as long as the basis is kept
-    return (vh[:rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]).clone()
+    # a row-major copy: a slice would keep the whole min(m, n)^2 SVD factor alive as long as the basis is kept, and
+    # LAPACK's factors are column-major, which a broadcast (raw storage) would read transposed on the other ranks
+    return (vh[:rank] if grad.shape[0] >= grad.shape[1] else u[:, :rank]).clone(memory_format=torch.contiguous_format)
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -98,7 +109,7 @@ class GaLoreProjection:
             params: Candidate parameters; those that fail :meth:`eligible` are left to the optimizer.
 
         Returns:
-            The number of managed parameters.
+            The number of managed parameters an optimizer holds (what GaLore will update).
 
         Raises:
             TypeError: If an optimizer holding a managed parameter is not ``Adam`` / ``AdamW``.
@@ -106,13 +117,17 @@ class GaLoreProjection:
         """
         self.detach()
         self._managed = {id(p): p for p in params if self.eligible(p)}
+        if any(is_dtensor(p) for p in self._managed.values()):
+            guard_optimizer_state_init()  # tell torch's state-initialising checkpoint step from a real one
+        count = 0
         for optimizer in optimizers:
             held = [p for g in optimizer.param_groups for p in g["params"] if id(p) in self._managed]
             if not held:
                 continue
             _check_optimizer(optimizer, self.rank)
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
-        return len(self._managed)
+            count += len(held)
+        return count
 
     def detach(self) -> None:
         """Remove the hooks (the optimizer steps every parameter itself again)."""
@@ -148,30 +163,85 @@ class GaLoreProjection:
 
     def _update(self, param: torch.nn.Parameter, state: dict[str, Any], group: dict[str, Any]) -> None:
         lr, (beta1, beta2), eps, decay = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
-        grad = param.grad.float()
+        weight = local(param)  # this process's rows under FSDP2, else the whole matrix
+        grad = local(param.grad).float()
         decoupled = group.get("decoupled_weight_decay", False)
         if decay and not decoupled:
-            grad = grad + decay * param.float()
+            grad = grad + decay * weight.float()
+        if initializing_optimizer_state():  # torch's zero-gradient step before a distributed checkpoint
+            if not state:
+                self._shaped_state(param, state)
+            return
         if not state:
             state["step"] = torch.tensor(0.0)
         step = int(state["step"])
         if step % self.update_proj_gap == 0 or BASIS_KEY not in state:
-            state[BASIS_KEY] = galore_basis(grad, self.rank).to(param.dtype)
-        basis = state[BASIS_KEY].float()
-        low = project(grad, basis)
+            state[BASIS_KEY] = self._basis(param, grad)
+        basis = local(state[BASIS_KEY]).float()
+        tall = param.shape[0] >= param.shape[1]
+        low = grad @ basis.T if tall else basis.T @ grad  # a wide matrix's P^T G sums over every process's rows
+        if not tall and is_dtensor(param):
+            torch.distributed.all_reduce(low, group=param.device_mesh.get_group())
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros(low.shape, dtype=param.dtype, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(low.shape, dtype=param.dtype, device=param.device)
+            state["exp_avg"] = self._moment(param, low.shape)
+            state["exp_avg_sq"] = self._moment(param, low.shape)
         state["step"] += 1
         step += 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
         exp_avg.lerp_(low.to(exp_avg.dtype), 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(low.to(exp_avg_sq.dtype), low.to(exp_avg_sq.dtype), value=1 - beta2)
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
         normalised = exp_avg.float() / bias1 / ((exp_avg_sq.float() / bias2).sqrt() + eps)
         if decay and decoupled:
-            param.mul_(1 - lr * decay)
-        param.add_(project_back(normalised, basis, param.shape, self.scale).to(param.dtype), alpha=-lr)
+            weight.mul_(1 - lr * decay)
+        update = normalised @ basis if tall else basis @ normalised  # this process's rows of N P or P N
+        weight.add_((update * self.scale).to(weight.dtype), alpha=-lr)
+
+    def _basis(self, param: torch.nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        """The new basis of ``param`` from its (this process's rows of the) gradient ``grad``.
+
+        Under FSDP2 the SVD needs the whole gradient: the rows are gathered (one matrix at a time), the first process
+        of the mesh computes the basis and sends it to the others (so no two processes hold different bases), and a
+        wide matrix keeps its own rows of ``U_r``, sharded like the weight; a tall one's ``V_r^T`` is replicated.
+        """
+        if not is_dtensor(param):
+            return galore_basis(grad, self.rank).to(param.dtype)
+        group = param.device_mesh.get_group()
+        whole = gather_rows(grad, param)
+        tall = param.shape[0] >= param.shape[1]
+        shape = (self.rank, param.shape[1]) if tall else (param.shape[0], self.rank)
+        first = torch.distributed.get_global_rank(group, 0)
+        if torch.distributed.get_rank() == first:
+            basis = galore_basis(whole, self.rank)
+        else:
+            basis = torch.empty(shape, dtype=torch.float32, device=whole.device)
+        del whole
+        torch.distributed.broadcast(basis, src=first, group=group)
+        basis = basis.to(param.dtype)
+        if tall:
+            return basis
+        start, rows = shard_info(param)  # type: ignore[misc]
+        return rows_like(basis[start : start + rows].clone(), param, shape)
+
+    def _moment(self, param: torch.nn.Parameter, low_shape: torch.Size) -> torch.Tensor:
+        """A zero moment for the low-rank gradient: a tall matrix's ``m x r`` is sharded by rows like the weight."""
+        zeros = torch.zeros(low_shape, dtype=param.dtype, device=local(param).device)
+        if is_dtensor(param) and param.shape[0] >= param.shape[1]:
+            return rows_like(zeros, param, (param.shape[0], self.rank))
+        return zeros
+
+    def _shaped_state(self, param: torch.nn.Parameter, state: dict[str, Any]) -> None:
+        """State of the right shapes and placements (zeros, step 0) for a distributed checkpoint to load into."""
+        m, n = param.shape
+        rows = local(param).shape[0]
+        tall = m >= n
+        basis = torch.zeros(
+            (self.rank, n) if tall else (rows, self.rank), dtype=param.dtype, device=local(param).device
+        )
+        state["step"] = torch.tensor(0.0)
+        state[BASIS_KEY] = basis if tall or not is_dtensor(param) else rows_like(basis, param, (m, self.rank))
+        low = torch.Size((rows, self.rank) if tall else (self.rank, n))
+        state["exp_avg"], state["exp_avg_sq"] = self._moment(param, low), self._moment(param, low)
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, rank: int) -> None:
@@ -187,4 +257,3 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, rank: int) -> None:
                 f"galore_rank={rank} does not support the optimizer's {unsupported[0]}=True: turn it off or set "
                 "galore_rank=None."
             )
-

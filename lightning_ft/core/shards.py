@@ -17,11 +17,14 @@ from torch import nn
 __all__ = [
     "any_rank",
     "full_tensor",
+    "gather_rows",
     "gathered_state",
     "guard_optimizer_state_init",
     "initializing_optimizer_state",
+    "is_dtensor",
     "is_sharded",
     "local",
+    "rows_like",
     "shard_info",
 ]
 
@@ -35,20 +38,38 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 parameter, its gradient, or state sharded like it)."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
 
 
+def rows_like(rows: torch.Tensor, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """This rank's ``rows`` of a tensor of global ``shape`` sharded by rows as ``like`` is (a ``DTensor``), so that a
+    distributed checkpoint writes and reads each rank's rows at their place. Not a collective."""
+    from torch.distributed.tensor import DTensor
+
+    stride = tuple(int(torch.Size(shape)[i + 1 :].numel()) for i in range(len(shape)))
+    return DTensor.from_local(rows, like.device_mesh, like.placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)  # fmt: skip
+
+
+def gather_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose rows this rank holds as ``like`` holds its own (a collective: every rank calls it)."""
+    if not is_dtensor(like):
+        return rows
+    return rows_like(rows, like, (like.shape[0], *rows.shape[1:])).full_tensor()
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a ``DTensor`` (a view that in-place edits write through), else ``tensor`` itself."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a ``DTensor`` (a collective: every rank must call it), else ``tensor`` itself."""
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
 def shard_info(tensor: torch.Tensor) -> tuple[int, int] | None:
@@ -56,7 +77,7 @@ def shard_info(tensor: torch.Tensor) -> tuple[int, int] | None:
 
     FSDP2 shards dim 0 in ``ceil(rows / world)`` pieces; the last ranks may hold fewer rows, or none.
     """
-    if not _is_dtensor(tensor):
+    if not is_dtensor(tensor):
         return None
     mesh = tensor.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()

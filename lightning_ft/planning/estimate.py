@@ -17,7 +17,8 @@ bitsandbytes layers answer in their input's dtype).
   (:mod:`lightning_ft.sparse.compact`) is 12 bytes per selected entry (an int32 index and two fp32 moments; +4 for an
   fp32 master copy when the weights are not fp32); under FSDP2 each process keeps its own rows' entries. OwLore's
   GaLore (:mod:`lightning_ft.core.galore`) keeps the two moments of an active matrix ``m x n`` with
-  ``min(m, n) > r`` as ``r x max(m, n)`` plus its basis; only the active blocks hold state.
+  ``min(m, n) > r`` as ``r x max(m, n)`` plus its ``r x min(m, n)`` basis; only the active blocks hold state.
+  Under FSDP2 the side that follows the weight's rows is sharded and the other replicated (``_galore_state``).
 * **Activations** kept for the backward pass (:mod:`lightning_ft.planning.activations`): per token and block the
   tensors each operation saves, with and without checkpointing.
 * **Logits and loss**: every position is labelled, so ``[B, T, V]`` logits go through the cross-entropy: the logits
@@ -29,7 +30,8 @@ bitsandbytes layers answer in their input's dtype).
   weights and, in the backward pass, one block's unsharded gradients.
 * **Step temporaries**: on a GPU AdamW's default ``foreach`` path makes one moment-sized copy of every densely
   stepped tensor; on a CPU the per-tensor path makes two copies of one tensor at a time; GaLore's step makes about
-  three fp32 copies of a matrix (projected-back update, its scaled copy, SVD factors).
+  three fp32 copies of a matrix (projected-back update, its scaled copy, SVD factors); under FSDP2 the gathered
+  fp32 gradient and its SVD factors are whole and the update copies are the process's rows.
 
 The peak follows the order of a Lightning step: the forward pass runs before ``zero_grad``, so the previous step's
 gradients are still held at the forward peak (except those the step itself drops: LIFT's compact gradients and
@@ -168,6 +170,7 @@ class _Parts:
     gradients: float = 0.0
     kept_gradients: float = 0.0  # those still held when the next forward pass runs
     optimizer: float = 0.0
+    optimizer_replicated: float = 0.0  # state every FSDP2 process holds whole (GaLore's unsharded side)
     other: float = 0.0
     trainable: int = 0
     moment_all: float = 0.0  # one AdamW moment over every densely stepped tensor
@@ -255,9 +258,6 @@ def _check_knobs(plan: FitPlan, shape: ModelShape) -> None:
                         f"(got {plan.active_blocks}).")  # fmt: skip
     if plan.galore_rank < 0:
         raise UserError(f"--galore-rank must be zero (plain AdamW) or a positive rank (got {plan.galore_rank}).")
-    if plan.method == "owlore" and plan.galore_rank > 0 and plan.strategy == "fsdp2":
-        raise UserError(f"--galore-rank {plan.galore_rank} projects each matrix's whole gradient, which fsdp2 "
-                        "shards: pass --galore-rank 0 or --strategy ddp.")  # fmt: skip
     if plan.freeze_bottom:
         if plan.method not in ("full_ft", "lora"):
             raise UserError(f"--freeze-bottom applies to --method full_ft or lora (LayerFreezing cannot share a fit "
@@ -372,11 +372,13 @@ def _lift(shape: ModelShape, plan: FitPlan, parts: _Parts) -> None:
                        "and head frozen.")  # fmt: skip
 
 
-def _galore_state(out: int, inp: int, rank: int, nbytes: int) -> float:
-    """Bytes of GaLore's moments and basis for one ``out x in`` matrix."""
-    small, large = min(out, inp), max(out, inp)
-    basis = rank * small * nbytes
-    return 2 * rank * large * nbytes + basis
+def _galore_state(out: int, inp: int, rank: int, nbytes: int) -> tuple[float, float]:
+    """Bytes of GaLore's moments and basis for one ``out x in`` matrix, as ``(row-sharded, replicated)`` under FSDP2:
+    a tall matrix's ``out x r`` moments are sharded by rows and its ``r x in`` basis replicated; a wide one's
+    ``out x r`` basis is sharded and its ``r x in`` moments replicated."""
+    if out >= inp:
+        return 2 * rank * out * nbytes, rank * inp * nbytes
+    return rank * out * nbytes, 2 * rank * inp * nbytes
 
 
 def _owlore(shape: ModelShape, plan: FitPlan, parts: _Parts) -> None:
@@ -391,12 +393,16 @@ def _owlore(shape: ModelShape, plan: FitPlan, parts: _Parts) -> None:
         for out, inp in projected.values():
             parts.trainable += out * inp
             parts.gradients += out * inp * nbytes  # dropped by GaLore's step: not kept into the next forward
-            parts.optimizer += _galore_state(out, inp, rank, nbytes)
+            sharded, replicated = _galore_state(out, inp, rank, nbytes)
+            parts.optimizer += sharded
+            parts.optimizer_replicated += replicated
         parts.modes[block] = "train"
     parts.train(shape.embed_numel + shape.head_numel + shape.hidden, nbytes, shape.embed_numel)
     if projected:
         big = max(o * i for o, i in projected.values())
         parts.galore_step = big * 4 * 3 + (0 if nbytes == 4 else big * 4)
+        if plan.strategy == "fsdp2":  # the gathered fp32 gradient and its SVD factors, then the rows' update copies
+            parts.galore_step = big * 4 * 2 + parts.galore_step / plan.devices
     parts.block_gradients = shape.block_numel * nbytes
     parts.buckets = (shape.layers * shape.block_numel + shape.embed_numel + shape.head_numel + shape.hidden) * nbytes
     parts.notes.append(
@@ -430,7 +436,8 @@ def estimate(shape: ModelShape, plan: FitPlan) -> MemoryEstimate:
     logits = plan.batch_size * plan.seq_len * shape.vocab
     loss_forward, loss_backward = (c + 8) * logits, 12 * logits  # logits, their fp32 copy, its log-softmax
     shard = plan.devices if plan.strategy == "fsdp2" else 1
-    weights, grads, optimizer = parts.weights / shard, parts.gradients / shard, parts.optimizer / shard
+    weights, grads = parts.weights / shard, parts.gradients / shard
+    optimizer = parts.optimizer / shard + parts.optimizer_replicated
     kept, other = parts.kept_gradients / shard, parts.other / shard
     step_temp = max(parts.moment_all / shard if plan.accelerator == "gpu" else 2 * parts.moment_largest,
                     parts.galore_step)  # fmt: skip

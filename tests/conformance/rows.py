@@ -83,8 +83,6 @@ class Row:
             does ("": it does, up to float rounding); the processes must still agree.
         batch_extra: Extra batch fields the method reads (e.g. ``task_id``), by name.
         dynamic: Whether the trainable set changes during the fit (DDP then needs unused-parameter detection).
-        fsdp2_refuses: The start of the sentence this row's configuration is refused with under FSDP2 although its
-            class supports FSDP2 (e.g. an option that needs whole tensors); "" when it runs.
         fsdp2_differs: Why a 2-process FSDP2 run, by design, does not compute what the DDP run does ("": it does).
     """
 
@@ -98,7 +96,6 @@ class Row:
     batch_extra: tuple[str, ...] = ()
     dynamic: bool = False
     ddp_differs: str = ""
-    fsdp2_refuses: str = ""
     fsdp2_differs: str = ""
 
     def applies(self, model: str, host: str) -> str | None:
@@ -158,8 +155,6 @@ ROWS: list[Row] = [
         lambda host: LayerwiseSampling(preset="owlore", interval=2, outlier_threshold=2.0, calibration_samples=8,
                                        galore_rank=4, galore_update_proj_gap=2),
         check="selection", dynamic=True,
-        fsdp2_refuses="LayerwiseSampling(galore_rank=4) projects each matrix's whole gradient by SVD, which {strategy} "
-                      "shards across processes",
     ),
     Row("lines", LiNeS, lambda host: LiNeS(alpha=0.5)),
     Row(

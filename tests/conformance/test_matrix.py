@@ -299,10 +299,9 @@ def test_fsdp2_matches_ddp_and_resumes_from_its_distributed_checkpoint(
     row = ROW[name]
     result = torch.load(fsdp2_results / f"{name}.pt", weights_only=False)
     refusals = declared_refusals(row.declared)
-    if "fsdp2" in refusals or row.fsdp2_refuses:  # refused in setup(), on both processes, with its sentence
+    if "fsdp2" in refusals:  # refused in setup(), on both processes, with its sentence
         cls = row.module.cls if row.module is not None else row.declared  # type: ignore[union-attr]
-        expected = (row.fsdp2_refuses or refusals["fsdp2"]).format(name=cls.__name__, strategy="FSDP2Strategy",
-                                                                   model="LlamaForCausalLM")  # fmt: skip
+        expected = refusals["fsdp2"].format(name=cls.__name__, strategy="FSDP2Strategy", model="LlamaForCausalLM")
         assert "refused" in result, f"{name} declares an FSDP2 refusal but trained under FSDP2"
         assert result["refused"].startswith(expected), result["refused"]
         return

@@ -138,6 +138,19 @@ def test_a_sharded_sparse_fine_tuning_writes_one_artifact_of_every_process_rows(
     assert any(bool((i.long() >= half[n]).any()) for n, i in delta.indices.items())  # and rank 1's
 
 
+@pytest.mark.ddp
+def test_galore_on_row_shards_equals_galore_on_whole_matrices_and_resumes_exactly(tmp_path: Path) -> None:
+    _torchrun([str(HERE / "galore_fsdp2.py"), str(tmp_path)])
+    result = torch.load(tmp_path / "galore.pt", weights_only=False)
+    # (global, this process's) basis shapes: a wide matrix keeps its rows of U_r (7 rows: 4 + 3), a tall one all of V_r^T
+    assert result["bases"] == {"0.weight": ((7, 3), (4, 3)), "1.weight": ((3, 7), (3, 7)),
+                               "3.weight": ((5, 3), (3, 3)), "4.weight": ((3, 5), (3, 5))}  # fmt: skip
+    for name, whole in result["whole"].items():
+        assert not torch.equal(whole, result["initial"][name]), name
+        assert torch.allclose(result["sharded"][name], whole, atol=1e-6, rtol=0), name  # three new bases in 5 steps
+        assert torch.equal(result["resumed"][name], result["sharded"][name]), name
+
+
 # ---------------------------------------------------------------------------------------------- the command line
 @pytest.mark.ddp
 def test_lightning_ft_fit_runs_under_torchrun_with_fsdp2(tiny_llama_dir: Path, tmp_path: Path) -> None:
