@@ -199,6 +199,10 @@ class CopilotEvaluation(CopilotTraining):
 
         callback = trainer.checkpoint_callback
         last = Path(getattr(callback, "last_model_path", "") or "")
+        if last.is_dir():  # a distributed checkpoint (FSDP2): its metadata file holds the entry
+            from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+            last = last / _METADATA_FILENAME  # on_load_checkpoint applies it after the sharded weights
         if trainer.is_global_zero and last.is_file():
             checkpoint = torch.load(last, map_location="cpu", weights_only=False)
             checkpoint["copilot"] = {**checkpoint.get("copilot", {}), "lambda": self.copilot_lambda,

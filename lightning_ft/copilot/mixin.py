@@ -112,7 +112,8 @@ class CopilotMixin(CopilotEvaluation):
         buffer_mib: Cap on the log's memory; the oldest rounds go first.
         error_storage: ``dense`` (bf16 over the vocabulary) or ``topk`` (largest magnitudes only).
         error_topk: Entries per token kept by ``topk``.
-        checkpoint_buffer: Put the mistake log in Lightning checkpoints (resumes then continue exactly).
+        checkpoint_buffer: Put every process's mistake log in Lightning checkpoints (gathered onto rank 0 as each is
+            written; each process resumes with its own, so resumes continue exactly).
         copilot_seed: Seed of the draws from the log.
         fused_eval: Log the fused metrics in validation and test.
         copilot_output: Where ``on_fit_end`` writes the Copilot; default ``<default_root_dir>/copilot``; ``""``
@@ -122,13 +123,11 @@ class CopilotMixin(CopilotEvaluation):
     """
 
     support: ClassVar[MethodSupport] = MethodSupport(
-        frozenset({"ddp", "quantized", "lora", "mixed"}),
-        {
-            "fsdp2": "{name} steps the Pilot and the Copilot by hand with two optimizers, which {strategy} would shard "
-            "together: use strategy='ddp' (or a single device)."
-        },
+        frozenset({"ddp", "fsdp2", "quantized", "lora", "mixed"}),
+        {},
         "Pilot and Copilot may both be LoRA; a quantized Pilot needs copilot_model (unquantized) for the Copilot's "
-        "initial layers; 16-mixed is refused (one loss scaler, two optimizers).",
+        "initial layers; 16-mixed is refused (one loss scaler, two optimizers). Under FSDP2 the Pilot is sharded and "
+        "the (small) Copilot replicated, its gradients averaged over the processes.",
     )
 
     def __init__(

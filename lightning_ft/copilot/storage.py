@@ -90,8 +90,8 @@ class CopilotStorage(MixinBase):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         state: dict[str, Any] = {"lambda": self.copilot_lambda, "lambda_sweep": self.lambda_sweep}
-        if self.copilot_settings.checkpoint_buffer:
-            state["log"] = self.mistake_log.state_dict()
+        if self.copilot_settings.checkpoint_buffer:  # every process's own log (DDP and FSDP2 write rank 0's dict)
+            state["logs"] = _gathered(self.mistake_log.state_dict())
         checkpoint["copilot"] = state
 
     @override
@@ -100,5 +100,23 @@ class CopilotStorage(MixinBase):
         state = checkpoint.get("copilot", {})
         self.copilot_lambda = float(state.get("lambda", self.copilot_lambda))
         self.lambda_sweep = list(state.get("lambda_sweep", []))
-        if "log" in state:
-            self.mistake_log.load_state_dict(state["log"])
+        logs = state.get("logs", [state["log"]] if "log" in state else None)
+        if logs:  # process r resumes with log r (with another process count, with logs r, r + N, ... in order)
+            rank, world = _rank_and_world()
+            self.mistake_log.load_state_dict({"rounds": [r for log in logs[rank::world] for r in log["rounds"]]})
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gathered(state: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every process's ``state`` in rank order on rank 0 (``None`` on the others); a collective under DDP/FSDP2."""
+    rank, world = _rank_and_world()
+    if world == 1:
+        return [state]
+    out: list[Any] | None = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(state, out, dst=0)
+    return out

@@ -11,6 +11,8 @@ from typing_extensions import override
 from lightning_ft.copilot.fusion import PilotCapture
 from lightning_ft.copilot.rounds import CopilotRounds
 from lightning_ft.core.host import ModuleHost
+from lightning_ft.core.shards import average_gradients
+from lightning_ft.strategies.fsdp2 import is_model_parallel
 
 __all__ = ["CopilotTraining"]
 
@@ -80,8 +82,10 @@ class CopilotTraining(CopilotRounds):
         # the Copilot's optimizer steps outside Lightning's wrapper: global_step counts Pilot steps, and callbacks
         # that act on the Pilot's optimizer (on_before_optimizer_step) never see the Copilot's
         raw = copilot_opt.optimizer
+        params = [p for g in raw.param_groups for p in g["params"]]
+        if is_model_parallel(trainer.strategy):  # FSDP2 shards the Pilot only: the replicated Copilot averages by hand
+            average_gradients(params)
         if clip:
-            params = [p for g in raw.param_groups for p in g["params"]]
             if algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, clip)
             else:

@@ -16,6 +16,7 @@ from torch import nn
 
 __all__ = [
     "any_rank",
+    "average_gradients",
     "full_tensor",
     "gather_rows",
     "gathered_state",
@@ -96,6 +97,21 @@ def any_rank(flags: list[bool], sharded: bool) -> list[bool]:
     votes = torch.tensor([float(f) for f in flags])
     torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in votes.tolist()]
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average the gradients of a module every process holds whole (not sharded: e.g. the Copilot under FSDP2) over
+    the processes, in one all-reduce, as DDP would. A collective: every rank calls it with the same parameters."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    start = 0
+    for grad in grads:
+        grad.copy_(flat[start : start + grad.numel()].view_as(grad))
+        start += grad.numel()
 
 
 def initializing_optimizer_state() -> bool:

@@ -156,9 +156,6 @@ ROWS: list[tuple[str, list[str], int, str]] = [
     ("deepspeed-sparse", ["fit", *BASE, "--trainer.strategy", "deepspeed_stage_3", "--trainer.callbacks+=SparseFineTuning",
                           "--trainer.callbacks.rule", "Magnitude"], 1,
      "SparseFineTuning does not run under DeepSpeedStrategy, which flattens the parameters into sharded pieces"),
-    ("fsdp2-copilot", ["fit", *BASE, "--trainer.strategy", "fsdp2", "--model", "lightning_ft.copilot.CopilotCausalLM"],
-     1, "CopilotCausalLM steps the Pilot and the Copilot by hand with two optimizers, which FSDP2Strategy would shard "
-        "together: use strategy='ddp' (or a single device)."),
     # ---- checkpoints (exit 1, before the model loads)
     ("ckpt-missing", ["fit", *BASE, "--ckpt_path", f"{ROOT}/last.ckpt"], 1,
      "--ckpt_path {ws}/last.ckpt does not exist: --ckpt_path takes the .ckpt file of a run"),

@@ -65,7 +65,7 @@ def _fit(name: str, path: str, root: Path, ckpt: str | None) -> tuple[dict[str, 
     trainer = make_trainer(root, STEPS, devices=2, strategy=FSDP2Strategy(), callbacks=callbacks[:-1] + extra,
                            enable_checkpointing=True, use_distributed_sampler=False)  # fmt: skip
     trainer.fit(module, TokenData("llama", row.batch_extra), ckpt_path=ckpt)
-    weights = dict(gathered_parameters(module))
+    weights = dict(gathered_parameters(module, only={n for n, _ in module.named_parameters()}))  # as ddp_fit.py
     state = method.state_dict() if method is not None else {}
     ok = torch.tensor(float(probe.ok and probe.steps > 0))
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)

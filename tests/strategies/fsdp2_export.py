@@ -1,8 +1,14 @@
 """Run by ``torchrun --nproc_per_node=2`` from test_fsdp2.py: a full and a LoRA CausalLMModule and a
 SequenceClassificationModule (a BERT encoder, new head) fitted under FSDP2Strategy, and a full one with
-SparseFineTuning (one artifact written from every process's rows), each exporting ``hf_model`` at fit end (gathered one tensor at a time onto rank 0). Rank 0 writes the
-gathered weights of each (``<kind>.pt``) for the test to compare with what ``from_pretrained`` loads; each rank
-records the most bytes of gathered (full) tensors alive at once during the export.
+SparseFineTuning (one artifact written from every process's rows), each exporting ``hf_model`` at fit end (gathered
+one tensor at a time onto rank 0). Rank 0 writes the gathered weights of each (``<kind>.pt``) for the test to compare
+with what ``from_pretrained`` loads; each rank records the most bytes of gathered (full) tensors alive at once during
+the export.
+
+Then a CopilotCausalLM (sharded Pilot, replicated Copilot) with ``copilot_lambda="auto"``: rank 0 writes
+``copilot.pt`` with the Copilot's weights before and after, whether the two processes' Copilots agree, the sweep, the
+chosen weight and the one recorded in ``last.ckpt`` (a distributed checkpoint) for the test to compare with the
+exported Copilot.
 
 First, ``sharded_topk`` on fixed scores split by rows (``topk<rank>.pt``), in the same process group.
 
@@ -19,8 +25,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from helpers import make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ft.callbacks import Magnitude, SparseFineTuning
+from lightning_ft.copilot import CopilotCausalLM
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_ft.objectives import CAFTCausalLM
 from lightning_ft.sparse.topk import sharded_topk
@@ -68,6 +76,45 @@ def _sharded_topk(out: Path, rank: int) -> None:
     torch.save(chosen, out / f"topk{rank}.pt")
 
 
+class _Data(L.LightningDataModule):
+    """Each rank's own token rows for training and for the Copilot's lambda sweep (which needs a DataModule)."""
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return _batches()
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return _batches()
+
+
+def _copilot(path: str, out: Path, rank: int) -> None:
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    L.seed_everything(0)
+    module = CopilotCausalLM(model=path, copilot_layers=2, copilot_lambda="auto", lambda_grid=(0.5, 1.0),
+                             zero_init_output=False, learning_rate=1e-2, copilot_learning_rate=1e-2, warmup_steps=0,
+                             copilot_output=str(out / "copilot" / "copilot"), output_dir="")  # fmt: skip
+    before = {n: t.detach().clone() for n, t in module.copilot.state_dict().items()}
+    checkpoint = ModelCheckpoint(dirpath=out / "copilot" / "ckpt", save_last=True, save_top_k=0)
+    trainer = make_trainer(out / "copilot", 3, devices=2, strategy=FSDP2Strategy(), use_distributed_sampler=False,
+                           enable_checkpointing=True, callbacks=[checkpoint], gradient_clip_val=1.0)  # fmt: skip
+    trainer.fit(module, datamodule=_Data())
+    after = {n: t.detach().clone() for n, t in module.copilot.state_dict().items()}
+    spread = torch.tensor(max(float((t - after[n]).abs().max()) for n, t in _from_rank0(after).items()))
+    torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+    if rank == 0:
+        meta = torch.load(Path(checkpoint.last_model_path) / _METADATA_FILENAME, weights_only=False)
+        torch.save({"before": before, "after": after, "agree": float(spread) == 0.0, "lambda": module.copilot_lambda,
+                    "sweep": module.lambda_sweep, "last": meta["copilot"]}, out / "copilot.pt")  # fmt: skip
+
+
+def _from_rank0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's copy of each tensor, on every rank."""
+    copies = {n: t.clone() for n, t in state.items()}
+    for tensor in copies.values():
+        torch.distributed.broadcast(tensor, src=0)
+    return copies
+
+
 def main(path: str, bert: str, out: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -110,6 +157,7 @@ def main(path: str, bert: str, out: Path) -> None:
                        out / f"{kind}.pt")  # fmt: skip
         del weights
         trainer.strategy.barrier()
+    _copilot(path, out, rank)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,24 @@ def test_a_sharded_sparse_fine_tuning_writes_one_artifact_of_every_process_rows(
 
 
 @pytest.mark.ddp
+def test_the_copilot_trains_replicated_beside_a_sharded_pilot(exported: Path, tiny_llama_dir: Path) -> None:
+    from lightning_ft.copilot import CopilotCausalLM
+
+    result = torch.load(exported / "copilot.pt", weights_only=False)
+    assert result["agree"], "the two processes' Copilots differ: their gradients were not averaged"
+    assert any(not torch.equal(t, result["before"][n]) for n, t in result["after"].items()), "the Copilot trained"
+    assert [row["lambda"] for row in result["sweep"]] == [0.0, 0.5, 1.0]
+    assert result["lambda"] in (0.0, 0.5, 1.0)
+    # chosen after the last checkpoint was written, then recorded in its metadata file (a distributed checkpoint)
+    assert result["last"]["lambda"] == result["lambda"] and result["last"]["lambda_sweep"] == result["sweep"]
+    loaded = CopilotCausalLM(model=str(tiny_llama_dir), copilot_path=str(exported / "copilot" / "copilot"),
+                             copilot_layers=2, output_dir="")  # fmt: skip
+    assert loaded.copilot_lambda == result["lambda"]
+    for name, tensor in loaded.copilot.state_dict().items():
+        assert torch.equal(tensor, result["after"][name]), name
+
+
+@pytest.mark.ddp
 def test_galore_on_row_shards_equals_galore_on_whole_matrices_and_resumes_exactly(tmp_path: Path) -> None:
     _torchrun([str(HERE / "galore_fsdp2.py"), str(tmp_path)])
     result = torch.load(tmp_path / "galore.pt", weights_only=False)
