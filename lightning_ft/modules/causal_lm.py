@@ -145,11 +145,20 @@ class CausalLMModule(FineTuningModule):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """``generate`` of the backbone with the module's defaults (greedy, ``max_new_tokens``)."""
+        """``generate`` of the backbone with the module's defaults (greedy, ``max_new_tokens``).
+
+        Under FSDP2 every forward pass is a collective, so a process whose rows have all finished keeps running
+        forward passes until every process has finished (transformers' ``synced_gpus``, which it sets by itself only
+        for its own FSDP wrapping).
+        """
+        from lightning_ft.core.shards import is_sharded
+
         options = {"max_new_tokens": self.hparams.max_new_tokens, "do_sample": False}
         options.update(self.hparams.generation_kwargs or {})
         options.update(kwargs)
         options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and is_sharded(self.backbone):
+            options.setdefault("synced_gpus", True)
         return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:

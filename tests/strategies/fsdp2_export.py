@@ -5,6 +5,9 @@ one tensor at a time onto rank 0). Rank 0 writes the gathered weights of each (`
 with what ``from_pretrained`` loads; each rank records the most bytes of gathered (full) tensors alive at once during
 the export.
 
+After the full fit each rank generates its own number of tokens (2 and 5), which needs the rank that finishes
+first to keep running forward passes (``generated<rank>.pt``: how many it generated).
+
 Then a CopilotCausalLM (sharded Pilot, replicated Copilot) with ``copilot_lambda="auto"``: rank 0 writes
 ``copilot.pt`` with the Copilot's weights before and after, whether the two processes' Copilots agree, the sweep, the
 chosen weight and the one recorded in ``last.ckpt`` (a distributed checkpoint) for the test to compare with the
@@ -150,6 +153,10 @@ def main(path: str, bert: str, out: Path) -> None:
         peaks.clear()  # and the previous module's gathered weights are gone (``del weights`` below)
         trainer.fit(module, train_dataloaders=_batches(classes=kind == "classifier"))
         export_peak = max(peaks)
+        if kind == "full":  # each rank stops after its own number of tokens: the one done first keeps pace
+            prompt = _batches().dataset[0]["input_ids"][None]
+            generated = module.generate(prompt, max_new_tokens=2 + 3 * rank, min_new_tokens=2 + 3 * rank)
+            torch.save(generated.shape[1] - prompt.shape[1], out / f"generated{rank}.pt")
         weights = dict(fsdp2.gathered_parameters(module.backbone if kind != "caft" else module))
         if rank == 0:
             model_bytes = sum(t.numel() * t.element_size() for t in weights.values())

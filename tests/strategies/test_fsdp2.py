@@ -139,6 +139,12 @@ def test_a_sharded_sparse_fine_tuning_writes_one_artifact_of_every_process_rows(
 
 
 @pytest.mark.ddp
+def test_generation_keeps_the_processes_in_step(exported: Path) -> None:
+    # rank 0 stops after 2 tokens, rank 1 after 5: without synced forward passes rank 1 would wait for rank 0 forever
+    assert [torch.load(exported / f"generated{rank}.pt") for rank in (0, 1)] == [2, 5]
+
+
+@pytest.mark.ddp
 def test_the_copilot_trains_replicated_beside_a_sharded_pilot(exported: Path, tiny_llama_dir: Path) -> None:
     from lightning_ft.copilot import CopilotCausalLM
 

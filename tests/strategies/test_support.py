@@ -17,20 +17,20 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_ft.callbacks import HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, Magnitude, SparseFineTuning
 from lightning_ft.copilot import CopilotMixin
+from lightning_ft.core import process_group
 from lightning_ft.core.layer_map import find_transformer
 from lightning_ft.modules import CausalLMModule
 from lightning_ft.objectives import MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin, TokenWeighting
-from lightning_ft.core import process_group
 from lightning_ft.support import (
     FEATURES,
     GENERIC,
-    legacy_refusal,
     TABLE_BEGIN,
     TABLE_END,
     MethodSupport,
     check_strategy_support,
     check_support,
     declared_methods,
+    legacy_refusal,
     render_table,
     support_of,
 )
