@@ -91,6 +91,16 @@ METHODS: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    "s2ft": {
+        "label": "S2FT-R (9/90 o_proj groups + 2,511 down_proj channels: LoRA's count)",
+        "module": {"learning_rate": 5e-4},
+        "callbacks": [
+            {
+                "class_path": "lightning_ft.callbacks.S2FT",
+                "init_args": {"v_ratio": 0.0, "o_ratio": 0.1, "u_ratio": 0.0, "d_ratio": 0.0545, "seed": 0},
+            }
+        ],
+    },
     "lt_sft": {
         "label": "LT-SFT (60 dense + 60 sparse steps, LoRA's count)",
         "module": {"learning_rate": 2e-4},

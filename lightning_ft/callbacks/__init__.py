@@ -5,6 +5,7 @@ from lightning_ft.callbacks.layerwise import LayerFreezing, LayerwiseSampling
 from lightning_ft.callbacks.lines import LiNeS
 from lightning_ft.callbacks.predictions import JsonlPredictionWriter
 from lightning_ft.callbacks.report import ForgettingReport
+from lightning_ft.callbacks.s2ft import S2FT
 from lightning_ft.callbacks.sparse import SparseFineTuning
 from lightning_ft.sparse.rules import LotteryTicket, Magnitude, PrincipalWeights, Random, Sensitivity
 
@@ -19,6 +20,7 @@ __all__ = [
     "Magnitude",
     "PrincipalWeights",
     "Random",
+    "S2FT",
     "Sensitivity",
     "SparseFineTuning",
 ]

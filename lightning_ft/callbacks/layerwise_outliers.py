@@ -153,7 +153,7 @@ def input_norms(
     return out
 
 
-def calibration_batches(trainer: L.Trainer, samples: int, fallback: Any) -> list[Any]:
+def calibration_batches(trainer: L.Trainer, samples: int, fallback: Any, loader: Any = None) -> list[Any]:
     """The first batches of a fresh pass over the training data, ``samples`` sequences in all (this rank's share).
 
     The pass reads the training DataLoader's dataset, sampler (with the sampler Lightning injected under
@@ -164,11 +164,13 @@ def calibration_batches(trainer: L.Trainer, samples: int, fallback: Any) -> list
         trainer: The Trainer (its ``train_dataloader`` is read).
         samples: Sequences to collect over all ranks (each rank takes ``ceil(samples / world_size)``).
         fallback: What to return, as the only batch, when the training data is not a ``DataLoader``.
+        loader: The training DataLoader to read instead of the Trainer's (e.g. in ``setup``, before the Trainer
+            has built its own).
 
     Returns:
         Batches moved to the module's device.
     """
-    loader = trainer.train_dataloader
+    loader = trainer.train_dataloader if loader is None else loader
     if not isinstance(loader, DataLoader):
         return [fallback]
     if isinstance(loader.dataset, IterableDataset):

@@ -50,19 +50,19 @@ from typing_extensions import override
 from lightning_ft.callbacks.sparse_selection import resolve_budget
 from lightning_ft.callbacks.sparse_storage import ARTIFACT_NAME, _SparseStorage  # ARTIFACT_NAME: re-exported
 from lightning_ft.core.layer_map import LayerMap, find_transformer
-from lightning_ft.core.selection import SelectionCallback
+from lightning_ft.core.process_group import destroy_process_group_at_exit
+from lightning_ft.core.selection import WeightSelecting, refuse_second_selection
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.sparse.compact import CompactState
 from lightning_ft.sparse.rules import SelectionRule
 from lightning_ft.sparse.sampled import SampledGrad
-from lightning_ft.core.process_group import destroy_process_group_at_exit
 from lightning_ft.strategies.sparse_ddp import SparseCommState
 from lightning_ft.support import MethodSupport, check_support
 
 __all__ = ["ARTIFACT_NAME", "SparseFineTuning"]
 
 
-class SparseFineTuning(_SparseStorage):
+class SparseFineTuning(WeightSelecting, _SparseStorage):
     """Train only a sparse set of weight entries, chosen by a pluggable rule; memory follows the mask.
 
     Args:
@@ -173,12 +173,7 @@ class SparseFineTuning(_SparseStorage):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (SelectionCallback, SparseFineTuning))
-                  and c is not self]  # fmt: skip
-        if others:
-            raise ValueError(
-                f"SparseFineTuning and {others[0]} both decide which weights train: use one of them per fit."
-            )
+        refuse_second_selection(self, trainer)
         destroy_process_group_at_exit()  # a clean gloo exit, also for this callback in a user's own module
         model = find_transformer(pl_module, self.module)
         check_support(self, trainer, model)

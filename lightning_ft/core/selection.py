@@ -28,12 +28,27 @@ import torch
 from typing_extensions import override
 
 from lightning_ft.core.layer_map import LayerMap, find_transformer
+from lightning_ft.core.process_group import destroy_process_group_at_exit
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.core.support import check_support
 from lightning_ft.errors import UserError
-from lightning_ft.core.process_group import destroy_process_group_at_exit
 
-__all__ = ["ParameterSelection", "SelectionCallback", "draw_rng"]
+__all__ = ["ParameterSelection", "SelectionCallback", "WeightSelecting", "draw_rng", "refuse_second_selection"]
+
+
+class WeightSelecting:
+    """Marks a callback that decides which weights train (the selection callbacks, ``SparseFineTuning``, ``S2FT``):
+    two in one fit would silently intersect, so :func:`refuse_second_selection` refuses the second."""
+
+
+def refuse_second_selection(method: object, trainer: Any) -> None:
+    """Raise the one-sentence ``UserError`` if another :class:`WeightSelecting` callback is in this fit."""
+    others = [c for c in getattr(trainer, "callbacks", None) or [] if isinstance(c, WeightSelecting) and c is not method]
+    if others:  # two selections would silently intersect: their composition is not defined
+        raise UserError(
+            f"{type(method).__name__} and {type(others[0]).__name__} both decide which weights train: use one of them "
+            "per fit (or one per stage of a multi-stage run)."
+        )
 
 
 def draw_rng(seed: int, index: int) -> random.Random:
@@ -147,7 +162,7 @@ class ParameterSelection:
         return sum(self.layer_map[n].numel for n in chosen)
 
 
-class SelectionCallback(L.Callback):
+class SelectionCallback(WeightSelecting, L.Callback):
     """Base class of callbacks that decide which whole parameters train.
 
     Subclasses implement :meth:`candidate_names` and :meth:`draw`, and may override :meth:`schedule_key`
@@ -226,13 +241,7 @@ class SelectionCallback(L.Callback):
         if stage != "fit":
             return
         name = type(self).__name__
-        callbacks = getattr(trainer, "callbacks", None) or []
-        others = [c for c in callbacks if isinstance(c, SelectionCallback) and c is not self]
-        if others:  # two selections would silently intersect: their composition is not defined
-            raise UserError(
-                f"{name} and {type(others[0]).__name__} both decide which weights train: use one of them per fit "
-                "(or one per stage of a multi-stage run)."
-            )
+        refuse_second_selection(self, trainer)
         model = find_transformer(pl_module, self.module)
         destroy_process_group_at_exit()  # a clean gloo exit, also for this callback in a user's own module
         check_support(self, trainer, model)  # the declared support matrix (lightning_ft.support)

@@ -22,6 +22,7 @@ import torch
 from helpers import SelectionWatch, SparseWatch, UserModule, make_trainer
 
 from lightning_ft.callbacks import (
+    S2FT,
     HalfFineTuning,
     LayerFreezing,
     LayerwiseSampling,
@@ -52,7 +53,7 @@ STEPS = 6  # 3 batches per epoch: the run crosses an epoch
 MID = 4  # the resumed run starts from step 4's last.ckpt, mid-epoch, and redraws at its first step
 ROWS_PER_EPOCH, BATCH, LENGTH, VOCAB = 12, 4, 12, 300
 LR, WARMUP = 1e-2, 2
-Check = Literal["selection", "entries", "trainable"]
+Check = Literal["selection", "entries", "trainable", "structured"]
 
 _CAUSAL_ONLY = "a causal-LM objective: an encoder classifier has no next-token loss to reshape"
 
@@ -75,8 +76,9 @@ class Row:
         module: Builds our module for a mixin row from a model folder and extra module arguments (``None``: the plain
             module of the model); on a ``user`` host the mixin (``declared``) is mixed into the user's module.
         check: What may change: ``selection`` (exactly the active tensors of each step, :class:`SelectionWatch`),
-            ``entries`` (only entries inside the sparse masks, :class:`SparseWatch`) or ``trainable`` (exactly the
-            tensors that require grad when training starts, every one of them).
+            ``entries`` (only entries inside the sparse masks, :class:`SparseWatch`), ``trainable`` (exactly the
+            tensors that require grad when training starts, every one of them) or ``structured`` (exactly the rows
+            and columns the method reports, ``allowed_masks()``, in every tensor it reports).
         na: Cells that do not apply, by model or host name (or ``ddp``), with the reason.
         refuses: For a host the method cannot work with: ``(exception type, sentence fragment)`` it raises.
         ddp_differs: Why a 2-process run, by design, does not compute what one process with the same global batch
@@ -157,6 +159,12 @@ ROWS: list[Row] = [
         check="selection", dynamic=True,
     ),
     Row("lines", LiNeS, lambda host: LiNeS(alpha=0.5)),
+    Row(
+        "s2ft", S2FT, lambda host: S2FT(v_ratio=0.5, o_ratio=0.25, u_ratio=0.1, d_ratio=0.1), check="structured",
+        na={"bert": "S2FT freezes everything but its slices, so an encoder classifier's new head would never train",
+            "gpt2": "GPT-2's fused Conv1D attention has no separate projections to cut into S2FT's units: refused in "
+                    "one sentence (tests/callbacks/test_s2ft.py)"},
+    ),
     Row(
         "caft", MultiTokenHeadsMixin, module=_causal("caft", num_heads=2, heads_output="", heads_coefficient=0.5),
         na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(MultiTokenHeadsMixin, "backbone"),
@@ -285,6 +293,10 @@ class Probe(L.Callback):
         """What the fit may have changed, by the module's parameter names."""
         if self.row.check == "trainable":
             return {name: None for name in self.trainable}
+        if self.row.check == "structured":  # the chosen units' rows/columns (S2FT), by the model's own names
+            prefix = {id(m): n for n, m in module.named_modules()}[id(self.method._model)]  # type: ignore[union-attr]
+            masks = self.method.allowed_masks()  # type: ignore[union-attr]
+            return {(prefix + "." if prefix else "") + n: mask for n, mask in masks.items()}
         model = self.method._model if self.row.check == "entries" else self.method.selection.model  # type: ignore[union-attr]
         prefix = {id(m): n for n, m in module.named_modules()}[id(model)]
         full = (prefix + ".") if prefix else ""

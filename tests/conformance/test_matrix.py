@@ -106,7 +106,7 @@ def test_only_the_intended_parameters_change(name: str, model: str, host: str, r
         mask = allowed[tensor]
         if mask is not None:
             assert not (entries & ~mask).any(), f"{tensor}: entries outside the masks changed"
-    if row.check == "trainable":  # every tensor that trains moves
+    if row.check in ("trainable", "structured"):  # every tensor that trains moves
         assert set(changed) == set(allowed), f"trainable but unchanged: {sorted(set(allowed) - set(changed))[:3]}"
 
 

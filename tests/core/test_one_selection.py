@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 from helpers import make_data, make_trainer
 
-from lightning_ft.callbacks import HalfFineTuning, LayerFreezing, LayerwiseSampling
+from lightning_ft.callbacks import S2FT, HalfFineTuning, LayerFreezing, LayerwiseSampling, Magnitude, SparseFineTuning
 from lightning_ft.errors import UserError
 from lightning_ft.modules import CausalLMModule
 
@@ -19,8 +19,10 @@ from lightning_ft.modules import CausalLMModule
     [
         ([HalfFineTuning(), LayerwiseSampling(num_active=1)], "HalfFineTuning", "LayerwiseSampling"),
         ([LayerFreezing(freeze_bottom=1), HalfFineTuning()], "LayerFreezing", "HalfFineTuning"),
+        ([S2FT(), SparseFineTuning(Magnitude())], "S2FT", "SparseFineTuning"),
+        ([HalfFineTuning(), S2FT()], "HalfFineTuning", "S2FT"),
     ],
-    ids=["hft-lisa", "freezing-hft"],
+    ids=["hft-lisa", "freezing-hft", "s2ft-sparse", "hft-s2ft"],
 )
 def test_a_second_weight_selecting_callback_is_refused(
     callbacks: list[L.Callback], first: str, second: str, tiny_llama_dir: Path, tmp_path: Path

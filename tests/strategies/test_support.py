@@ -15,7 +15,15 @@ import lightning as L
 import pytest
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-from lightning_ft.callbacks import HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, Magnitude, SparseFineTuning
+from lightning_ft.callbacks import (
+    S2FT,
+    HalfFineTuning,
+    LayerFreezing,
+    LayerwiseSampling,
+    LiNeS,
+    Magnitude,
+    SparseFineTuning,
+)
 from lightning_ft.copilot import CopilotMixin
 from lightning_ft.core import process_group
 from lightning_ft.core.layer_map import find_transformer
@@ -74,7 +82,7 @@ class Undeclared:
 
 
 def test_the_exported_declared_classes_are_the_weight_editing_methods_and_the_objectives() -> None:
-    expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, CopilotMixin,
+    expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, S2FT, CopilotMixin,
                 MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin, TokenWeighting}  # fmt: skip
     assert set(declared_methods()) == expected
     assert all(support_of(cls) is vars(cls)["support"] for cls in expected)
