@@ -1,5 +1,6 @@
 """Callbacks: one file per method family. Importing this module registers their short names for YAML."""
 
+from lightning_ft.callbacks.cofitune import CoFiTune
 from lightning_ft.callbacks.half import HalfFineTuning
 from lightning_ft.callbacks.layerwise import LayerFreezing, LayerwiseSampling
 from lightning_ft.callbacks.lines import LiNeS
@@ -10,6 +11,7 @@ from lightning_ft.callbacks.sparse import SparseFineTuning
 from lightning_ft.sparse.rules import LotteryTicket, Magnitude, PrincipalWeights, Random, Sensitivity
 
 __all__ = [
+    "CoFiTune",
     "ForgettingReport",
     "HalfFineTuning",
     "JsonlPredictionWriter",

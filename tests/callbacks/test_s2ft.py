@@ -155,3 +155,35 @@ def test_a_budget_that_chooses_nothing_is_refused(tiny_llama_dir: Path, tmp_path
     trainer = make_trainer(tmp_path, 1, callbacks=[S2FT(o_ratio=0.1, d_ratio=0.0)])  # floor(0.1 * 4 groups) = 0
     with pytest.raises(ValueError, match=r"choose no unit of this 2-block model: raise them\.$"):
         trainer.fit(module, train_dataloaders=_rows())
+
+
+@pytest.mark.slow
+def test_smollm2_s2ft_learns_with_its_slices_and_exports_the_same_model(smollm2_dir: Path, tmp_path: Path) -> None:
+    from helpers import make_data
+
+    module = CausalLMModule(model=str(smollm2_dir), learning_rate=1e-3, warmup_steps=0, output_dir="")
+    data = make_data(train_size=48, batch_size=4, max_length=40)
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        loss_before = module.compute_loss(batch).item()
+    base = {n: p.detach().clone() for n, p in module.backbone.named_parameters() if ".layers." in n}
+
+    class Before(L.Callback):  # the permuted model with its deltas, just before S2FT fuses them
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            with torch.no_grad():
+                self.logits = pl_module.backbone(input_ids=batch["input_ids"][:2]).logits
+
+    s2ft, before = S2FT(), Before()  # the paper's Llama-2 ratios: 4 of 90 groups' o_proj, 921 down_proj channels
+    make_trainer(tmp_path, 12, callbacks=[before, s2ft], gradient_clip_val=1.0).fit(module, data)
+    assert s2ft.counts() == {"v": 0, "o": 4, "u": 0, "d": 921}
+    with torch.no_grad():
+        loss_after = module.compute_loss(batch).item()
+        logits = module.backbone(input_ids=batch["input_ids"][:2]).logits
+    torch.testing.assert_close(logits, before.logits, atol=1e-4, rtol=1e-4)  # fused and permuted back: same model
+    masks = s2ft.allowed_masks()
+    for name, value in base.items():
+        moved = (value != module.backbone.get_parameter(name)).reshape(-1)
+        assert not (moved & ~masks[name]).any() if name in masks else not moved.any(), name
+    assert loss_after < loss_before - 0.1

@@ -23,6 +23,7 @@ from helpers import SelectionWatch, SparseWatch, UserModule, make_trainer
 
 from lightning_ft.callbacks import (
     S2FT,
+    CoFiTune,
     HalfFineTuning,
     LayerFreezing,
     LayerwiseSampling,
@@ -157,6 +158,16 @@ ROWS: list[Row] = [
         lambda host: LayerwiseSampling(preset="owlore", interval=2, outlier_threshold=2.0, calibration_samples=8,
                                        galore_rank=4, galore_update_proj_gap=2),
         check="selection", dynamic=True,
+    ),
+    Row(
+        "cofitune", CoFiTune, lambda host: CoFiTune(band=(0.5, 1.0), importance_source="train", importance_batches=2,
+                                                    softmask=("input_projection", "output_projection", "attention")),
+        check="selection",
+        ddp_differs="the importance pass draws its dropout per batch, and two processes split the same rows into other "
+                    "batches than one process",
+        na={"bert": "CoFiTune trains a band of FFN modules only, so an encoder classifier's new head would never train",
+            "gpt2": "GPT-2's fused Conv1D attention has no separate projections for CoFiTune's units: refused in one "
+                    "sentence by the layer check"},
     ),
     Row("lines", LiNeS, lambda host: LiNeS(alpha=0.5)),
     Row(

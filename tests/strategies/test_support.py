@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_ft.callbacks import (
     S2FT,
+    CoFiTune,
     HalfFineTuning,
     LayerFreezing,
     LayerwiseSampling,
@@ -82,7 +83,7 @@ class Undeclared:
 
 
 def test_the_exported_declared_classes_are_the_weight_editing_methods_and_the_objectives() -> None:
-    expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, S2FT, CopilotMixin,
+    expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, S2FT, CoFiTune, CopilotMixin,
                 MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin, TokenWeighting}  # fmt: skip
     assert set(declared_methods()) == expected
     assert all(support_of(cls) is vars(cls)["support"] for cls in expected)
