@@ -101,6 +101,16 @@ METHODS: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    "cofitune": {
+        "label": "CoFiTune (FFN up/down in the (25%, 50%] band, soft mask from the control text)",
+        "module": {"learning_rate": 2e-4},
+        "callbacks": [
+            {
+                "class_path": "lightning_ft.callbacks.CoFiTune",
+                "init_args": {"importance_source": "control", "importance_batches": 16, "seed": 0},
+            }
+        ],
+    },
     "lt_sft": {
         "label": "LT-SFT (60 dense + 60 sparse steps, LoRA's count)",
         "module": {"learning_rate": 2e-4},
