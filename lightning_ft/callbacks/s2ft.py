@@ -125,6 +125,10 @@ class S2FT(WeightSelecting, L.Callback):
         if stage != "fit" or self._deltas:
             return  # validate/test/predict see the plain model (fused at the end of training)
         refuse_second_selection(self, trainer)
+        editors = [type(c).__name__ for c in trainer.callbacks if type(c).__name__ == "LiNeS"]
+        if editors:
+            raise ValueError(f"S2FT keeps the blocks permuted until the end of training, where {editors[0]} would "
+                             "compare them with the pretrained layout: run LiNeS in a second fit on S2FT's hf_model.")  # fmt: skip
         destroy_process_group_at_exit()
         model = find_transformer(pl_module, self.module)
         check_support(self, trainer, model)

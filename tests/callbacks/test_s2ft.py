@@ -187,3 +187,13 @@ def test_smollm2_s2ft_learns_with_its_slices_and_exports_the_same_model(smollm2_
         moved = (value != module.backbone.get_parameter(name)).reshape(-1)
         assert not (moved & ~masks[name]).any() if name in masks else not moved.any(), name
     assert loss_after < loss_before - 0.1
+
+
+def test_lines_in_the_same_fit_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from lightning_ft.callbacks import LiNeS
+
+    module = CausalLMModule(model=str(tiny_llama_dir), output_dir="")
+    trainer = make_trainer(tmp_path, 1, callbacks=[S2FT(), LiNeS(alpha=0.5)])
+    with pytest.raises(ValueError, match=r"^S2FT keeps the blocks permuted .* run LiNeS in a second fit on S2FT's "
+                                         r"hf_model\.$"):  # fmt: skip
+        trainer.fit(module, train_dataloaders=_rows())
