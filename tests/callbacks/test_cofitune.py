@@ -110,6 +110,7 @@ def test_outside_the_band_and_the_modules_nothing_moves(tiny_llama_dir: Path, tm
         ({"softmask": ("ffn",)}, "softmask names 'ffn': use input_projection, output_projection or attention."),
         ({"importance_source": "web"}, "importance_source='web' must be 'control' or 'train'."),
         ({"dropout": 0.0}, "dropout=0.0 must be in (0, 1): the importance pass needs two different passes."),
+        ({"micro_batch_size": 0}, "micro_batch_size=0 must be a positive integer."),
     ],
 )
 def test_bad_settings_are_refused_in_one_sentence(kwargs: dict, message: str) -> None:
