@@ -143,11 +143,10 @@ class CoFiTune(SelectionCallback):
             self.importance = self.compute_importance(trainer, self._batches(trainer))
 
     def _batches(self, trainer: L.Trainer) -> list[Any]:
-        from lightning_ft.callbacks.layerwise_outliers import calibration_batches
+        from lightning_ft.callbacks.layerwise_outliers import calibration_batches, fit_train_loader
 
         if self.importance_source == "train":  # at fit start the Trainer has not built its loader yet
-            source = trainer.fit_loop._data_source
-            loader = source.dataloader() if source.is_defined() else None
+            loader = fit_train_loader(trainer)
             size = getattr(loader, "batch_size", None) or 1
             wanted = self.importance_batches * size * trainer.world_size
             batches = calibration_batches(trainer, wanted, None, loader=loader)[: self.importance_batches]

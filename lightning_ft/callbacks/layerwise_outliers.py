@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_ft.core.layer_map import LayerMap
 from lightning_ft.core.shards import is_dtensor, local, shard_info
 
-__all__ = ["calibration_batches", "input_norms", "outlier_ratios"]
+__all__ = ["calibration_batches", "fit_train_loader", "input_norms", "outlier_ratios"]
 
 
 def _input_dim(module: torch.nn.Module) -> int:
@@ -193,6 +193,13 @@ def calibration_batches(trainer: L.Trainer, samples: int, fallback: Any, loader:
     finally:
         _set_rng_states(states)
     return batches or [fallback]
+
+
+def fit_train_loader(trainer: L.Trainer) -> Any:
+    """The fit's training DataLoader (or whatever its data source gives) before the Trainer has built its own, e.g.
+    in ``setup`` or ``on_fit_start``; ``None`` without training data."""
+    source = trainer.fit_loop._data_source
+    return source.dataloader() if source.is_defined() else None
 
 
 def _batch_size(batch: Any) -> int:

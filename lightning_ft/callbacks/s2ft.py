@@ -23,7 +23,8 @@ import lightning as L
 import torch
 from typing_extensions import override
 
-from lightning_ft.callbacks.layerwise_outliers import calibration_batches
+from lightning_ft.callbacks.layerwise_outliers import calibration_batches, fit_train_loader
+from lightning_ft.callbacks.lines import LiNeS
 from lightning_ft.core.layer_map import LayerMap, find_transformer
 from lightning_ft.core.selection import WeightSelecting, refuse_second_selection
 from lightning_ft.core.structured import BlockUnits, SliceDelta, block_units, order_for, permute_block, unit_rows
@@ -125,7 +126,7 @@ class S2FT(WeightSelecting, L.Callback):
         if stage != "fit" or self._deltas:
             return  # validate/test/predict see the plain model (fused at the end of training)
         refuse_second_selection(self, trainer)
-        editors = [type(c).__name__ for c in trainer.callbacks if type(c).__name__ == "LiNeS"]
+        editors = [type(c).__name__ for c in trainer.callbacks if isinstance(c, LiNeS)]
         if editors:
             raise ValueError(f"S2FT keeps the blocks permuted until the end of training, where {editors[0]} would "
                              "compare them with the pretrained layout: run LiNeS in a second fit on S2FT's hf_model.")  # fmt: skip
@@ -204,8 +205,7 @@ class S2FT(WeightSelecting, L.Callback):
 
     def _data_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         assert self._model is not None
-        loader = trainer.fit_loop._data_source.dataloader() if trainer.fit_loop._data_source.is_defined() else None
-        batches = calibration_batches(trainer, self.calibration_samples, None, loader=loader)
+        batches = calibration_batches(trainer, self.calibration_samples, None, loader=fit_train_loader(trainer))
         if not batches or batches[0] is None:
             raise ValueError(f"S2FT(rule={self.rule!r}) scores units on training batches, and this fit's training "
                              "data is not a DataLoader: use rule='random' or 'weight'.")  # fmt: skip
