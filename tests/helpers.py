@@ -34,6 +34,17 @@ def make_data(**kwargs: Any) -> InstructionDataModule:
     return InstructionDataModule(**opts)
 
 
+def first_batch_loss(module: Any, **data_kwargs: Any) -> tuple[InstructionDataModule, dict[str, Any], float]:
+    """Real review data tokenized for ``module`` (``make_data`` with ``data_kwargs``), its first training batch and the
+    module's loss on it now: a SmolLM2 behaviour test fits, then checks the loss on that batch fell."""
+    data = make_data(**data_kwargs)
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        return data, batch, module.compute_loss(batch).item()
+
+
 class Crash(RuntimeError):
     """The simulated crash raised by :class:`CrashAt`."""
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import make_data, make_trainer
+from helpers import first_batch_loss, make_data, make_trainer
 
 from lightning_ft.callbacks import CoFiTune
 from lightning_ft.callbacks.cofitune import normalise
@@ -130,12 +130,8 @@ def test_control_importance_needs_control_data(tiny_llama_dir: Path, tmp_path: P
 @pytest.mark.slow
 def test_smollm2_cofitune_learns_in_its_band_with_general_text_importance(smollm2_dir: Path, tmp_path: Path) -> None:
     module = CausalLMModule(model=str(smollm2_dir), learning_rate=5e-4, warmup_steps=0, output_dir="")
-    data = make_data(train_size=32, batch_size=4, max_length=40, control="humaneval", control_size=4)
-    data.tokenizer = module.tokenizer
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
-    with torch.no_grad():
-        loss_before = module.compute_loss(batch).item()
+    data, batch, loss_before = first_batch_loss(module, train_size=32, batch_size=4, max_length=40,
+                                                control="humaneval", control_size=4)  # fmt: skip
     before = {n: p.detach().clone() for n, p in module.backbone.named_parameters()}
     method = CoFiTune(importance_batches=1)
     make_trainer(tmp_path, 8, callbacks=[method], gradient_clip_val=1.0).fit(module, data)

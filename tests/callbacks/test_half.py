@@ -11,8 +11,18 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import Crash, CrashAt, Recorder, SelectionWatch, UserModule, make_data, make_trainer, token_batches
-from helpers import one_thread  # noqa: F401  (autouse fixture: applies where imported)
+from helpers import (
+    Crash,
+    CrashAt,
+    Recorder,
+    SelectionWatch,
+    UserModule,
+    first_batch_loss,
+    make_data,
+    make_trainer,
+    one_thread,  # noqa: F401  (autouse fixture: applies where imported)
+    token_batches,
+)
 
 from lightning_ft.callbacks.half import HalfFineTuning, hft_frozen
 from lightning_ft.core.layer_map import LayerMap, ParamKind
@@ -175,12 +185,7 @@ class _FirstSelection(L.Callback):
 @pytest.mark.slow
 def test_smollm2_hft_learns_with_half_the_blocks(smollm2_dir: Path, tmp_path: Path) -> None:
     module = CausalLMModule(model=str(smollm2_dir), learning_rate=1e-4, warmup_steps=0, output_dir="")
-    data = make_data(train_size=48, batch_size=4, max_length=40)
-    data.tokenizer = module.tokenizer
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
-    with torch.no_grad():
-        loss_before = module.compute_loss(batch).item()
+    data, batch, loss_before = first_batch_loss(module, train_size=48, batch_size=4, max_length=40)
     before = {n: p.detach().clone() for n, p in module.backbone.named_parameters() if ".layers.3." in n}
     hft = HalfFineTuning()
     first = _FirstSelection(hft)

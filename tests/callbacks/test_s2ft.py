@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import make_trainer
+from helpers import first_batch_loss, make_trainer
 
 from lightning_ft.callbacks import S2FT
 from lightning_ft.core.layer_map import LayerMap
@@ -159,15 +159,8 @@ def test_a_budget_that_chooses_nothing_is_refused(tiny_llama_dir: Path, tmp_path
 
 @pytest.mark.slow
 def test_smollm2_s2ft_learns_with_its_slices_and_exports_the_same_model(smollm2_dir: Path, tmp_path: Path) -> None:
-    from helpers import make_data
-
     module = CausalLMModule(model=str(smollm2_dir), learning_rate=1e-3, warmup_steps=0, output_dir="")
-    data = make_data(train_size=48, batch_size=4, max_length=40)
-    data.tokenizer = module.tokenizer
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
-    with torch.no_grad():
-        loss_before = module.compute_loss(batch).item()
+    data, batch, loss_before = first_batch_loss(module, train_size=48, batch_size=4, max_length=40)
     base = {n: p.detach().clone() for n, p in module.backbone.named_parameters() if ".layers." in n}
 
     class Before(L.Callback):  # the permuted model with its deltas, just before S2FT fuses them
