@@ -36,11 +36,14 @@ from lightning_ft.errors import (
     run_command,
 )
 
-__all__ = ["DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SUBCOMMANDS", "main", "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
+__all__ = ["COMMANDS", "DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SEARCH_COMMANDS", "SUBCOMMANDS", "main", "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
 
 # Post-hoc weight commands, dispatched before LightningCLI (they run no Trainer).
 POSTHOC_COMMANDS = ("merge", "compress", "decompress", "sparse-apply", "estimate")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Commands that run fits of their own (dispatched before LightningCLI too).
+SEARCH_COMMANDS = ("search",)
+COMMANDS = SUBCOMMANDS + POSTHOC_COMMANDS + SEARCH_COMMANDS
 # what makes a run folder hold a run that another command must not write over
 RUN_OUTPUTS = ("checkpoints", "hf_model", "report.json", "predictions.jsonl")
 # the model and data classes of a command that names none (a named class gets its own defaults, see
@@ -377,15 +380,15 @@ def known_classes() -> dict[str, type]:
 
 
 def _usage(subcommand: str | None) -> str:
-    command = subcommand or "{" + ",".join(SUBCOMMANDS + POSTHOC_COMMANDS) + "}"
+    command = subcommand or "{" + ",".join(COMMANDS) + "}"
     return f"usage: lightning-ft {command} [-h] [--config FILE] [--KEY VALUE ...] [--print_config] [--debug]"
 
 
 def _unknown_command(name: str | None) -> UsageError:
-    commands = ", ".join(SUBCOMMANDS + POSTHOC_COMMANDS)
+    commands = ", ".join(COMMANDS)
     if name is None:
         return UsageError(f"a command is needed: one of {commands}.", _usage(None))
-    hint = did_you_mean(name, SUBCOMMANDS + POSTHOC_COMMANDS).rstrip(".?")
+    hint = did_you_mean(name, COMMANDS).rstrip(".?")
     return UsageError(f"{name!r} is not a command (commands: {commands}){hint}" + ("?" if hint else "."), _usage(None))
 
 
@@ -447,7 +450,7 @@ def quiet_dependencies() -> Iterator[None]:
 
 
 def _prog(argv: list[str]) -> str:
-    command = next((a for a in argv if a in SUBCOMMANDS + POSTHOC_COMMANDS), None)
+    command = next((a for a in argv if a in COMMANDS), None)
     return f"lightning-ft {command}" if command else "lightning-ft"
 
 
@@ -472,6 +475,11 @@ def _run(argv: list[str]) -> None:
         from lightning_ft.planning.cli import main as estimate_main
 
         estimate_main(argv[1:])
+        return
+    if argv and argv[0] == "search":
+        from lightning_ft.search.cli import main as search_main
+
+        search_main(argv[1:])
         return
     if argv and argv[0] in POSTHOC_COMMANDS:
         from lightning_ft.merging.cli import main as posthoc_main
