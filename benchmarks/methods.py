@@ -142,6 +142,11 @@ METHODS: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    "ist": {
+        "label": "IST on LoRA r=8 (a quarter of the layers per step, probe every 10 steps)",
+        "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+        "callbacks": [{"class_path": "lightning_ft.callbacks.ImportanceLayerSampling", "init_args": {"seed": 0}}],
+    },
     "full_ft_lines": {
         "label": "full FT + LiNeS auto",
         "module": {"learning_rate": 2e-4},

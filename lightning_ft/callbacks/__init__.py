@@ -2,6 +2,7 @@
 
 from lightning_ft.callbacks.cofitune import CoFiTune
 from lightning_ft.callbacks.half import HalfFineTuning
+from lightning_ft.callbacks.ist import ImportanceLayerSampling
 from lightning_ft.callbacks.layerwise import LayerFreezing, LayerwiseSampling
 from lightning_ft.callbacks.lines import LiNeS
 from lightning_ft.callbacks.predictions import JsonlPredictionWriter
@@ -14,6 +15,7 @@ __all__ = [
     "CoFiTune",
     "ForgettingReport",
     "HalfFineTuning",
+    "ImportanceLayerSampling",
     "JsonlPredictionWriter",
     "LayerFreezing",
     "LayerwiseSampling",
