@@ -19,6 +19,7 @@ from lightning_ft.callbacks import (
     S2FT,
     CoFiTune,
     HalfFineTuning,
+    ImportanceLayerSampling,
     LayerFreezing,
     LayerwiseSampling,
     LiNeS,
@@ -53,7 +54,7 @@ _LEGACY = (
 
 def _callbacks() -> list[L.Callback]:
     return [SparseFineTuning(Magnitude()), HalfFineTuning(), LayerFreezing(freeze_bottom=1),
-            LayerwiseSampling(num_active=1), LiNeS(alpha=0.5)]  # fmt: skip
+            LayerwiseSampling(num_active=1), ImportanceLayerSampling(), LiNeS(alpha=0.5)]  # fmt: skip
 
 
 def _trainer(strategy: object, precision: str = "bf16-mixed") -> types.SimpleNamespace:
@@ -83,8 +84,9 @@ class Undeclared:
 
 
 def test_the_exported_declared_classes_are_the_weight_editing_methods_and_the_objectives() -> None:
-    expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, LiNeS, S2FT, CoFiTune, CopilotMixin,
-                MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin, TokenWeighting}  # fmt: skip
+    expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, ImportanceLayerSampling, LiNeS, S2FT,
+                CoFiTune, CopilotMixin, MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin,
+                TokenWeighting}  # fmt: skip
     assert set(declared_methods()) == expected
     assert all(support_of(cls) is vars(cls)["support"] for cls in expected)
     assert support_of(CausalLMModule) is GENERIC and support_of(object()) is GENERIC  # no declaration in the MRO
