@@ -150,9 +150,11 @@ class SearchSpace:
 
         Args:
             params: The trial's optuna parameters (:meth:`suggest`).
-            base: The base config's ``peft`` mapping (``None`` when it has none).
+            base: The base config's ``peft`` mapping (``None`` when it has none); only used when it is of the
+                space's ``peft_type``.
         """
-        spec = dict(base or {})
+        same = base is not None and str(base.get("peft_type", "LORA")).upper() == self.peft_type
+        spec = dict(base) if same else {}  # another method's fields (a LoRA r for prefix tuning) do not carry over
         spec["peft_type"] = self.peft_type
         rank_dims = [d for d in self.dimensions if d.kind == "rank"]
         if rank_dims:

@@ -5,14 +5,18 @@ The study lives in ``<out>/study.db`` (optuna RDB storage, study name :data:`STU
 to reach ``--trials`` completed or failed ones; a trial a crash left RUNNING is marked failed first. A lock file
 (``<out>/search.lock``) keeps two searches out of one folder. A trial that fails (its fit raises or exits non-zero,
 writes no result, or measures NaN) is recorded as failed with its reason and the search goes on; a configuration
-where nothing would train is recorded as pruned without a fit, and does not count.
+where nothing would train is recorded as pruned without a fit, and does not count; a configuration a completed trial
+already measured is not fitted again: the trial takes that trial's result (``duplicate_of``) and counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +26,20 @@ from lightning_ft.errors import UserError
 from lightning_ft.search.front import FrontPoint, write_front, write_trials
 from lightning_ft.search.result import RESULT_FILE, read_result
 from lightning_ft.search.space import SearchSpace
-from lightning_ft.search.trial import BaseConfig, full_config, run_in_process, run_subprocess, trial_config
+from lightning_ft.search.trial import (
+    BaseConfig,
+    full_config,
+    run_in_process,
+    run_subprocess,
+    stop_subprocesses,
+    trial_config,
+)
 
 __all__ = ["STUDY_NAME", "SearchSettings", "Summary", "import_optuna", "run_search"]
 
 STUDY_NAME = "autopeft"
 _MAX_INFEASIBLE = 200  # consecutive configurations where nothing trains before the search gives up
+_STOP = threading.Event()  # set by Ctrl-C or SIGTERM during a search (see _stop_on_signals)
 
 
 def import_optuna() -> Any:
@@ -207,27 +219,49 @@ def _run_trials(optuna: Any, study: Any, settings: SearchSettings, missing: int)
     pending: dict[Future[str | None], tuple[Any, Path]] = {}
     refusal: UserError | None = None
     with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
-        while (missing and refusal is None) or pending:
-            while missing and refusal is None and len(pending) < settings.jobs:
-                trial, params = _ask(optuna, study, settings.space)
-                config = _prepare(trial, params, settings)
-                missing -= 1
-                if settings.in_process:  # in this thread: Lightning and Ctrl-C expect the main thread
-                    refusal = _run_here(optuna, study, trial, config, launch, settings.metric)
-                else:
-                    pending[pool.submit(launch, config)] = (trial, config)
-            done, _ = wait(pending, return_when=FIRST_COMPLETED) if pending else (set(), set())
-            for future in done:
-                trial, config = pending.pop(future)
-                refusal = _record(optuna, study, trial, config, future.result(), settings.metric) or refusal
+        try:
+            while (missing and refusal is None) or pending:
+                while missing and refusal is None and len(pending) < settings.jobs:
+                    trial, params = _ask(optuna, study, settings.space)
+                    missing -= 1
+                    if _reuse(optuna, study, trial, params, settings.space):
+                        continue
+                    config = _prepare(trial, params, settings)
+                    if settings.in_process:  # in this thread: Lightning and Ctrl-C expect the main thread
+                        refusal = _run_here(optuna, study, trial, config, launch, settings.metric)
+                    else:
+                        pending[pool.submit(launch, config)] = (trial, config)
+                done, _ = wait(pending, return_when=FIRST_COMPLETED) if pending else (set(), set())
+                for future in done:
+                    trial, config = pending.pop(future)
+                    refusal = _record(optuna, study, trial, config, future.result(), settings.metric) or refusal
+        except KeyboardInterrupt:  # the running trials stay RUNNING in the study: a resumed search fails them
+            stop_subprocesses()
+            raise
     if refusal is not None:
         raise refusal
+
+
+def _reuse(optuna: Any, study: Any, trial: Any, params: dict[str, Any], space: SearchSpace) -> bool:
+    """Give ``trial`` the result of a completed trial of the same configuration, if there is one (no fit)."""
+    same = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                 if t.params == params and "duplicate_of" not in t.user_attrs), None)  # fmt: skip
+    if same is None:
+        return False
+    for key in ("peft", "choices", "trainable_params"):
+        trial.set_user_attr(key, same.user_attrs.get(key))
+    trial.set_user_attr("duplicate_of", same.number)
+    study.tell(trial, same.values)
+    print(f"trial {trial.number}: {json.dumps(space.choices(params))} is trial {same.number} again (not refitted)")
+    return True
 
 
 def _run_here(optuna: Any, study: Any, trial: Any, config: Path, launch: Callable[[Path], str | None],
               metric: str) -> UserError | None:  # fmt: skip
     try:
         error = launch(config)
+        if _STOP.is_set():  # Lightning turned the interruption into a failed fit
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         trial.set_user_attr("error", "interrupted")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -236,14 +270,21 @@ def _run_here(optuna: Any, study: Any, trial: Any, config: Path, launch: Callabl
 
 
 def _points(optuna: Any, study: Any) -> list[FrontPoint]:
-    return [FrontPoint(t.number, t.values[0], int(t.values[1]), t.user_attrs.get("choices", {}), t.user_attrs["peft"])
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]  # fmt: skip
+    """The completed trials, each configuration once (the first trial that measured it)."""
+    points: dict[str, FrontPoint] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        key = json.dumps(t.params, sort_keys=True)
+        if key not in points and "duplicate_of" not in t.user_attrs:
+            choices, peft = t.user_attrs.get("choices", {}), t.user_attrs["peft"]
+            points[key] = FrontPoint(t.number, t.values[0], int(t.values[1]), choices, peft)
+    return list(points.values())
 
 
 def _trial_rows(study: Any, metric: str) -> list[dict[str, Any]]:
     return [{"trial": t.number, "state": t.state.name, metric: t.values[0] if t.values else "",
              "trainable_params": t.user_attrs.get("trainable_params", ""), **(t.user_attrs.get("choices") or {}),
-             "error": t.user_attrs.get("error", "")} for t in study.get_trials(deepcopy=False)]  # fmt: skip
+             "duplicate_of": t.user_attrs.get("duplicate_of", ""), "error": t.user_attrs.get("error", "")}
+            for t in study.get_trials(deepcopy=False)]  # fmt: skip
 
 
 def run_search(settings: SearchSettings) -> Summary:
@@ -264,21 +305,49 @@ def run_search(settings: SearchSettings) -> Summary:
         raise UserError(f"another lightning-ft search is running in {settings.out}: wait for it to end or give this "
                         "one another --out.") from None  # fmt: skip
     try:
-        study = open_study(optuna, settings)
-        completed, failed = _counts(optuna, study)
-        missing = max(0, settings.trials - completed - failed)
-        print(f"AutoPEFT search in {settings.out}: {completed} completed and {failed} failed trials in the study, "
-              f"running {missing} more (--trials {settings.trials}).", flush=True)  # fmt: skip
-        if missing:
-            _run_trials(optuna, study, settings, missing)
-        completed, failed = _counts(optuna, study)
-        write_trials(settings.out, _trial_rows(study, settings.metric))
-        points = _points(optuna, study)
-        if not points:
-            raise UserError(f"no trial completed ({failed} failed): see the trial.log of each trial under "
-                            f"{settings.out / 'trials'}.")  # fmt: skip
-        configs = {p.number: full_config(settings.base, p.peft) for p in points}
-        front, table = write_front(settings.out, points, configs, metric=settings.metric, maximize=settings.maximize)
-        return Summary(missing, completed, failed, front, table)
+        with _stop_on_signals():
+            return _search(optuna, settings)
     finally:
         lock.release()
+
+
+def _search(optuna: Any, settings: SearchSettings) -> Summary:
+    study = open_study(optuna, settings)
+    completed, failed = _counts(optuna, study)
+    missing = max(0, settings.trials - completed - failed)
+    print(f"AutoPEFT search in {settings.out}: {completed} completed and {failed} failed trials in the study, "
+          f"running {missing} more (--trials {settings.trials}).", flush=True)  # fmt: skip
+    if missing:
+        _run_trials(optuna, study, settings, missing)
+    completed, failed = _counts(optuna, study)
+    write_trials(settings.out, _trial_rows(study, settings.metric))
+    points = _points(optuna, study)
+    if not points:
+        raise UserError(f"no trial completed ({failed} failed): see the trial.log of each trial under "
+                        f"{settings.out / 'trials'}.")  # fmt: skip
+    configs = {p.number: full_config(settings.base, p.peft) for p in points}
+    front, table = write_front(settings.out, points, configs, metric=settings.metric, maximize=settings.maximize)
+    return Summary(missing, completed, failed, front, table)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Ctrl-C (unless SIGINT is ignored) and SIGTERM stop the search: the handler records the stop in :data:`_STOP`
+    and raises ``KeyboardInterrupt``. A fit in this process catches that and exits as failed; the record tells the
+    two apart. Nothing is set off the main thread, where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        _STOP.set()
+        raise KeyboardInterrupt
+
+    _STOP.clear()
+    signals = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from typing import Any
 from lightning_ft.errors import UserError, config_problem, import_class
 
 __all__ = ["BaseConfig", "ModelLayout", "fit_command", "full_config", "load_base_config", "model_layout",
-           "run_in_process", "run_subprocess", "trial_config"]  # fmt: skip
+           "run_in_process", "run_subprocess", "stop_subprocesses", "trial_config"]  # fmt: skip
 
 RESULT_CALLBACK = "lightning_ft.search.result.TrialResult"
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_RUNNING: set[subprocess.Popen[bytes]] = set()  # the trials running in their own processes
+_RUNNING_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -199,22 +202,41 @@ def run_subprocess(config: Path, log: Path, threads: int | None = None) -> str |
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
     with log.open("w", encoding="utf-8") as out:
-        code = subprocess.call(fit_command(config), stdout=out, stderr=subprocess.STDOUT, env=env,
-                               stdin=subprocess.DEVNULL)  # fmt: skip
+        process = subprocess.Popen(fit_command(config), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   stdin=subprocess.DEVNULL)  # fmt: skip
+        with _RUNNING_LOCK:
+            _RUNNING.add(process)
+        try:
+            code = process.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(process)
     return None if code == 0 else f"exit status {code}: {_error_line(log)}"
+
+
+def stop_subprocesses() -> None:
+    """Terminate the trials running in their own processes (the search is stopping)."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for process in running:
+        process.terminate()
 
 
 def run_in_process(config: Path, log: Path) -> str | None:
     """Run the fit of ``config`` in this process (``lightning_ft.cli.main``); returns why it failed, or ``None``.
 
-    Its printed output goes to ``log``; an interruption (Ctrl-C) is raised as ``KeyboardInterrupt``.
+    Its printed output goes to ``log``. Lightning answers Ctrl-C in a fit with ``sys.exit(1)`` after setting SIGINT
+    to be ignored: the SIGINT handler is put back here, and the caller, whose handlers record the interruption,
+    tells it from a failure.
     """
     import gc
+    import signal
 
     from lightning_ft.cli import main
 
     quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in quiet]
+    handler = signal.getsignal(signal.SIGINT)
     code: Any = 0
     with log.open("w", encoding="utf-8") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         for logger in quiet:
@@ -227,6 +249,8 @@ def run_in_process(config: Path, log: Path) -> str | None:
             for logger, level in zip(quiet, levels):
                 logger.setLevel(level)
             gc.collect()
+    if signal.getsignal(signal.SIGINT) is not handler and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
     if code == 130:
         raise KeyboardInterrupt
     return None if code in (0, None) else f"exit status {code}: {_error_line(log)}"
