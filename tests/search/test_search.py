@@ -5,7 +5,10 @@ count, failed and interrupted trials (parallel subprocess trials of a stand-in f
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import yaml
 
 from lightning_ft.cli import main
 from lightning_ft.search import front, trial
+from lightning_ft.search import study as study_module
 from lightning_ft.search.space import default_space, load_space
 from lightning_ft.search.study import STUDY_NAME
 
@@ -81,13 +85,18 @@ def test_resume_runs_only_the_missing_trials(search: Search) -> None:
     study = _study(search.out)
     ended = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
     assert len(ended) == 4 and len(search.first_dirs) == 2
-    assert len(_trial_dirs(search.out) - search.first_dirs) == 2  # exactly two more fits ran
+    new = [t for t in ended if t.number not in {f.number for f in search.first_trials}]
+    assert len(new) == 2  # exactly two more trials; each fitted unless a completed trial had measured its config
+    fitted = {f"trial-{t.number:04d}" for t in new if "duplicate_of" not in t.user_attrs}
+    assert _trial_dirs(search.out) - search.first_dirs == fitted
     before = {t.number: t.datetime_complete for t in search.first_trials}
     assert all(study.trials[n].datetime_complete == done for n, done in before.items())  # the first ones kept
 
 
 def test_front_is_the_non_dominated_completed_trials(search: Search) -> None:
     completed = [t for t in _study(search.out).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    first = {json.dumps(t.params, sort_keys=True): t.number for t in reversed(completed)}
+    completed = [t for t in completed if first[json.dumps(t.params, sort_keys=True)] == t.number]  # once per config
     assert completed, "the tiny search must complete trials"
     rows = json.loads((search.out / "front.json").read_text())
     assert rows
@@ -175,6 +184,30 @@ def test_failed_and_interrupted_trials_are_recorded(tmp_path: Path, tiny_llama_d
     assert {"FAIL", "COMPLETE"} <= {state for state, _ in states.values()}
     reasons = {t.user_attrs["error"].split(":")[0] for t in ran if t.state.name == "FAIL"}
     assert reasons <= {"exit status 3", "val/target_loss is NaN or infinite"}
+    rows = json.loads((out / "front.json").read_text())
+    assert rows and len({json.dumps(r["peft"], sort_keys=True) for r in rows}) == len(rows)  # each config once
+
+
+def test_sigterm_stops_an_in_process_search(tmp_path: Path, tiny_llama_dir: Path, sentiment_jsonl: Path,
+                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    def fit_like_lightning(config: Path, log: Path) -> str:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during the fit
+            time.sleep(5)
+        except KeyboardInterrupt:  # Lightning's answer: a graceful shutdown, then exit status 1
+            return "exit status 1: the fit failed"
+        return "the signal did not arrive"
+
+    monkeypatch.setattr(study_module, "run_in_process", fit_like_lightning)
+    handler = signal.getsignal(signal.SIGTERM)
+    base = _base(tmp_path, tiny_llama_dir, sentiment_jsonl)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", "--config", str(base), "--out", str(tmp_path / "out"), "--trials", "3"])
+    assert exit_info.value.code == 130 and "search: error: interrupted." in capsys.readouterr().err
+    assert [
+        (t.state.name, t.user_attrs["error"]) for t in _study(tmp_path / "out").trials if "peft" in t.user_attrs
+    ] == [("FAIL", "interrupted")]
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
 
 
 def test_pareto_front_oracle() -> None:
