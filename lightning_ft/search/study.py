@@ -177,6 +177,8 @@ def _outcome(config: Path, error: str | None, metric: str) -> tuple[list[float] 
         return None, f"metric {metric} was not logged", result
     if metrics[metric] is None:
         return None, f"{metric} is NaN or infinite", result
+    if result.get("trainable_params") is None:
+        return None, "the fit did not train (no trainable parameters were counted)", result
     return [float(metrics[metric]), float(result["trainable_params"])], None, result
 
 

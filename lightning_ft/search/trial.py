@@ -169,6 +169,7 @@ def trial_config(base: BaseConfig, peft: dict[str, Any], run_dir: Path, *, steps
                    callbacks=callbacks)  # fmt: skip
     config["run_name"] = run_dir.name
     config["wandb"] = "disabled"
+    config.pop("ckpt_path", None)  # a trial starts from the base model
     return config
 
 
