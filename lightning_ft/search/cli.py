@@ -58,10 +58,9 @@ def _parser() -> _Parser:
     p.add_argument("--direction", choices=("minimize", "maximize"), default="minimize",
                    help="whether the metric is minimized (default) or maximized")  # fmt: skip
     p.add_argument("--ranks", help=f"LoRA rank choices, 0 for none (default {','.join(map(str, DEFAULT_RANKS))})")
-    p.add_argument("--attention-modules", default=",".join(ATTENTION_MODULES),
-                   help="the attention projections' module names (default %(default)s)")  # fmt: skip
-    p.add_argument("--ffn-modules", default=",".join(FFN_MODULES),
-                   help="the FFN projections' module names (default %(default)s)")  # fmt: skip
+    p.add_argument("--attention-modules", help=f"the attention projections' module names (default "
+                   f"{','.join(ATTENTION_MODULES)})")  # fmt: skip
+    p.add_argument("--ffn-modules", help=f"the FFN projections' module names (default {','.join(FFN_MODULES)})")
     p.add_argument("--no-layers", action="store_true", help="do not search per-layer on/off (every layer adapts)")
     p.add_argument("--space", help="a YAML file of dimensions replacing the default space (see space.py)")
     p.add_argument("--trial-steps", type=int, default=20, help="optimizer steps of each trial (default 20)")
@@ -78,8 +77,11 @@ def _check(args: argparse.Namespace, usage: str) -> None:
             raise UsageError(f"{option} must be at least 1 (got {value}).", usage)
     if args.in_process and args.jobs > 1:
         raise UsageError(f"--in-process runs one trial at a time, but --jobs is {args.jobs}: drop one of them.", usage)
-    if args.space and (args.ranks or args.no_layers):
-        raise UsageError("--space replaces the default space, so --ranks and --no-layers do not apply: put the "
+    given = [o for o, v in (("--ranks", args.ranks), ("--no-layers", args.no_layers),
+                            ("--attention-modules", args.attention_modules), ("--ffn-modules", args.ffn_modules)) if v]  # fmt: skip
+    if args.space and given:
+        verb = "does" if len(given) == 1 else "do"
+        raise UsageError(f"--space replaces the default space, so {' and '.join(given)} {verb} not apply: put the "
                          "choices in the --space file, or drop --space.", usage)  # fmt: skip
 
 
@@ -104,7 +106,10 @@ def settings_from_args(args: argparse.Namespace, usage: str) -> SearchSettings:
         if peft_type != "LORA":
             raise UserError(f"--config {args.config} uses peft_type {peft_type}, but the default space searches LoRA: "
                             "use a LoRA base config, or give a --space for it.")  # fmt: skip
-        attention, ffn = (tuple(m for m in s.split(",") if m) for s in (args.attention_modules, args.ffn_modules))
+        attention = (
+            tuple(m for m in args.attention_modules.split(",") if m) if args.attention_modules else ATTENTION_MODULES
+        )
+        ffn = tuple(m for m in args.ffn_modules.split(",") if m) if args.ffn_modules else FFN_MODULES
         space = default_space(layout.num_layers, ranks=ranks, layers=not args.no_layers, attention=attention, ffn=ffn)
     missing = layout.missing([m for d in space.dimensions for m in d.modules])
     if missing:

@@ -246,6 +246,7 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, st
         (["--ranks", "2,x"], 2, "--ranks takes distinct non-negative integers separated by commas"),
         (["--ranks", "0,0"], 2, "--ranks takes distinct non-negative integers"),
         (["--attention-modules", "attn.c_attn"], 1, "has no module named attn.c_attn: give its projections' names"),
+        (["--space", "s.yaml", "--ranks", "2"], 2, "--space replaces the default space, so --ranks does not apply"),
     ],
 )
 def test_bad_options(options: list[str], code: int, sentence: str, tmp_path: Path, tiny_llama_dir: Path,
