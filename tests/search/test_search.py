@@ -268,14 +268,18 @@ def test_base_config_without_peft_module(
 
 
 def test_unknown_metric_after_the_trial(tmp_path: Path, tiny_llama_dir: Path, sentiment_jsonl: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    def fit(config: Path, log: Path) -> None:  # what TrialResult writes after a fit of the CausalLMModule
+        result = {"metrics": {"train/loss": 5.8, "val/target_acc": 0.5, "val/target_loss": 35.0}, "trainable_params": 9}
+        (config.parent / "trial_result.json").write_text(json.dumps(result))
+
+    monkeypatch.setattr(study_module, "run_in_process", fit)
     base = _base(tmp_path, tiny_llama_dir, sentiment_jsonl)
-    argv = ["search", "--config", str(base), "--out", str(tmp_path / "out"), "--trials", "3", "--trial-steps", "1",
-            "--trial-val-batches", "1", "--ranks", "2", "--no-layers", "--metric", "val_loss"]  # fmt: skip
+    argv = ["search", "--config", str(base), "--out", str(tmp_path / "out"), "--trials", "3", "--metric", "val_loss"]
     code, sentence = _error(capsys, argv)
-    assert code == 1 and sentence.startswith("--metric val_loss is not a metric the trials log (they log: ")
-    assert "val/target_loss" in sentence
-    assert [t.state.name for t in _study(tmp_path / "out").trials] == ["FAIL"]  # it stopped after the first
+    assert code == 1 and sentence == ("--metric val_loss is not a metric the trials log (they log: train/loss, "
+                                      "val/target_acc, val/target_loss): pass one of them.")  # fmt: skip
+    assert [t.state.name for t in _study(tmp_path / "out").trials if "peft" in t.user_attrs] == ["FAIL"]  # stopped
 
 
 def test_missing_optuna(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
