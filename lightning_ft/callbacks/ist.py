@@ -43,7 +43,7 @@ import torch
 from typing_extensions import override
 
 from lightning_ft.callbacks.layerwise_schedule import sample_blocks
-from lightning_ft.core.layer_map import LayerMap
+from lightning_ft.core.layer_map import LayerMap, keep_4bit_trainable
 from lightning_ft.core.selection import SelectionCallback, draw_rng
 from lightning_ft.core.shards import local
 from lightning_ft.core.snapshot import PretrainedSnapshot
@@ -238,6 +238,7 @@ class ImportanceLayerSampling(SelectionCallback):
                 chosen = sample_blocks(weights, self.num_suppressed, rng)
             sets.append(chosen)
         model = self.selection.model
+        keep_4bit_trainable(model)  # a user's own QLoRA model too: the eval-mode probe must not cut its gradients
         losses = [self._suppressed_loss(model, batch, [self.blocks[i] for i in s]) for s in sets]
         loss_t = torch.tensor(losses, dtype=torch.float64)
         if trainer.world_size > 1:  # every process must keep the same scores: average the processes' losses

@@ -232,6 +232,22 @@ def is_quantized_param(param: torch.Tensor) -> bool:
     return type(param).__name__ in _QUANTIZED_PARAM_TYPES
 
 
+def keep_4bit_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the layers changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` repacks its weight in place the first time it runs
+    in eval mode on an input without grad (a validation loop, an evaluation pass), and from then on its output has no
+    gradient with respect to its input: every adapter below it silently stops learning. A model that trains
+    (QLoRA) keeps the unpacked weight and the training kernel everywhere.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def is_peft_model(module: torch.nn.Module) -> bool:
     """Whether ``module`` is a peft ``PeftModel`` (a LoRA or other adapter wrapper around a transformers model)."""
     try:

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_ft.assets import resolve_model
 from lightning_ft.core.io import atomic_dir, check_finite
-from lightning_ft.core.layer_map import is_peft_model
+from lightning_ft.core.layer_map import is_peft_model, keep_4bit_trainable
 
 __all__ = [
     "atomic_dir", "build_peft_config", "export_path", "is_peft_model", "load_backbone", "quantization_config",
@@ -113,6 +113,7 @@ def load_backbone(
         from peft import prepare_model_for_kbit_training
 
         backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=gradient_checkpointing)
+        keep_4bit_trainable(backbone)  # evaluation between training steps must not cut the 4-bit layers' gradients
     elif gradient_checkpointing:
         backbone.gradient_checkpointing_enable()
     if peft:

@@ -125,6 +125,21 @@ def test_nf4_backbone_with_lora_trains_on_cpu(tiny_llama_dir: Path, tmp_path: Pa
     assert any(not torch.equal(lora[n], p) for n, p in module.named_parameters() if n in lora)
 
 
+def test_nf4_adapters_keep_their_gradients_after_an_evaluation_pass(tiny_llama_dir: Path) -> None:
+    """bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first eval-mode forward without grad,
+    after which no gradient flows through the layer: the loader keeps the training kernel (keep_4bit_trainable)."""
+    module = CausalLMModule(model=str(tiny_llama_dir), quantization="nf4", output_dir="",
+                            peft={"r": 2, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False})  # fmt: skip
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    module.backbone.eval()
+    with torch.no_grad():  # a validation step
+        module.backbone(input_ids=ids, labels=ids)
+    module.backbone.train()
+    module.backbone(input_ids=ids, labels=ids).loss.backward()
+    adapters = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    assert len(adapters) == 2 * 2 * 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in adapters)
+
+
 def test_quantization_errors_are_one_sentence(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=r"quantization='nf4' freezes the backbone .* also set peft"):
         CausalLMModule(model=str(tiny_llama_dir), quantization="nf4")
