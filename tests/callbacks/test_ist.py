@@ -234,3 +234,27 @@ def test_smollm2_lora_ist_learns_with_a_quarter_of_the_layers(smollm2_dir: Path,
     assert {_block_of(n) for n in moved} == ever  # B starts at zero: a layer drawn once, first, moves B only
     assert ist.last_probe["step"] == 12 and any(ist.scores)
     assert loss_after < loss_before - 0.1
+
+
+def test_a_quantized_lora_backbone_trains_only_the_drawn_adapters(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # hidden size 64: bitsandbytes' CPU eval path (the probe's) fails on the fixtures' 32
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(tmp_path / "model")
+    peft = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    module = CausalLMModule(model=str(tmp_path / "model"), quantization="nf4", peft=peft, learning_rate=1e-2,
+                            output_dir="")  # fmt: skip
+    start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    ist = ImportanceLayerSampling(interval=1)  # 2 blocks: one trains per step, one is suppressed per probe
+    steps = _Steps(ist)
+    ids = torch.randint(3, 300, (16, 12), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+    make_trainer(tmp_path, 3, callbacks=[ist, steps]).fit(module, torch.utils.data.DataLoader(rows, batch_size=4))
+    assert all(len(row[0]) == 1 and row[1] == set(row[0]) for row in steps.rows)
+    moved = {n for n, v in start.items() if not torch.equal(v, module.get_parameter(n))}
+    assert moved and all("lora_" in n for n in moved)
+    assert {_block_of(n) for n in moved} == {b for row in steps.rows for b in row[0]}
+    assert ist.last_probe["step"] == 3 and len(ist.last_probe["losses"]) == 3
