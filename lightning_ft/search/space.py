@@ -27,7 +27,7 @@ through the module, so a prefix-length search is a space of its own, given in a 
 
 A space file lists dimensions of three kinds: ``layers`` (per-layer on/off), ``rank`` (a LoRA rank for the named
 ``modules``, 0 for none) and ``value`` (any peft config ``key`` taking one of ``choices``, e.g. ``lora_dropout``);
-``configs/autopeft_space.yaml`` is the default space written out.
+``configs/search/lora_space.yaml`` is the default space written out.
 """
 
 from __future__ import annotations
