@@ -478,8 +478,9 @@ def _run(argv: list[str]) -> None:
         return
     if argv and argv[0] == "search":
         from lightning_ft.search.cli import main as search_main
+        from lightning_ft.search.trial import FitCommand
 
-        search_main(argv[1:])
+        search_main(argv[1:], FitCommand(main, DEFAULT_CLASSES, known_classes))
         return
     if argv and argv[0] in POSTHOC_COMMANDS:
         from lightning_ft.merging.cli import main as posthoc_main

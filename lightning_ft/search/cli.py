@@ -31,7 +31,7 @@ from lightning_ft.search.space import (
     parse_ranks,
 )
 from lightning_ft.search.study import SearchSettings, Summary, import_optuna, run_search
-from lightning_ft.search.trial import load_base_config, model_layout
+from lightning_ft.search.trial import FitCommand, load_base_config, model_layout, use_command
 
 __all__ = ["main"]
 
@@ -123,12 +123,16 @@ def settings_from_args(args: argparse.Namespace, usage: str) -> SearchSettings:
                           sampler=args.sampler, seed=args.seed)  # fmt: skip
 
 
-def main(argv: Sequence[str]) -> Summary:
+def main(argv: Sequence[str], command: FitCommand | None = None) -> Summary:
     """Run ``lightning-ft search`` with ``argv`` (the options after ``search``); returns what it did.
+
+    ``command`` is the command line the trials run ``fit`` with (:func:`lightning_ft.cli.main` passes itself).
 
     Mistakes raise :class:`~lightning_ft.errors.UserError` (``UsageError`` for the command line), which
     ``lightning-ft`` (:func:`lightning_ft.cli.main`) prints as one sentence.
     """
+    if command is not None:
+        use_command(command)
     parser = _parser()
     args = parser.parse_args(list(argv))
     settings = settings_from_args(args, " ".join(parser.format_usage().split()))

@@ -18,16 +18,47 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning_ft.errors import UserError, config_problem, import_class
 
-__all__ = ["BaseConfig", "ModelLayout", "fit_command", "full_config", "load_base_config", "model_layout",
-           "run_in_process", "run_subprocess", "stop_subprocesses", "trial_config"]  # fmt: skip
+__all__ = ["BaseConfig", "FitCommand", "ModelLayout", "fit_command", "full_config", "load_base_config", "model_layout",
+           "run_in_process", "run_subprocess", "stop_subprocesses", "trial_config", "use_command"]  # fmt: skip
 
 RESULT_CALLBACK = "lightning_ft.search.result.TrialResult"
+
+
+@dataclass(frozen=True)
+class FitCommand:
+    """The ``lightning-ft`` command line as a search uses it, handed over by :func:`lightning_ft.cli.main` when it
+    dispatches ``search`` (the command line imports the search, so the search does not import it back).
+
+    Attributes:
+        main: ``lightning_ft.cli.main``, which runs an in-process trial's ``fit``.
+        default_classes: The module and data classes a config without ``class_path`` gets.
+        known_classes: The short class names the command line resolves.
+    """
+
+    main: Callable[[list[str]], None]
+    default_classes: Mapping[str, str]
+    known_classes: Callable[[], dict[str, type]]
+
+
+_COMMAND: list[FitCommand] = []
+
+
+def use_command(command: FitCommand) -> None:
+    """Hand the search the command line it runs fits with (:func:`lightning_ft.search.cli.main` does)."""
+    _COMMAND[:] = [command]
+
+
+def _command() -> FitCommand:
+    if not _COMMAND:
+        raise RuntimeError("lightning_ft.search runs through `lightning-ft search`, which hands it the fit command.")
+    return _COMMAND[0]
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _RUNNING: set[subprocess.Popen[bytes]] = set()  # the trials running in their own processes
 _RUNNING_LOCK = threading.Lock()
@@ -79,8 +110,7 @@ def load_base_config(path: str | Path) -> BaseConfig:
     """
     import yaml
 
-    from lightning_ft.cli import DEFAULT_CLASSES, known_classes
-
+    command = _command()
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--config {path} does not exist: give the YAML of a fit (e.g. configs/quickstart_lora.yaml).")
@@ -95,11 +125,11 @@ def load_base_config(path: str | Path) -> BaseConfig:
     if not isinstance(model, dict):
         raise UserError(f"--config {path}: model must be a mapping with class_path and init_args.")
     model = {
-        "class_path": model.get("class_path") or DEFAULT_CLASSES["model"],
+        "class_path": model.get("class_path") or command.default_classes["model"],
         "init_args": dict(model.get("init_args") or {}),
     }
     data["model"] = model
-    cls = import_class(str(model["class_path"]), known_classes())
+    cls = import_class(str(model["class_path"]), command.known_classes())
     if cls is None:
         raise UserError(f"--config {path}: model class {model['class_path']} cannot be imported: check its class_path.")
     params = inspect.signature(cls).parameters
@@ -224,7 +254,7 @@ def stop_subprocesses() -> None:
 
 
 def run_in_process(config: Path, log: Path) -> str | None:
-    """Run the fit of ``config`` in this process (``lightning_ft.cli.main``); returns why it failed, or ``None``.
+    """Run the fit of ``config`` in this process (the command line's ``main``); returns why it failed, or ``None``.
 
     Its printed output goes to ``log``. Lightning answers Ctrl-C in a fit with ``sys.exit(1)`` after setting SIGINT
     to be ignored: the SIGINT handler is put back here, and the caller, whose handlers record the interruption,
@@ -233,8 +263,7 @@ def run_in_process(config: Path, log: Path) -> str | None:
     import gc
     import signal
 
-    from lightning_ft.cli import main
-
+    main = _command().main
     quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in quiet]
     handler = signal.getsignal(signal.SIGINT)
