@@ -225,14 +225,14 @@ def test_smollm2_lora_ist_learns_with_a_quarter_of_the_layers(smollm2_dir: Path,
     start = {n: p.detach().clone() for n, p in module.backbone.named_parameters() if "lora_" in n}
     ist = ImportanceLayerSampling(interval=4)
     steps = _Steps(ist)
-    make_trainer(tmp_path, 12, callbacks=[ist, steps], gradient_clip_val=1.0).fit(module, data)
+    make_trainer(tmp_path, 8, callbacks=[ist, steps], gradient_clip_val=1.0).fit(module, data)
     with torch.no_grad():
         loss_after = module.compute_loss(batch).item()
     assert all(len(row[0]) == 7 and row[1] == set(row[0]) for row in steps.rows)  # int(0.25 * 30) layers per step
     ever = {b for row in steps.rows for b in row[0]}
     moved = {n for n, v in start.items() if not torch.equal(v, module.backbone.get_parameter(n))}
     assert {_block_of(n) for n in moved} == ever  # B starts at zero: a layer drawn once, first, moves B only
-    assert ist.last_probe["step"] == 12 and any(ist.scores)
+    assert ist.last_probe["step"] == 8 and any(ist.scores)
     assert loss_after < loss_before - 0.1
 
 
