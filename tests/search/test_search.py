@@ -1,6 +1,7 @@
 """``lightning-ft search`` (AutoPEFT) on the tiny Llama: one search of real in-process fits shared by the tests
 (2 trials, then resumed to 4), its Pareto front and front YAMLs, the trainable-parameter objective against a hand
-count, failed and interrupted trials (parallel subprocess trials of a stand-in fit), and one sentence per mistake."""
+count, failed and interrupted trials (parallel subprocess trials of a stand-in fit), one sentence per mistake, and one
+low-fidelity trial of the shipped config on the bundled SmolLM2 (its grouped-query adapter count)."""
 
 from __future__ import annotations
 
@@ -288,3 +289,21 @@ def test_missing_optuna(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys:
     base.write_text("model: {init_args: {model: x}}\n")
     code, sentence = _error(capsys, ["search", "--config", str(base)])
     assert code == 1 and "pip install optuna" in sentence
+
+
+@pytest.mark.slow
+def test_a_search_on_smollm2_counts_its_grouped_query_adapters(tmp_path: Path, sentiment_jsonl: Path) -> None:
+    """One low-fidelity trial of the shipped config on the bundled SmolLM2 (30 layers, hidden 576, FFN 1536, k/v 192)."""
+    base = yaml.safe_load(Path("configs/autopeft_search.yaml").read_text())
+    base["data"]["init_args"].update(dataset=str(sentiment_jsonl), label_field="label", train_size=16, val_size=8,
+                                     test_size=0, control=None, control_size=0, batch_size=4, max_length=40)  # fmt: skip
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
+    out = tmp_path / "out"
+    main(["search", "--config", str(path), "--out", str(out), "--trials", "1", "--trial-steps", "2",
+          "--trial-val-batches", "1", "--ranks", "2,4", "--sampler", "random"])  # fmt: skip
+    (done,) = _study(out).trials
+    choices = done.user_attrs["choices"]  # r * (in + out) per projection: q, o 576 -> 576; k, v 576 -> 192 (GQA)
+    per_layer = choices["attn_rank"] * (2 * (576 + 576) + 2 * (576 + 192)) + choices["ffn_rank"] * 3 * (576 + 1536)
+    assert done.state.name == "COMPLETE" and done.values[1] == len(choices["layers"]) * per_layer
+    assert 0 < done.values[0] < 20  # a finite answer loss
