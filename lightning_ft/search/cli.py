@@ -116,6 +116,10 @@ def settings_from_args(args: argparse.Namespace, usage: str) -> SearchSettings:
         raise UserError(f"model {base.model} has no module named {', '.join(missing)}: give its projections' names "
                         "with --attention-modules and --ffn-modules (or in the --space file).")  # fmt: skip
     out = Path(args.out) if args.out else Path("runs") / f"autopeft-{Path(args.config).stem}"
+    for option, given in (("--config", args.config), ("--space", args.space)):
+        if given and _inside(Path(given), out):  # the search writes trial configs and front YAMLs under --out
+            raise UserError(f"{option} {given} lies inside --out {out}, where the search writes its trials and front: "
+                            "give another --out, or move the file.")  # fmt: skip
     in_process = args.jobs == 1 if args.in_process is None else args.in_process
     return SearchSettings(base=base, space=space, out=out, trials=args.trials, metric=args.metric,
                           maximize=args.direction == "maximize", steps=args.trial_steps,
@@ -142,3 +146,8 @@ def main(argv: Sequence[str], command: FitCommand | None = None) -> Summary:
     print(f"Each point's full-fidelity config: {settings.out / 'front'}/trial-<n>.yaml "
           f"(lightning-ft fit --config <it>).")  # fmt: skip
     return summary
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (both resolved)."""
+    return path.resolve().is_relative_to(folder.resolve())

@@ -257,6 +257,16 @@ def test_bad_options(options: list[str], code: int, sentence: str, tmp_path: Pat
     assert found[0] == code and sentence in found[1], found
 
 
+def test_an_input_inside_the_search_folder_is_refused(
+    tmp_path: Path, tiny_llama_dir: Path, sentiment_jsonl: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _base(tmp_path, tiny_llama_dir, sentiment_jsonl)
+    code, sentence = _error(capsys, ["search", "--config", str(base), "--out", str(tmp_path)])
+    assert code == 1 and sentence == (f"--config {base} lies inside --out {tmp_path}, where the search writes its "
+                                      "trials and front: give another --out, or move the file.")  # fmt: skip
+    assert not (tmp_path / "study.db").exists()
+
+
 def test_base_config_without_peft_module(
     tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
