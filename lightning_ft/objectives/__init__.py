@@ -8,6 +8,7 @@ short name ``CAFTCausalLM`` with the ``lightning-ft`` CLI).
 
 from lightning_ft.modules.causal_lm import CausalLMModule
 from lightning_ft.objectives.heads import MultiTokenHeadsMixin, chunked_unembedding_ce, heads_schedule
+from lightning_ft.objectives.kasa import KaSALossMixin, kasa_terms
 from lightning_ft.objectives.masked_thought import MaskedThoughtMixin, mask_response_tokens, masked_thought_rate
 from lightning_ft.objectives.multitask import (
     MultiTaskDataModule,
@@ -26,6 +27,8 @@ from lightning_ft.objectives.weights import (
 __all__ = [
     "CAFTCausalLM",
     "DiffWeights",
+    "KaSACausalLM",
+    "KaSALossMixin",
     "KeyTokenWeights",
     "MaskedThoughtCausalLM",
     "MaskedThoughtMixin",
@@ -38,6 +41,7 @@ __all__ = [
     "TokenWeighting",
     "chunked_unembedding_ce",
     "heads_schedule",
+    "kasa_terms",
     "mask_response_tokens",
     "masked_thought_rate",
     "mix_counts",
@@ -47,6 +51,10 @@ __all__ = [
 
 class CAFTCausalLM(MultiTokenHeadsMixin, CausalLMModule):
     """:class:`~lightning_ft.modules.CausalLMModule` with CAFT multi-token heads (see :class:`MultiTokenHeadsMixin`)."""
+
+
+class KaSACausalLM(KaSALossMixin, CausalLMModule):
+    """:class:`~lightning_ft.modules.CausalLMModule` with KaSA's auxiliary terms (see :class:`KaSALossMixin`)."""
 
 
 class MaskedThoughtCausalLM(MaskedThoughtMixin, CausalLMModule):

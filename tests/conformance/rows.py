@@ -41,6 +41,8 @@ from lightning_ft.data.sampling import ResumableDataLoader, resume_position
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_ft.objectives import (
     CAFTCausalLM,
+    KaSACausalLM,
+    KaSALossMixin,
     MaskedThoughtCausalLM,
     MaskedThoughtMixin,
     MultiTokenHeadsMixin,
@@ -117,13 +119,14 @@ class _Causal:
 
     def __call__(self, path: str, **extra: Any) -> L.LightningModule:
         return self.cls(model=path, learning_rate=LR, warmup_steps=WARMUP, weight_decay=0.1, output_dir="",
-                        **self.kwargs, **extra)  # fmt: skip
+                        **{**self.kwargs, **extra})  # fmt: skip
 
 
 def _causal(kind: str, **kwargs: Any) -> _Causal:
     """Builds our causal-LM module of ``kind`` (a ready-made mixin class, or ``plain``)."""
     return _Causal({"caft": CAFTCausalLM, "masked_thought": MaskedThoughtCausalLM, "plain": CausalLMModule,
-                    "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM}[kind], kwargs)  # fmt: skip
+                    "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM, "kasa": KaSACausalLM}[kind],
+                   kwargs)  # fmt: skip
 
 
 def _sft(rule: Callable[[], Any], **budget: Any) -> Callable[[str], L.Callback]:
@@ -199,6 +202,14 @@ ROWS: list[Row] = [
     Row(
         "task-balanced", TaskBalancedLossMixin, module=_causal("task_balanced"), batch_extra=("task_id",),
         na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(TaskBalancedLossMixin, "compute_loss"),
+    ),
+    Row(
+        "kasa", KaSALossMixin,
+        module=_causal("kasa", peft={"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"],
+                                     "kasa_config": {}}),
+        na={"bert": _CAUSAL_ONLY,
+            "gpt2": "peft's KaSA variant adapts nn.Linear layers only, and GPT-2's projections are Conv1D (c_attn)"},
+        refuses=_host_refusal(KaSALossMixin, "backbone"),
     ),
     Row(
         "copilot", CopilotMixin,

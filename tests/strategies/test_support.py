@@ -30,7 +30,13 @@ from lightning_ft.copilot import CopilotMixin
 from lightning_ft.core import process_group
 from lightning_ft.core.layer_map import find_transformer
 from lightning_ft.modules import CausalLMModule
-from lightning_ft.objectives import MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin, TokenWeighting
+from lightning_ft.objectives import (
+    KaSALossMixin,
+    MaskedThoughtMixin,
+    MultiTokenHeadsMixin,
+    TaskBalancedLossMixin,
+    TokenWeighting,
+)
 from lightning_ft.support import (
     FEATURES,
     GENERIC,
@@ -85,7 +91,7 @@ class Undeclared:
 
 def test_the_exported_declared_classes_are_the_weight_editing_methods_and_the_objectives() -> None:
     expected = {SparseFineTuning, HalfFineTuning, LayerFreezing, LayerwiseSampling, ImportanceLayerSampling, LiNeS, S2FT,
-                CoFiTune, CopilotMixin, MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin,
+                CoFiTune, CopilotMixin, KaSALossMixin, MaskedThoughtMixin, MultiTokenHeadsMixin, TaskBalancedLossMixin,
                 TokenWeighting}  # fmt: skip
     assert set(declared_methods()) == expected
     assert all(support_of(cls) is vars(cls)["support"] for cls in expected)
