@@ -37,7 +37,8 @@ from _timing import step_timer_class  # benchmarks/_timing.py (this script's fol
 
 HERE = Path(__file__).resolve().parent
 
-# name -> {"module": CausalLMModule kwargs, "callbacks": [{"class_path": ..., "init_args": {...}}], "label": str}
+# name -> {"module": module kwargs, "module_class": dotted class (default CausalLMModule), "callbacks": [{"class_path":
+# ..., "init_args": {...}}], "label": str}
 METHODS: dict[str, dict[str, Any]] = {
     "full_ft": {"label": "full fine-tuning", "module": {"learning_rate": 2e-4}},
     "lora": {
@@ -147,6 +148,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
         "callbacks": [{"class_path": "lightning_ft.callbacks.ImportanceLayerSampling", "init_args": {"seed": 0}}],
     },
+    "kasa": {
+        "label": "KaSA r=8 (all linear, beta 1e-4, gamma 1e-3)",
+        "module_class": "lightning_ft.objectives.KaSACausalLM",
+        "module": {
+            "learning_rate": 5e-4,
+            "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "kasa_config": {}},
+        },
+    },
     "full_ft_lines": {
         "label": "full FT + LiNeS auto",
         "module": {"learning_rate": 2e-4},
@@ -197,7 +206,13 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     cfg, method = spec["settings"], METHODS.get(spec["method"], {})
     L.seed_everything(spec["seed"])
     module_kwargs = {"warmup_steps": cfg["warmup_steps"], "output_dir": "", **method.get("module", {})}
-    module = CausalLMModule(model="smollm2-135m", **module_kwargs)
+    module_class: Any = CausalLMModule
+    if method.get("module_class"):  # a ready-made mixin module (e.g. KaSACausalLM)
+        import importlib
+
+        path, _, name = method["module_class"].rpartition(".")
+        module_class = getattr(importlib.import_module(path), name)
+    module = module_class(model="smollm2-135m", **module_kwargs)
     dm = InstructionDataModule(
         label_options=["positive", "negative"],
         val_size=cfg["val_size"],
