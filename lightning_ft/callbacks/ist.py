@@ -166,6 +166,7 @@ class ImportanceLayerSampling(SelectionCallback):
                 "PEFT modules to its layers (e.g. peft: {peft_type: LORA, ...}) or train the full model."
             )
         self._scaled = {}
+        keep_4bit_trainable(model)  # a user's own QLoRA model too: the eval-mode probe must not cut its gradients
         if any(layer_map[n].adapter is not None for n in names):
             self._scaled = _scaled_layers(model, layer_map, self.blocks)
             missing = [b for b in self.blocks if not self._scaled.get(b)]
@@ -238,7 +239,6 @@ class ImportanceLayerSampling(SelectionCallback):
                 chosen = sample_blocks(weights, self.num_suppressed, rng)
             sets.append(chosen)
         model = self.selection.model
-        keep_4bit_trainable(model)  # a user's own QLoRA model too: the eval-mode probe must not cut its gradients
         losses = [self._suppressed_loss(model, batch, [self.blocks[i] for i in s]) for s in sets]
         loss_t = torch.tensor(losses, dtype=torch.float64)
         if trainer.world_size > 1:  # every process must keep the same scores: average the processes' losses

@@ -28,22 +28,28 @@ from lightning_ft.errors import UserError
 from lightning_ft.objectives._common import check_fit_support, log_train
 from lightning_ft.support import MethodSupport, used_features
 
-__all__ = ["KaSALossMixin", "kasa_terms"]
+__all__ = ["KaSALossMixin", "kasa_layers", "kasa_terms"]
 
 
-def kasa_terms(backbone: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+def kasa_layers(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LoRA layers of ``backbone`` that carry KaSA's ``lora_diag``."""
+    return [module for module in backbone.modules() if getattr(module, "lora_diag", None) is not None]
+
+
+def kasa_terms(
+    backbone: torch.nn.Module, layers: list[torch.nn.Module] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(sum ||sigma||^2, sum (||B^T B - I||_F + ||A A^T - I||_F), layers)`` over the active KaSA adapters, in fp32.
 
     Args:
         backbone: A peft model (or any module) whose LoRA layers may carry KaSA's ``lora_diag``.
+        layers: Its :func:`kasa_layers`, when already listed.
     """
     l2 = torch.zeros((), dtype=torch.float32)
     l3 = torch.zeros((), dtype=torch.float32)
-    layers = 0
-    for module in backbone.modules():
-        diag = getattr(module, "lora_diag", None)
-        if diag is None:
-            continue
+    count = 0
+    for module in kasa_layers(backbone) if layers is None else layers:
+        diag = module.lora_diag
         for name in getattr(module, "active_adapters", None) or list(diag):
             if name not in diag:
                 continue
@@ -53,8 +59,8 @@ def kasa_terms(backbone: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, i
             eye = torch.eye(sigma.shape[0], device=sigma.device)
             l2 = l2.to(sigma.device) + (sigma**2).sum()
             l3 = l3.to(sigma.device) + torch.linalg.norm(b.T @ b - eye) + torch.linalg.norm(a @ a.T - eye)
-            layers += 1
-    return l2, l3, layers
+            count += 1
+    return l2, l3, count
 
 
 class KaSALossMixin(MixinBase):
@@ -92,6 +98,7 @@ class KaSALossMixin(MixinBase):
             raise UserError(str(KaSALossMixin.support.refusal("quantized", type(self).__name__, "", "")))
         self.kasa_beta = float(kasa_beta)
         self.kasa_gamma = float(kasa_gamma)
+        self._kasa_layers: list[torch.nn.Module] | None = None  # listed once, at setup or the first loss
 
     @override
     def setup(self, stage: str) -> None:
@@ -100,7 +107,8 @@ class KaSALossMixin(MixinBase):
             return
         backbone = cast(ModuleHost, self).backbone
         check_fit_support(self, self.trainer, backbone)
-        if kasa_terms(backbone)[2] == 0:
+        self._kasa_layers = kasa_layers(backbone)
+        if not self._kasa_layers:
             raise UserError(
                 f"{type(self).__name__} regularises KaSA adapters, and this backbone has none: set peft to a LoRA "
                 "config with kasa_config (e.g. {peft_type: LORA, r: 8, kasa_config: {}})."
@@ -109,7 +117,10 @@ class KaSALossMixin(MixinBase):
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The module's loss plus ``beta * L2 + gamma * L3``."""
         loss = cast(ModuleHost, super()).compute_loss(batch)
-        l2, l3, _ = kasa_terms(cast(ModuleHost, self).backbone)
+        backbone = cast(ModuleHost, self).backbone
+        if self._kasa_layers is None:
+            self._kasa_layers = kasa_layers(backbone)
+        l2, l3, _ = kasa_terms(backbone, self._kasa_layers)
         size = int(batch["input_ids"].shape[0])
         log_train(cast(Any, self), "train/kasa_l2", l2.detach(), size)
         log_train(cast(Any, self), "train/kasa_l3", l3.detach(), size)
