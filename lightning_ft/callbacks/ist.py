@@ -192,9 +192,8 @@ class ImportanceLayerSampling(SelectionCallback):
 
     @override
     def initial_selection(self, trainer: L.Trainer, pl_module: L.LightningModule) -> set[str]:
-        assert self.selection is not None and self.layer_map is not None
         self.key = None  # the first batch draws the first layers
-        return {n for n in self.selection.candidates if self.layer_map[n].block is None}
+        return self.with_blocks(())
 
     @override
     def on_train_batch_end(
@@ -215,10 +214,7 @@ class ImportanceLayerSampling(SelectionCallback):
         else:
             picked = sample_blocks(self.importance, self.num_updated, draw_rng(self.seed, index))
         self.current_blocks = [self.blocks[i] for i in picked]
-        on = set(self.current_blocks)
-        return {
-            n for n in self.selection.candidates if self.layer_map[n].block in on or self.layer_map[n].block is None
-        }
+        return self.with_blocks(self.current_blocks)
 
     # ------------------------------------------------------------------ the probe
     def _probe(self, trainer: L.Trainer, batch: Any, rng: Any) -> None:

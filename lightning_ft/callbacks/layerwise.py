@@ -294,10 +294,7 @@ class LayerwiseSampling(SelectionCallback):
                     "samples uniformly: lower outlier_threshold to weight the blocks."
                 )
         self.current_blocks = sample_blocks(self.probabilities, self.gamma, draw_rng(self.seed, index))
-        on = set(self.current_blocks)
-        return {
-            n for n in self.selection.candidates if self.layer_map[n].block in on or self.layer_map[n].block is None
-        }
+        return self.with_blocks(self.current_blocks)
 
     def _calibrate(self, trainer: L.Trainer) -> list[float]:
         assert self.selection is not None and self.layer_map is not None
@@ -315,9 +312,8 @@ class LayerwiseSampling(SelectionCallback):
 
     @override
     def initial_selection(self, trainer: L.Trainer, pl_module: L.LightningModule) -> set[str]:
-        assert self.selection is not None and self.layer_map is not None
         self.key = None  # the first batch draws the first blocks (after calibrating on it)
-        return {n for n in self.selection.candidates if self.layer_map[n].block is None}
+        return self.with_blocks(())
 
     @override
     def on_train_batch_start(

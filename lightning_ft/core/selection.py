@@ -228,6 +228,15 @@ class SelectionCallback(WeightSelecting, L.Callback):
     def check(self, trainer: L.Trainer, model: torch.nn.Module, layer_map: LayerMap) -> None:
         """Raise a one-sentence ``ValueError`` for a combination the method cannot train."""
 
+    def with_blocks(self, blocks: Iterable[int]) -> set[str]:
+        """The candidates inside ``blocks`` plus every candidate outside the blocks (embeddings, final norm, head):
+        the trainable set of a method that samples whole blocks (LISA / OwLore, IST)."""
+        assert self.selection is not None and self.layer_map is not None
+        on = set(blocks)
+        return {
+            n for n in self.selection.candidates if self.layer_map[n].block in on or self.layer_map[n].block is None
+        }
+
     def extra_state(self) -> dict[str, Any]:
         """Subclass state saved next to the selection."""
         return {}
