@@ -50,6 +50,7 @@ from lightning_ft.objectives import (
     TaskBalancedLossMixin,
     TokenWeighting,
 )
+from lightning_ft.objectives.loramoe import LoRAMoECausalLM, LoRAMoEMixin
 
 MODELS = ("llama", "gpt2", "bert")
 HOSTS = ("ours", "user")
@@ -221,6 +222,18 @@ ROWS: list[Row] = [
         refuses=_host_refusal(CopilotMixin, "backbone"),
         ddp_differs="each process's Copilot trains on a round drawn, by rank, from its own mistake log of its half "
                     "batches",
+    ),
+    Row(
+        "loramoe", LoRAMoEMixin,
+        module=_Causal(LoRAMoECausalLM, {"num_experts": 4, "expert_rank": 2, "expert_alpha": 4.0,
+                                         "expert_dropout": 0.0, "knowledge_tasks": [1]}),
+        batch_extra=("task_id",),
+        na={"bert": _CAUSAL_ONLY,
+            "gpt2": "GPT-2's FFN projections are Conv1D (c_fc, c_proj), which LoRAMoE's experts do not wrap: refused in "
+                    "one sentence (tests/objectives/test_loramoe.py)"},
+        refuses=_host_refusal(LoRAMoEMixin, "backbone"),
+        ddp_differs="the balancing constraint is the coefficient of variation over each process's own batch, as the "
+                    "paper's code computes it, not over the global batch",
     ),
 ]
 # fmt: on
