@@ -51,6 +51,7 @@ from lightning_ft.objectives import (
     TokenWeighting,
 )
 from lightning_ft.objectives.loramoe import LoRAMoECausalLM, LoRAMoEMixin
+from lightning_ft.objectives.lofit import LoFiTCausalLM, LoFiTMixin
 
 MODELS = ("llama", "gpt2", "bert")
 HOSTS = ("ours", "user")
@@ -234,6 +235,16 @@ ROWS: list[Row] = [
         refuses=_host_refusal(LoRAMoEMixin, "backbone"),
         ddp_differs="the balancing constraint is the coefficient of variation over each process's own batch, as the "
                     "paper's code computes it, not over the global batch",
+    ),
+    Row(  # stage 1: scales on every head with the L1 term (GPT-2's attn.c_proj is found by the layer map)
+        "lofit-heads", LoFiTMixin,
+        module=_Causal(LoFiTCausalLM, {"stage": "heads", "heads_output": "", "init_std": 0.01}),
+        na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(LoFiTMixin, "backbone"),
+    ),
+    Row(  # stage 2: offsets on three chosen heads of two layers only, scales too
+        "lofit", LoFiTMixin,
+        module=_Causal(LoFiTCausalLM, {"heads": [[0, 1], [1, 0], [1, 1]], "train_scales": True, "l1_lambda": 1e-3}),
+        na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(LoFiTMixin, "backbone"),
     ),
 ]
 # fmt: on
