@@ -1,6 +1,7 @@
 """Callbacks: one file per method family. Importing this module registers their short names for YAML."""
 
 from lightning_ft.callbacks.cofitune import CoFiTune
+from lightning_ft.callbacks.corda import CorDAInit
 from lightning_ft.callbacks.half import HalfFineTuning
 from lightning_ft.callbacks.ist import ImportanceLayerSampling
 from lightning_ft.callbacks.layerwise import LayerFreezing, LayerwiseSampling
@@ -13,6 +14,7 @@ from lightning_ft.sparse.rules import LotteryTicket, Magnitude, PrincipalWeights
 
 __all__ = [
     "CoFiTune",
+    "CorDAInit",
     "ForgettingReport",
     "HalfFineTuning",
     "ImportanceLayerSampling",

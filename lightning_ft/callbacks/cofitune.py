@@ -143,29 +143,9 @@ class CoFiTune(SelectionCallback):
             self.importance = self.compute_importance(trainer, self._batches(trainer))
 
     def _batches(self, trainer: L.Trainer) -> list[Any]:
-        from lightning_ft.callbacks.layerwise_outliers import calibration_batches, fit_train_loader
+        from lightning_ft.callbacks.layerwise_outliers import source_batches
 
-        if self.importance_source == "train":  # at fit start the Trainer has not built its loader yet
-            loader = fit_train_loader(trainer)
-            size = getattr(loader, "batch_size", None) or 1
-            wanted = self.importance_batches * size * trainer.world_size
-            batches = calibration_batches(trainer, wanted, None, loader=loader)[: self.importance_batches]
-            if not batches or batches[0] is None:
-                raise ValueError("CoFiTune(importance_source='train') reads training batches from a DataLoader, and "
-                                 "this fit's training data is not one: use importance_source='control'.")  # fmt: skip
-            return batches
-        datamodule = getattr(trainer, "datamodule", None)
-        loader = datamodule.control_dataloader() if hasattr(datamodule, "control_dataloader") else None
-        if loader is None:
-            raise ValueError("CoFiTune(importance_source='control') measures importance on general text, and this "
-                             "fit's DataModule has no control data: give it control data (e.g. control: humaneval) "
-                             "or set importance_source='train'.")  # fmt: skip
-        batches = []
-        for batch in loader:
-            batches.append(trainer.strategy.batch_to_device(batch))
-            if len(batches) == self.importance_batches:
-                break
-        return batches
+        return source_batches(trainer, self.importance_source, self.importance_batches, "importance_source", "CoFiTune")
 
     def compute_importance(self, trainer: L.Trainer | None, batches: list[Any]) -> dict[str, torch.Tensor]:
         """The normalised importance of every unit (``part -> [blocks, units]``) from ``batches``."""

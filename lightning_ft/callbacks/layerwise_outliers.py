@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_ft.core.layer_map import LayerMap
 from lightning_ft.core.shards import is_dtensor, local, shard_info
 
-__all__ = ["calibration_batches", "fit_train_loader", "input_norms", "outlier_ratios"]
+__all__ = ["calibration_batches", "fit_train_loader", "input_norms", "outlier_ratios", "source_batches"]
 
 
 def _input_dim(module: torch.nn.Module) -> int:
@@ -193,6 +193,41 @@ def calibration_batches(trainer: L.Trainer, samples: int, fallback: Any, loader:
     finally:
         _set_rng_states(states)
     return batches or [fallback]
+
+
+def source_batches(trainer: L.Trainer, source: str, count: int, argument: str, owner: str) -> list[Any]:
+    """``count`` batches of the fit's ``train`` data or of its DataModule's ``control`` text, on the module's device.
+
+    What a method's pass before training reads (no optimizer step): ``train`` is a fresh pass over the training
+    data (:func:`calibration_batches`, this process's share under DDP, random states left as they were); ``control``
+    is the DataModule's control loader (``control_dataloader()``), general text the task does not train on.
+
+    Args:
+        trainer: The Trainer, in ``setup`` or ``on_fit_start``.
+        source: ``train`` or ``control``.
+        count: Batches wanted (fewer when the data runs out).
+        argument: The method's argument that chose ``source``, for the errors.
+        owner: The method's name, for the errors.
+    """
+    if source == "train":  # before the Trainer has built its own loader
+        loader = fit_train_loader(trainer)
+        size = getattr(loader, "batch_size", None) or 1
+        batches = calibration_batches(trainer, count * size * trainer.world_size, None, loader=loader)[:count]
+        if not batches or batches[0] is None:
+            raise ValueError(f"{owner}({argument}='train') reads training batches from a DataLoader, and this fit's "
+                             f"training data is not one: use {argument}='control'.")  # fmt: skip
+        return batches
+    datamodule = getattr(trainer, "datamodule", None)
+    loader = datamodule.control_dataloader() if hasattr(datamodule, "control_dataloader") else None
+    if loader is None:
+        raise ValueError(f"{owner}({argument}='control') reads general text, and this fit's DataModule has no control "
+                         f"data: give it control data (e.g. control: humaneval) or set {argument}='train'.")  # fmt: skip
+    batches = []
+    for batch in loader:
+        batches.append(trainer.strategy.batch_to_device(batch))
+        if len(batches) == count:
+            break
+    return batches
 
 
 def fit_train_loader(trainer: L.Trainer) -> Any:

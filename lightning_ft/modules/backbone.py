@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,15 +124,38 @@ def load_backbone(
     return backbone, tokenizer
 
 
-def save_pretrained_atomic(backbone: nn.Module, tokenizer: Any, output_dir: str | os.PathLike[str]) -> Path:
+def save_pretrained_atomic(
+    backbone: nn.Module,
+    tokenizer: Any,
+    output_dir: str | os.PathLike[str],
+    initial_adapter: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save model (or peft adapter) and tokenizer into ``output_dir``, replacing it only once complete.
 
     Written through :func:`lightning_ft.core.io.atomic_dir`: a failed save leaves the previous folder whole, and
     weights holding NaN or inf (a fit that diverged) are refused before anything is written.
+
+    Args:
+        backbone: The model or peft model.
+        tokenizer: Saved beside it (``None``: none).
+        output_dir: The folder.
+        initial_adapter: For a peft model whose adapter initialisation rewrote the base weights (CorDA, PiSSA): the
+            adapter's state dict as initialised. The adapter is then saved as the plain LoRA ``[A | A0]``,
+            ``[B | -B0]`` (rank ``2r``) that applies the fine-tuning update to the original base model (peft's
+            ``path_initial_model_for_weight_conversion``).
     """
     check_finite({n: p.detach() for n, p in backbone.named_parameters()}, f"the model exported to {output_dir}")
     with atomic_dir(output_dir) as tmp:
-        backbone.save_pretrained(tmp)
+        if initial_adapter is None:
+            backbone.save_pretrained(tmp)
+        else:
+            from safetensors.torch import save_file
+
+            initial = Path(tmp) / "initial_adapter"  # peft writes the config beside the weights, loads and drops it
+            initial.mkdir()
+            save_file({k: v.contiguous() for k, v in initial_adapter.items()}, initial / "adapter_model.safetensors")
+            backbone.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(initial))
+            shutil.rmtree(initial)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(output_dir)

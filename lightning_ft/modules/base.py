@@ -172,6 +172,10 @@ class FineTuningModule(L.LightningModule):
         self.backbone: Any = None
         self.tokenizer: Any = None
         self.metrics = EvalMetrics()
+        #: The peft adapter's state dict as initialised, set by an initialisation that rewrites the base weights
+        #: (:class:`~lightning_ft.callbacks.CorDAInit`): the ``hf_model/`` export then converts the trained adapter
+        #: into a plain LoRA over the original base model (peft's ``path_initial_model_for_weight_conversion``).
+        self.initial_adapter_state: dict[str, torch.Tensor] | None = None
 
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()
@@ -295,4 +299,4 @@ class FineTuningModule(L.LightningModule):
         Written atomically (a failed save leaves the previous folder whole); weights holding NaN or inf are
         refused before anything is written.
         """
-        return save_pretrained_atomic(self.backbone, self.tokenizer, path)
+        return save_pretrained_atomic(self.backbone, self.tokenizer, path, self.initial_adapter_state)

@@ -24,6 +24,7 @@ from helpers import SelectionWatch, SparseWatch, UserModule, make_trainer
 from lightning_ft.callbacks import (
     S2FT,
     CoFiTune,
+    CorDAInit,
     HalfFineTuning,
     ImportanceLayerSampling,
     LayerFreezing,
@@ -38,6 +39,7 @@ from lightning_ft.callbacks import (
 )
 from lightning_ft.copilot import CopilotCausalLM, CopilotMixin
 from lightning_ft.data.sampling import ResumableDataLoader, resume_position
+from lightning_ft.errors import UserError
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_ft.objectives import (
     CAFTCausalLM,
@@ -50,8 +52,8 @@ from lightning_ft.objectives import (
     TaskBalancedLossMixin,
     TokenWeighting,
 )
-from lightning_ft.objectives.loramoe import LoRAMoECausalLM, LoRAMoEMixin
 from lightning_ft.objectives.lofit import LoFiTCausalLM, LoFiTMixin
+from lightning_ft.objectives.loramoe import LoRAMoECausalLM, LoRAMoEMixin
 
 MODELS = ("llama", "gpt2", "bert")
 HOSTS = ("ours", "user")
@@ -59,7 +61,7 @@ STEPS = 6  # 3 batches per epoch: the run crosses an epoch
 MID = 4  # the resumed run starts from step 4's last.ckpt, mid-epoch, and redraws at its first step
 ROWS_PER_EPOCH, BATCH, LENGTH, VOCAB = 12, 4, 12, 300
 LR, WARMUP = 1e-2, 2
-Check = Literal["selection", "entries", "trainable", "structured"]
+Check = Literal["selection", "entries", "trainable", "structured", "rewritten"]
 
 _CAUSAL_ONLY = "a causal-LM objective: an encoder classifier has no next-token loss to reshape"
 
@@ -84,7 +86,8 @@ class Row:
         check: What may change: ``selection`` (exactly the active tensors of each step, :class:`SelectionWatch`),
             ``entries`` (only entries inside the sparse masks, :class:`SparseWatch`), ``trainable`` (exactly the
             tensors that require grad when training starts, every one of them) or ``structured`` (exactly the rows
-            and columns the method reports, ``allowed_masks()``, in every tensor it reports).
+            and columns the method reports, ``allowed_masks()``, in every tensor it reports) or ``rewritten`` (the
+            trainable tensors plus the frozen ones an initialisation rewrote before training, ``rewritten_names()``).
         na: Cells that do not apply, by model or host name (or ``ddp``), with the reason.
         refuses: For a host the method cannot work with: ``(exception type, sentence fragment)`` it raises.
         ddp_differs: Why a 2-process run, by design, does not compute what one process with the same global batch
@@ -129,6 +132,15 @@ def _causal(kind: str, **kwargs: Any) -> _Causal:
     return _Causal({"caft": CAFTCausalLM, "masked_thought": MaskedThoughtCausalLM, "plain": CausalLMModule,
                     "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM, "kasa": KaSACausalLM}[kind],
                    kwargs)  # fmt: skip
+
+
+def _lora_module(path: str, **extra: Any) -> L.LightningModule:
+    """Our module of the model at ``path`` with LoRA r=2 on every linear (or Conv1D) layer (a classifier for BERT)."""
+    lora = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": "all-linear"}
+    if "bert" in Path(path).name:
+        return SequenceClassificationModule(model=path, num_labels=2, learning_rate=LR, warmup_steps=WARMUP,
+                                            weight_decay=0.1, output_dir="", peft=lora, **extra)  # fmt: skip
+    return _causal("plain", peft=lora)(path, **extra)
 
 
 def _sft(rule: Callable[[], Any], **budget: Any) -> Callable[[str], L.Callback]:
@@ -246,6 +258,11 @@ ROWS: list[Row] = [
         module=_Causal(LoFiTCausalLM, {"heads": [[0, 1], [1, 0], [1, 1]], "train_scales": True, "l1_lambda": 1e-3}),
         na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(LoFiTMixin, "backbone"),
     ),
+    Row(  # the adapters of every linear layer set from the first 2 training batches' covariance; bases rewritten
+        "corda", CorDAInit, lambda host: CorDAInit(mode="kpm", data="train", batches=2), module=_lora_module,
+        check="rewritten",
+        refuses={"user": (UserError, "^CorDAInit initialises LoRA adapters, and UserModule has none: give the module")},
+    ),
 ]
 # fmt: on
 ROW = {row.name: row for row in ROWS}
@@ -292,7 +309,8 @@ class TokenData(L.LightningDataModule):
 def build(row: Row, model: str, host: str, path: str) -> tuple[L.LightningModule, list[L.Callback]]:
     """The cell's module and the method's callbacks (with the probe that checks it at every step last)."""
     kind = "classifier" if model == "bert" else "causal"
-    if host == "user" and row.module is not None and row.declared is not TokenWeighting:  # the mixin on their module
+    mixin = row.module is not None and row.callback is None and row.declared is not TokenWeighting
+    if host == "user" and mixin:  # the mixin on their module
         module: L.LightningModule = type("UserHosted", (row.declared, UserModule), {})(path=path, kind=kind)
     elif host == "user":
         module = UserModule(path, kind=kind)
@@ -345,6 +363,8 @@ class Probe(L.Callback):
         """What the fit may have changed, by the module's parameter names."""
         if self.row.check == "trainable":
             return {name: None for name in self.trainable}
+        if self.row.check == "rewritten":  # e.g. CorDA's residual base weights, set before training
+            return {name: None for name in self.trainable | set(self.method.rewritten_names(module))}  # type: ignore[union-attr]
         if self.row.check == "structured":  # the chosen units' rows/columns (S2FT), by the model's own names
             prefix = {id(m): n for n, m in module.named_modules()}[id(self.method._model)]  # type: ignore[union-attr]
             masks = self.method.allowed_masks()  # type: ignore[union-attr]
