@@ -38,7 +38,13 @@ from _timing import step_timer_class  # benchmarks/_timing.py (this script's fol
 HERE = Path(__file__).resolve().parent
 
 # name -> {"module": module kwargs, "module_class": dotted class (default CausalLMModule), "callbacks": [{"class_path":
-# ..., "init_args": {...}}], "label": str}
+# ..., "init_args": {...}}], "label": str, "mix": optional second training task {"weight": w, "task": InstructionDataModule
+# init_args}: the steps then draw 1 - w of their rows from the reviews (task 0) and w from it (task 1, its ``task_id``)}
+TRIVIA = {  # world-knowledge data (chatterbot trivia), as in configs/loramoe.yaml
+    "dataset": "trivia", "prompt_template": "Q: {prompt}\nA:", "response_template": " {response}", "label_options": None,
+    "append_eos": True, "val_size": 20, "test_size": 0, "max_length": 64,
+}  # fmt: skip
+
 METHODS: dict[str, dict[str, Any]] = {
     "full_ft": {"label": "full fine-tuning", "module": {"learning_rate": 2e-4}},
     "lora": {
@@ -156,6 +162,37 @@ METHODS: dict[str, dict[str, Any]] = {
             "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "kasa_config": {}},
         },
     },
+    "corda_kpm": {
+        "label": "CorDA KPM, LoRA r=8 (all linear; context: 256 trivia questions)",
+        "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+        "callbacks": [
+            {
+                "class_path": "lightning_ft.callbacks.CorDAInit",
+                "init_args": {"mode": "kpm", "data": "trivia", "data_field": "prompt", "batches": 32},
+            }
+        ],
+    },
+    "corda_ipm": {
+        "label": "CorDA IPM, LoRA r=8 (all linear; context: 32 training batches)",
+        "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+        "callbacks": [
+            {"class_path": "lightning_ft.callbacks.CorDAInit", "init_args": {"mode": "ipm", "data": "train", "batches": 32}}
+        ],
+    },
+    "lora_mix": {
+        "label": "LoRA r=8 (all linear) on reviews + 25% trivia Q&A",
+        "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+        "mix": {"weight": 0.25, "task": TRIVIA},
+    },
+    "loramoe": {
+        "label": "LoRAMoE (8 experts r=4 on the FFN, beta = delta = 0.1) on reviews + 25% trivia Q&A",
+        "module_class": "lightning_ft.objectives.LoRAMoECausalLM",
+        "module": {
+            "learning_rate": 2e-4, "num_experts": 8, "expert_rank": 4, "expert_alpha": 32.0, "expert_dropout": 0.05,
+            "loramoe_beta": 0.1, "loramoe_delta": 0.1, "knowledge_tasks": [1],
+        },  # fmt: skip
+        "mix": {"weight": 0.25, "task": TRIVIA},
+    },
     "full_ft_lines": {
         "label": "full FT + LiNeS auto",
         "module": {"learning_rate": 2e-4},
@@ -228,6 +265,20 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     )
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
+    train_dm: Any = dm
+    if method.get("mix"):  # the reviews (the same split) mixed with a second task, each row tagged with its task_id
+        from lightning_ft.objectives import MultiTaskDataModule
+
+        reviews = {k: v for k, v in dm.hparams.items() if k not in ("control", "control_size", "control_max_length")}
+        weight = method["mix"]["weight"]
+        train_dm = MultiTaskDataModule(
+            tasks=[{"class_path": "lightning_ft.data.InstructionDataModule", "init_args": {**reviews, "control": None}},
+                   {"class_path": "lightning_ft.data.InstructionDataModule",
+                    "init_args": {**method["mix"]["task"], "control": None}}],
+            weights=[1 - weight, weight], epoch_size=cfg["steps"] * cfg["batch_size"], seed=1234 + spec["seed"],
+            batch_size=cfg["batch_size"], control=None,
+        )  # fmt: skip
+        train_dm.tokenizer = module.tokenizer
     loaders = list(dm.test_dataloader())  # scored on test reviews: methods that select on val (LiNeS) are not favoured
     rss_loaded = _rss_mb()
     if spec["method"] == "zero_shot":
@@ -255,7 +306,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         callbacks=callbacks,
         default_root_dir=str(HERE / "runs"),
     )
-    trainer.fit(module, dm)
+    trainer.fit(module, train_dm)
     after = module.evaluate(loaders)
     return {
         "after": after,

@@ -9,6 +9,8 @@ short name ``CAFTCausalLM`` with the ``lightning-ft`` CLI).
 from lightning_ft.modules.causal_lm import CausalLMModule
 from lightning_ft.objectives.heads import MultiTokenHeadsMixin, chunked_unembedding_ce, heads_schedule
 from lightning_ft.objectives.kasa import KaSALossMixin, kasa_terms
+from lightning_ft.objectives.lofit import LoFiTCausalLM, LoFiTMixin, load_lofit_model
+from lightning_ft.objectives.loramoe import LoRAMoECausalLM, LoRAMoEMixin, add_loramoe, balance_loss, load_loramoe
 from lightning_ft.objectives.masked_thought import MaskedThoughtMixin, mask_response_tokens, masked_thought_rate
 from lightning_ft.objectives.multitask import (
     MultiTaskDataModule,
@@ -30,6 +32,10 @@ __all__ = [
     "KaSACausalLM",
     "KaSALossMixin",
     "KeyTokenWeights",
+    "LoFiTCausalLM",
+    "LoFiTMixin",
+    "LoRAMoECausalLM",
+    "LoRAMoEMixin",
     "MaskedThoughtCausalLM",
     "MaskedThoughtMixin",
     "MultiTaskDataModule",
@@ -39,9 +45,13 @@ __all__ = [
     "TaskBalancedLossMixin",
     "TokenWeightedDataModule",
     "TokenWeighting",
+    "add_loramoe",
+    "balance_loss",
     "chunked_unembedding_ce",
     "heads_schedule",
     "kasa_terms",
+    "load_lofit_model",
+    "load_loramoe",
     "mask_response_tokens",
     "masked_thought_rate",
     "mix_counts",
