@@ -162,7 +162,18 @@ METHODS: dict[str, dict[str, Any]] = {
             "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "kasa_config": {}},
         },
     },
-    "corda_kpm": {
+    "corda_kpm": {  # the paper's setting: the knowledge to keep is measured on held-out samples of the context's kind
+        "label": "CorDA KPM, LoRA r=8 (all linear; context: the 100 HumanEval texts outside the control set)",
+        "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+        "callbacks": [
+            {
+                "class_path": "lightning_ft.callbacks.CorDAInit",
+                "init_args": {"mode": "kpm", "data": "<humaneval outside the control set>", "batches": 13,
+                              "max_length": 128},
+            }
+        ],
+    },
+    "corda_kpm_trivia": {
         "label": "CorDA KPM, LoRA r=8 (all linear; context: 256 trivia questions)",
         "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
         "callbacks": [
@@ -192,6 +203,17 @@ METHODS: dict[str, dict[str, Any]] = {
             "loramoe_beta": 0.1, "loramoe_delta": 0.1, "knowledge_tasks": [1],
         },  # fmt: skip
         "mix": {"weight": 0.25, "task": TRIVIA},
+    },
+    "lofit": {
+        "label": "LoFiT (40 head-selection steps, then 80 bias steps on the top 3% = 8 heads)",
+        "module_class": "lightning_ft.objectives.LoFiTCausalLM",
+        "pre_stage": {
+            "steps": 40,
+            "module": {"stage": "heads", "learning_rate": 5e-3, "l1_lambda": 5e-4, "warmup_steps": 0,
+                       "heads_output": "<run>/lofit_heads.safetensors"},
+        },  # fmt: skip
+        "module": {"stage": "bias", "heads_path": "<run>/lofit_heads.safetensors", "top_k_ratio": 0.03,
+                   "learning_rate": 1e-2, "warmup_steps": 0},  # fmt: skip
     },
     "full_ft_lines": {
         "label": "full FT + LiNeS auto",
@@ -241,6 +263,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cfg, method = spec["settings"], METHODS.get(spec["method"], {})
+    run_dir = HERE / "runs" / f"{spec['method']}_seed{spec['seed']}"  # a file a method writes or reads (<run>)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    method = json.loads(json.dumps(method).replace("<run>", str(run_dir)))
     L.seed_everything(spec["seed"])
     module_kwargs = {"warmup_steps": cfg["warmup_steps"], "output_dir": "", **method.get("module", {})}
     module_class: Any = CausalLMModule
@@ -249,7 +274,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
         path, _, name = method["module_class"].rpartition(".")
         module_class = getattr(importlib.import_module(path), name)
-    module = module_class(model="smollm2-135m", **module_kwargs)
+    pre = method.get("pre_stage")
+    module = module_class(model="smollm2-135m", **({**module_kwargs, **pre["module"]} if pre else module_kwargs))
     dm = InstructionDataModule(
         label_options=["positive", "negative"],
         val_size=cfg["val_size"],
@@ -279,6 +305,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             batch_size=cfg["batch_size"], control=None,
         )  # fmt: skip
         train_dm.tokenizer = module.tokenizer
+    if "<humaneval outside the control set>" in json.dumps(method):  # same kind as the control text, disjoint from it
+        from lightning_ft.data.files import load_records
+
+        control = set(dm.control_texts(1234))
+        rest = [{"text": r["text"]} for r in load_records("humaneval") if r["text"] not in control]
+        (run_dir / "humaneval_rest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rest))
+        method = json.loads(json.dumps(method).replace("<humaneval outside the control set>",
+                                                       str(run_dir / "humaneval_rest.jsonl")))  # fmt: skip
     loaders = list(dm.test_dataloader())  # scored on test reviews: methods that select on val (LiNeS) are not favoured
     rss_loaded = _rss_mb()
     if spec["method"] == "zero_shot":
@@ -293,8 +327,15 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         return value
 
     callbacks = [build(c) for c in method.get("callbacks", [])] + [timer]
+    steps = cfg["steps"]
+    if pre:  # a first stage (LoFiT's head selection) takes its steps out of the budget; the second builds anew
+        L.Trainer(max_steps=pre["steps"], accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                  gradient_clip_val=1.0, default_root_dir=str(run_dir)).fit(module, train_dm)  # fmt: skip
+        steps -= pre["steps"]
+        module = module_class(model="smollm2-135m", **module_kwargs)
     trainer = L.Trainer(
-        max_steps=cfg["steps"],
+        max_steps=steps,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
