@@ -275,7 +275,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         path, _, name = method["module_class"].rpartition(".")
         module_class = getattr(importlib.import_module(path), name)
     pre = method.get("pre_stage")
-    module = module_class(model="smollm2-135m", **({**module_kwargs, **pre["module"]} if pre else module_kwargs))
+    first = {"warmup_steps": cfg["warmup_steps"], "output_dir": "", **pre["module"]} if pre else module_kwargs
+    module = module_class(model="smollm2-135m", **first)
     dm = InstructionDataModule(
         label_options=["positive", "negative"],
         val_size=cfg["val_size"],
