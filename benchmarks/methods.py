@@ -168,8 +168,12 @@ METHODS: dict[str, dict[str, Any]] = {
         "callbacks": [
             {
                 "class_path": "lightning_ft.callbacks.CorDAInit",
-                "init_args": {"mode": "kpm", "data": "<humaneval outside the control set>", "batches": 13,
-                              "max_length": 128},
+                "init_args": {
+                    "mode": "kpm",
+                    "data": "<humaneval outside the control set>",
+                    "batches": 13,
+                    "max_length": 128,
+                },
             }
         ],
     },
@@ -187,7 +191,10 @@ METHODS: dict[str, dict[str, Any]] = {
         "label": "CorDA IPM, LoRA r=8 (all linear; context: 32 training batches)",
         "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
         "callbacks": [
-            {"class_path": "lightning_ft.callbacks.CorDAInit", "init_args": {"mode": "ipm", "data": "train", "batches": 32}}
+            {
+                "class_path": "lightning_ft.callbacks.CorDAInit",
+                "init_args": {"mode": "ipm", "data": "train", "batches": 32},
+            }
         ],
     },
     "lora_mix": {
@@ -199,9 +206,15 @@ METHODS: dict[str, dict[str, Any]] = {
         "label": "LoRAMoE (8 experts r=4 on the FFN, beta = delta = 0.1) on reviews + 25% trivia Q&A",
         "module_class": "lightning_ft.objectives.LoRAMoECausalLM",
         "module": {
-            "learning_rate": 2e-4, "num_experts": 8, "expert_rank": 4, "expert_alpha": 32.0, "expert_dropout": 0.05,
-            "loramoe_beta": 0.1, "loramoe_delta": 0.1, "knowledge_tasks": [1],
-        },  # fmt: skip
+            "learning_rate": 2e-4,
+            "num_experts": 8,
+            "expert_rank": 4,
+            "expert_alpha": 32.0,
+            "expert_dropout": 0.05,
+            "loramoe_beta": 0.1,
+            "loramoe_delta": 0.1,
+            "knowledge_tasks": [1],
+        },
         "mix": {"weight": 0.25, "task": TRIVIA},
     },
     "lofit": {
@@ -209,11 +222,21 @@ METHODS: dict[str, dict[str, Any]] = {
         "module_class": "lightning_ft.objectives.LoFiTCausalLM",
         "pre_stage": {
             "steps": 40,
-            "module": {"stage": "heads", "learning_rate": 5e-3, "l1_lambda": 5e-4, "warmup_steps": 0,
-                       "heads_output": "<run>/lofit_heads.safetensors"},
-        },  # fmt: skip
-        "module": {"stage": "bias", "heads_path": "<run>/lofit_heads.safetensors", "top_k_ratio": 0.03,
-                   "learning_rate": 1e-2, "warmup_steps": 0},  # fmt: skip
+            "module": {
+                "stage": "heads",
+                "learning_rate": 5e-3,
+                "l1_lambda": 5e-4,
+                "warmup_steps": 0,
+                "heads_output": "<run>/lofit_heads.safetensors",
+            },
+        },
+        "module": {
+            "stage": "bias",
+            "heads_path": "<run>/lofit_heads.safetensors",
+            "top_k_ratio": 0.03,
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+        },
     },
     "full_ft_lines": {
         "label": "full FT + LiNeS auto",
@@ -299,12 +322,19 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         reviews = {k: v for k, v in dm.hparams.items() if k not in ("control", "control_size", "control_max_length")}
         weight = method["mix"]["weight"]
         train_dm = MultiTaskDataModule(
-            tasks=[{"class_path": "lightning_ft.data.InstructionDataModule", "init_args": {**reviews, "control": None}},
-                   {"class_path": "lightning_ft.data.InstructionDataModule",
-                    "init_args": {**method["mix"]["task"], "control": None}}],
-            weights=[1 - weight, weight], epoch_size=cfg["steps"] * cfg["batch_size"], seed=1234 + spec["seed"],
-            batch_size=cfg["batch_size"], control=None,
-        )  # fmt: skip
+            tasks=[
+                {"class_path": "lightning_ft.data.InstructionDataModule", "init_args": {**reviews, "control": None}},
+                {
+                    "class_path": "lightning_ft.data.InstructionDataModule",
+                    "init_args": {**method["mix"]["task"], "control": None},
+                },
+            ],
+            weights=[1 - weight, weight],
+            epoch_size=cfg["steps"] * cfg["batch_size"],
+            seed=1234 + spec["seed"],
+            batch_size=cfg["batch_size"],
+            control=None,
+        )
         train_dm.tokenizer = module.tokenizer
     if "<humaneval outside the control set>" in json.dumps(method):  # same kind as the control text, disjoint from it
         from lightning_ft.data.files import load_records
@@ -312,8 +342,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         control = set(dm.control_texts(1234))
         rest = [{"text": r["text"]} for r in load_records("humaneval") if r["text"] not in control]
         (run_dir / "humaneval_rest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rest))
-        method = json.loads(json.dumps(method).replace("<humaneval outside the control set>",
-                                                       str(run_dir / "humaneval_rest.jsonl")))  # fmt: skip
+        method = json.loads(
+            json.dumps(method).replace("<humaneval outside the control set>", str(run_dir / "humaneval_rest.jsonl"))
+        )
     loaders = list(dm.test_dataloader())  # scored on test reviews: methods that select on val (LiNeS) are not favoured
     rss_loaded = _rss_mb()
     if spec["method"] == "zero_shot":
@@ -330,9 +361,18 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     callbacks = [build(c) for c in method.get("callbacks", [])] + [timer]
     steps = cfg["steps"]
     if pre:  # a first stage (LoFiT's head selection) takes its steps out of the budget; the second builds anew
-        L.Trainer(max_steps=pre["steps"], accelerator="cpu", logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                  gradient_clip_val=1.0, default_root_dir=str(run_dir)).fit(module, train_dm)  # fmt: skip
+        L.Trainer(
+            max_steps=pre["steps"],
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            gradient_clip_val=1.0,
+            default_root_dir=str(run_dir),
+        ).fit(module, train_dm)
         steps -= pre["steps"]
         module = module_class(model="smollm2-135m", **module_kwargs)
     trainer = L.Trainer(
