@@ -177,6 +177,21 @@ METHODS: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    "corda_kpm_lr1e4": {  # the KPM adapter's A maps review tokens to 10-50x LoRA's |Ax|: a fifth of LoRA's rate
+        "label": "CorDA KPM as corda_kpm, learning rate 1e-4 (a fifth of LoRA's)",
+        "module": {"learning_rate": 1e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+        "callbacks": [
+            {
+                "class_path": "lightning_ft.callbacks.CorDAInit",
+                "init_args": {
+                    "mode": "kpm",
+                    "data": "<humaneval outside the control set>",
+                    "batches": 13,
+                    "max_length": 128,
+                },
+            }
+        ],
+    },
     "corda_kpm_trivia": {
         "label": "CorDA KPM, LoRA r=8 (all linear; context: 256 trivia questions)",
         "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
