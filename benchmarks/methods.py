@@ -177,7 +177,7 @@ METHODS: dict[str, dict[str, Any]] = {
             }
         ],
     },
-    "corda_kpm_lr1e4": {  # the KPM adapter's A maps review tokens to 10-50x LoRA's |Ax|: a fifth of LoRA's rate
+    "corda_kpm_lr1e4": {  # KPM maps review tokens to 2-32x the |Ax| of LoRA init (corda_scale.md)
         "label": "CorDA KPM as corda_kpm, learning rate 1e-4 (a fifth of LoRA's)",
         "module": {"learning_rate": 1e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
         "callbacks": [
