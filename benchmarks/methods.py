@@ -192,6 +192,10 @@ METHODS: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    "lora_lr1e4": {  # corda_kpm_lr1e4's baseline: a lower rate alone also forgets less
+        "label": "LoRA r=8 (all linear), learning rate 1e-4",
+        "module": {"learning_rate": 1e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+    },
     "corda_kpm_trivia": {
         "label": "CorDA KPM, LoRA r=8 (all linear; context: 256 trivia questions)",
         "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
