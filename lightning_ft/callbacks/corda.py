@@ -217,11 +217,9 @@ class CorDAInit(L.Callback):
         destroy_process_group_at_exit()
         model = self._peft_model(pl_module)
         check_support(self, trainer, model)
-        layers = {name: layer for name, layer, _ in lora_layers(model)}
-        adapters = {name: adapter for name, _, adapter in lora_layers(model)}
-        for name, layer in layers.items():
-            if layer.get_base_layer().weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise UserError(str(self.support.refusal("quantized", type(self).__name__, "", type(model).__name__)))
+        found = list(lora_layers(model))  # a quantized backbone was refused by the support check above
+        layers = {name: layer for name, layer, _ in found}
+        adapters = {name: adapter for name, _, adapter in found}
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
         covariances = context_covariances(model, layers, self._context(trainer, pl_module), reduce)
         for name, layer in layers.items():
