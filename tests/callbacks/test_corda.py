@@ -180,7 +180,7 @@ def test_smollm2_knowledge_preserved_adapters_are_what_the_context_uses_least(sm
     """On real weights and real general text (HumanEval, the control set), the KPM adapter carries a small share of
     each layer's response to that text and the IPM adapter a large one, with the output unchanged either way."""
     peft = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
-            "layers_to_transform": list(range(0, 30, 3))}  # 10 of the 30 blocks: 20 decompositions per mode
+            "layers_to_transform": list(range(0, 30, 6))}  # 5 of the 30 blocks: 10 decompositions per mode
     module = CausalLMModule(model=str(smollm2_dir), peft=peft, output_dir="")
     data = make_data(train_size=8, control="humaneval", control_size=24, control_max_length=64, max_length=64)
     data.tokenizer = module.tokenizer
@@ -205,7 +205,7 @@ def test_smollm2_knowledge_preserved_adapters_are_what_the_context_uses_least(sm
                 whole = update + layer.get_base_layer().weight
                 c = covariances[name]
                 ratios.append(((update @ c) * update).sum().item() / ((whole @ c) * whole).sum().item())
-        assert len(ratios) == 20
+        assert len(ratios) == 10
         shares[mode] = sum(ratios) / len(ratios)
         with torch.no_grad():
             for n, p in model.named_parameters():
