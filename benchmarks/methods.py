@@ -40,6 +40,17 @@ HERE = Path(__file__).resolve().parent
 # name -> {"module": module kwargs, "module_class": dotted class (default CausalLMModule), "callbacks": [{"class_path":
 # ..., "init_args": {...}}], "label": str, "mix": optional second training task {"weight": w, "task": InstructionDataModule
 # init_args}: the steps then draw 1 - w of their rows from the reviews (task 0) and w from it (task 1, its ``task_id``)}
+LORA8 = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
+
+
+def _corda(learning_rate: float, **init_args: Any) -> dict[str, Any]:
+    """A CorDA row: LoRA r=8 on every linear layer, initialised by ``CorDAInit(**init_args)``."""
+    return {
+        "module": {"learning_rate": learning_rate, "peft": LORA8},
+        "callbacks": [{"class_path": "lightning_ft.callbacks.CorDAInit", "init_args": init_args}],
+    }
+
+
 TRIVIA = {  # world-knowledge data (chatterbot trivia), as in configs/loramoe.yaml
     "dataset": "trivia", "prompt_template": "Q: {prompt}\nA:", "response_template": " {response}", "label_options": None,
     "append_eos": True, "val_size": 20, "test_size": 0, "max_length": 64,
@@ -164,57 +175,23 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "corda_kpm": {  # the paper's setting: the knowledge to keep is measured on held-out samples of the context's kind
         "label": "CorDA KPM, LoRA r=8 (all linear; context: the 100 HumanEval texts outside the control set)",
-        "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
-        "callbacks": [
-            {
-                "class_path": "lightning_ft.callbacks.CorDAInit",
-                "init_args": {
-                    "mode": "kpm",
-                    "data": "<humaneval outside the control set>",
-                    "batches": 13,
-                    "max_length": 128,
-                },
-            }
-        ],
+        **_corda(5e-4, mode="kpm", data="<humaneval outside the control set>", batches=13, max_length=128),
     },
     "corda_kpm_lr1e4": {  # KPM maps review tokens to 2-32x the |Ax| of LoRA init (corda_scale.md)
         "label": "CorDA KPM as corda_kpm, learning rate 1e-4 (a fifth of LoRA's)",
-        "module": {"learning_rate": 1e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
-        "callbacks": [
-            {
-                "class_path": "lightning_ft.callbacks.CorDAInit",
-                "init_args": {
-                    "mode": "kpm",
-                    "data": "<humaneval outside the control set>",
-                    "batches": 13,
-                    "max_length": 128,
-                },
-            }
-        ],
+        **_corda(1e-4, mode="kpm", data="<humaneval outside the control set>", batches=13, max_length=128),
     },
     "lora_lr1e4": {  # corda_kpm_lr1e4's baseline: a lower rate alone also forgets less
         "label": "LoRA r=8 (all linear), learning rate 1e-4",
-        "module": {"learning_rate": 1e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+        "module": {"learning_rate": 1e-4, "peft": LORA8},
     },
     "corda_kpm_trivia": {
         "label": "CorDA KPM, LoRA r=8 (all linear; context: 256 trivia questions)",
-        "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
-        "callbacks": [
-            {
-                "class_path": "lightning_ft.callbacks.CorDAInit",
-                "init_args": {"mode": "kpm", "data": "trivia", "data_field": "prompt", "batches": 32},
-            }
-        ],
+        **_corda(5e-4, mode="kpm", data="trivia", data_field="prompt", batches=32),
     },
     "corda_ipm": {
         "label": "CorDA IPM, LoRA r=8 (all linear; context: 32 training batches)",
-        "module": {"learning_rate": 5e-4, "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
-        "callbacks": [
-            {
-                "class_path": "lightning_ft.callbacks.CorDAInit",
-                "init_args": {"mode": "ipm", "data": "train", "batches": 32},
-            }
-        ],
+        **_corda(5e-4, mode="ipm", data="train", batches=32),
     },
     "lora_mix": {
         "label": "LoRA r=8 (all linear) on reviews + 25% trivia Q&A",
