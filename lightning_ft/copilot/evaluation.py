@@ -226,9 +226,9 @@ class CopilotEvaluation(CopilotTraining):
         from transformers import LogitsProcessorList
 
         beams = kwargs.get("num_beams") or getattr(getattr(self.backbone, "generation_config", None), "num_beams", 1)
-        # one product with two rows is cheaper than two one-row products on a GPU (the weight is read once), not on
-        # a CPU (2 cores: 25 ms against 2 x 10 ms for SmolLM2's [49152, 576] head), so the readout shares it there only
-        share = (beams or 1) == 1 and input_ids.device.type == "cuda"
+        # the readout shares the Pilot's head product: the [vocab, d] weight is read once for both rows (see
+        # few_rows_product for the CPU's form of that product)
+        share = (beams or 1) == 1
         with CopilotLogitsProcessor(self, lam, attention_mask, share_head=share) as fuse:
             processors = LogitsProcessorList([fuse, *(kwargs.pop("logits_processor", None) or [])])
             return host.generate(input_ids, attention_mask, logits_processor=processors, **kwargs)

@@ -95,8 +95,10 @@ class CopilotLogitsProcessor(LogitsProcessor):
     by matching each hypothesis to its parent's token prefix. ``lam == 0`` returns the scores untouched.
 
     With ``share_head`` (no beam search) and a tied Copilot head whose readout matrix is the Pilot's own LM head
-    weight (a LoRA Pilot, or frozen embeddings), the Copilot's step runs just before the Pilot's head and its
-    readout rides along in the same product: one pass over the ``[vocab, d]`` matrix per token instead of two.
+    weight (a LoRA Pilot, or frozen embeddings), the Copilot's step runs when the Pilot's head is called and its
+    readout rides along in the same product (:func:`~lightning_ft.copilot.decoder.few_rows_product`): one pass over
+    the ``[vocab, d]`` matrix per token instead of two. The head's ``forward`` is replaced for the duration of the
+    ``with`` block and restored after it.
 
     Use it as a context manager around ``generate`` so that its hooks are removed afterwards::
 
@@ -123,7 +125,7 @@ class CopilotLogitsProcessor(LogitsProcessor):
         self.prompt_mask = attention_mask
         self.capture = PilotCapture(module.backbone)
         self.share_head = share_head
-        self._head_handles: list[Any] = []
+        self._shared_head: nn.Linear | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -141,25 +143,31 @@ class CopilotLogitsProcessor(LogitsProcessor):
         head = decoder_parts(self.module.backbone, "CopilotMixin").head
         if (self.share_head and self.lam != 0 and type(head) is nn.Linear and head.bias is None
                 and self.module.copilot.reads_out_through(head.weight)):  # fmt: skip
-            self._head_handles = [head.register_forward_pre_hook(self._before_head),
-                                  head.register_forward_hook(self._after_head)]  # fmt: skip
+            head.forward = self._head_with_readout  # an instance attribute: hooks and __call__ are untouched
+            self._shared_head = head
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for handle in self._head_handles:
-            handle.remove()
-        self._head_handles.clear()
+        if self._shared_head is not None:
+            del self._shared_head.forward  # back to nn.Linear.forward
+            self._shared_head = None
         self.capture.__exit__(*exc)
 
-    def _before_head(self, head: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """Run the Copilot's step and append its pre-readout row to the head's input ``[B, n, d]``."""
-        states = args[0]
-        readout = self.module.copilot.readout(self._copilot_step(None))  # [B, d]
-        return (torch.cat((states, readout[:, None].to(states.dtype)), dim=1), *args[1:])
+    @property
+    def shares_head(self) -> bool:
+        """Whether the Copilot's readout rides in the Pilot's head product inside this ``with`` block."""
+        return self._shared_head is not None
 
-    def _after_head(self, head: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        self._shared_rect = output[:, -1].float()
-        return output[:, :-1]
+    def _head_with_readout(self, states: torch.Tensor) -> torch.Tensor:
+        """The Pilot's head over ``states [B, n, d]`` with the Copilot's pre-readout row appended to the product;
+        keeps that row's output (the rectification) and returns the Pilot's ``[B, n, vocab]`` logits."""
+        from lightning_ft.copilot.decoder import few_rows_product
+
+        assert self._shared_head is not None
+        readout = self.module.copilot.readout(self._copilot_step(None))  # [B, d]
+        out = few_rows_product(torch.cat((states, readout[:, None].to(states.dtype)), dim=1), self._shared_head.weight)
+        self._shared_rect = out[:, -1].float()
+        return out[:, :-1]
 
     @torch.no_grad()
     def _copilot_step(self, input_ids: torch.Tensor | None) -> torch.Tensor:

@@ -391,7 +391,7 @@ def test_a_shared_head_readout_decodes_exactly_as_the_separate_product(tiny_llam
     outputs = {}
     for share in (False, True):
         with CopilotLogitsProcessor(module, lam=1.0, share_head=share) as fuse:
-            assert bool(fuse._head_handles) is share
+            assert fuse.shares_head is share
             outputs[share] = module.backbone.generate(ids, attention_mask=torch.ones_like(ids), logits_processor=[fuse],
                                                       max_new_tokens=6, do_sample=False, output_scores=True,
                                                       return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
@@ -401,7 +401,8 @@ def test_a_shared_head_readout_decodes_exactly_as_the_separate_product(tiny_llam
     with torch.no_grad():
         module.copilot.embed.add_(1.0)  # no longer the Pilot's head: the processor keeps the separate product
     with CopilotLogitsProcessor(module, lam=1.0, share_head=True) as fuse:
-        assert not fuse._head_handles
+        assert not fuse.shares_head
+    assert type(head).forward is head.forward.__func__  # the head's own forward is back
 
 
 def test_a_second_fit_of_the_same_module_with_clipping_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -357,3 +357,16 @@ def test_cached_stream_decoding_equals_the_whole_stream() -> None:
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="past the 9 memory positions"):
         dec(inputs[:, :1], emb[:, :0], hid[:, :0], valid[:, :0], cache, stream=(torch.full((2, 1), 9), kept[:, :1]))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (2, 3, 48), (70, 48)])
+def test_few_rows_product_equals_linear(shape: tuple[int, ...]) -> None:
+    """The decoding readout's product equals F.linear for a few rows (the transposed CPU form) and for many (F.linear
+    itself), shapes kept."""
+    from lightning_ft.copilot.decoder import few_rows_product
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(*shape, generator=gen), torch.randn(300, 48, generator=gen)
+    out = few_rows_product(x, weight)
+    assert out.shape == (*shape[:-1], 300)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
