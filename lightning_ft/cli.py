@@ -36,14 +36,17 @@ from lightning_ft.errors import (
     run_command,
 )
 
-__all__ = ["COMMANDS", "DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SEARCH_COMMANDS", "SUBCOMMANDS", "main", "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
+__all__ = ["COMMANDS", "DATA_COMMANDS", "DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SEARCH_COMMANDS", "SUBCOMMANDS", "main",
+           "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
 
 # Post-hoc weight commands, dispatched before LightningCLI (they run no Trainer).
 POSTHOC_COMMANDS = ("merge", "compress", "decompress", "sparse-apply", "estimate")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Commands that run fits of their own (dispatched before LightningCLI too).
 SEARCH_COMMANDS = ("search",)
-COMMANDS = SUBCOMMANDS + POSTHOC_COMMANDS + SEARCH_COMMANDS
+# Data selection and curation (lightning-ft data select|curate|rewrite|filter), dispatched before LightningCLI too.
+DATA_COMMANDS = ("data",)
+COMMANDS = SUBCOMMANDS + POSTHOC_COMMANDS + SEARCH_COMMANDS + DATA_COMMANDS
 # what makes a run folder hold a run that another command must not write over
 RUN_OUTPUTS = ("checkpoints", "hf_model", "report.json", "predictions.jsonl")
 # the model and data classes of a command that names none (a named class gets its own defaults, see
@@ -481,6 +484,11 @@ def _run(argv: list[str]) -> None:
         from lightning_ft.search.trial import FitCommand
 
         search_main(argv[1:], FitCommand(main, DEFAULT_CLASSES, known_classes))
+        return
+    if argv and argv[0] in DATA_COMMANDS:
+        from lightning_ft.curation.cli import main as data_main
+
+        data_main(argv[1:])
         return
     if argv and argv[0] in POSTHOC_COMMANDS:
         from lightning_ft.merging.cli import main as posthoc_main

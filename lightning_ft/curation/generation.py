@@ -72,14 +72,24 @@ class GenerationSettings:
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a module's weights (names, dtypes, shapes and bytes of its state dict)."""
+    """A short hash of a module's weights (names, dtypes, shapes and bytes of its state dict).
+
+    The hash is remembered on the module with the storage address and version counter of every tensor (which every
+    in-place change, an optimizer step or ``load_state_dict`` included, increments): it is computed again only after
+    the weights changed.
+    """
+    tensors = module.state_dict(keep_vars=True).items()
+    state = sorted(((n, t) for n, t in tensors if isinstance(t, torch.Tensor)), key=lambda item: item[0])
+    stamp = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state)
+    memo = module.__dict__.get("_curation_fingerprint")
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if not isinstance(tensor, torch.Tensor):
-            continue
+    for name, tensor in state:
         flat = tensor.detach().cpu().contiguous()
         digest.update(f"\0{name}\0{flat.dtype}\0{tuple(flat.shape)}\0".encode())
         digest.update(flat.reshape(-1).view(torch.uint8).numpy())
+    module.__dict__["_curation_fingerprint"] = (stamp, digest.hexdigest()[:16])
     return digest.hexdigest()[:16]
 
 
@@ -175,12 +185,12 @@ class GenerationService:
                 raise UserError("quantization applies to a model loaded from a folder, not to an in-memory module: "
                                 "quantize the module yourself or pass its folder.")  # fmt: skip
             self.model, self.tokenizer = self._from_module(model, tokenizer)
-            self.fingerprint = module_fingerprint(self.model)
+            self._fingerprint: str | None = None  # the module's weights may change: hashed when used (memoised)
             self.name = type(model).__name__
         else:
             self.name = str(model)
-            self.model, self.tokenizer, self.fingerprint = self._from_folder(str(model), tokenizer, quantization,
-                                                                             dtype, device)  # fmt: skip
+            self.model, self.tokenizer, self._fingerprint = self._from_folder(str(model), tokenizer, quantization,
+                                                                              dtype, device)  # fmt: skip
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.cache_file = self._cache_file(cache)
@@ -232,6 +242,11 @@ class GenerationService:
             parts.append(folder_fingerprint(path))
         return net.eval(), tokenizer, "-".join(parts)
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash identifying the weights: of the folders loaded, or of an in-memory module's current weights."""
+        return self._fingerprint if self._fingerprint is not None else module_fingerprint(self.model)
+
     # ------------------------------------------------------------------ the cache
     @staticmethod
     def _cache_file(cache: str | os.PathLike[str] | None) -> Path | None:
@@ -254,18 +269,19 @@ class GenerationService:
                     continue  # a torn line of an interrupted write
         return found
 
-    def key(self, prompt: str, settings: GenerationSettings) -> str:
+    def key(self, prompt: str, settings: GenerationSettings, fingerprint: str | None = None) -> str:
         """The cache key of one prompt: sha256 of the model's fingerprint, the prompt and the settings."""
-        text = json.dumps([self.fingerprint, prompt, asdict(settings)], sort_keys=True, ensure_ascii=False)
+        model = fingerprint or self.fingerprint
+        text = json.dumps([model, prompt, asdict(settings)], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def _store(self, rows: list[tuple[str, str, list[str]]], settings: GenerationSettings) -> None:
+    def _store(self, rows: list[tuple[str, str, list[str]]], settings: GenerationSettings, fingerprint: str) -> None:
         for key, _, completions in rows:
             self._cached[key] = completions
         if self.cache_file is None:
             return
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps({"key": key, "model": self.fingerprint, "prompt": prompt, "settings": asdict(settings),
+        lines = [json.dumps({"key": key, "model": fingerprint, "prompt": prompt, "settings": asdict(settings),
                              "completions": completions}, ensure_ascii=False) for key, prompt, completions in rows]  # fmt: skip
         append_line(self.cache_file, "\n".join(lines))
 
@@ -276,13 +292,14 @@ class GenerationService:
         Prompts whose key is cached are not generated again; the others are generated in batches of similar length,
         and each finished batch is appended to the cache at once.
         """
-        keys = [self.key(str(p), settings) for p in prompts]
+        fingerprint = self.fingerprint
+        keys = [self.key(str(p), settings, fingerprint) for p in prompts]
         todo = {k: str(p) for k, p in zip(keys, prompts) if k not in self._cached}
         if todo:
-            self._generate_missing(todo, settings)
+            self._generate_missing(todo, settings, fingerprint)
         return [list(self._cached[k]) for k in keys]
 
-    def _generate_missing(self, todo: dict[str, str], settings: GenerationSettings) -> None:
+    def _generate_missing(self, todo: dict[str, str], settings: GenerationSettings, fingerprint: str) -> None:
         encoded = {k: self._encode_prompt(p, settings) for k, p in todo.items()}
         order = sorted(todo, key=lambda k: len(encoded[k]))
         bar = None
@@ -293,7 +310,7 @@ class GenerationService:
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             completions = self._generate_batch([todo[k] for k in batch], [encoded[k] for k in batch], settings)
-            self._store([(k, todo[k], c) for k, c in zip(batch, completions)], settings)
+            self._store([(k, todo[k], c) for k, c in zip(batch, completions)], settings, fingerprint)
             if bar is not None:
                 bar.update(len(batch))
         if bar is not None:
