@@ -546,14 +546,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--budget {budget} is less than --rounds {rounds}: every round needs at least one example.")
     quality = _quality(pool, args.quality_field)
     work = Path(args.work_dir).expanduser() if args.rounds else None
+    state = _State(_settings(args, budget, len(pool)))
+    if work is not None:
+        state = _load_state(work / STATE_FILE, state.settings)  # refuses a folder of other settings before any work
     labels = _labels(args, pool, work / "clusters.npy" if work else None)
     k = int(args.clusters)
-    state = _State(_settings(args, budget, len(pool)))
     if work is None:
         rng = np.random.default_rng([_seed(args), 0])
         state.rounds.append(RoundState(new=[int(i) for i in select_round(labels, budget, rng, k=k, quality=quality)]))
     else:
-        state = _load_state(work / STATE_FILE, state.settings)
         batch = int(getattr(args, "batch_size", None) or 8)
         reward = load_reward(args.reward) if args.reward else None
         if reward is None:

@@ -29,6 +29,7 @@ import argparse
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,7 +107,8 @@ def _as_tensor(array: np.ndarray, name: str) -> Any:
     data = np.asarray(array, dtype=np.float64)
     if data.ndim != 2 or len(data) == 0:
         raise ValueError(f"{name} must be a non-empty [n, dim] array (got shape {data.shape}).")
-    return torch.from_numpy(np.ascontiguousarray(data))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the cost matrix and Sinkhorn run on the GPU if any
+    return torch.from_numpy(np.ascontiguousarray(data)).to(device)
 
 
 def sinkhorn_potentials(
@@ -131,8 +133,8 @@ def sinkhorn_potentials(
 
     x, y = _as_tensor(target, "target"), _as_tensor(pool, "pool")
     cost = _sq_euclidean(x, y)
-    a = torch.full((len(x),), 1.0 / len(x), dtype=torch.float64)
-    b = torch.full((len(y),), 1.0 / len(y), dtype=torch.float64)
+    a = torch.full((len(x),), 1.0 / len(x), dtype=torch.float64, device=x.device)
+    b = torch.full((len(y),), 1.0 / len(y), dtype=torch.float64, device=x.device)
     _, log = ot.sinkhorn(a, b, cost, epsilon, method="sinkhorn_log", numItermax=max_iter, stopThr=tol, log=True,
                          warn=False)  # fmt: skip
     f = epsilon * (log["log_u"] - a.log())  # the row update runs last: the targets' marginal holds exactly
@@ -140,13 +142,13 @@ def sinkhorn_potentials(
     errors = log["err"]
     converged = bool(errors) and float(errors[-1]) < tol
     total = float(a @ f + b @ g)
-    return SinkhornPotentials(f.numpy(), g.numpy(), total, converged, int(log["niter"]) + 1)
+    return SinkhornPotentials(f.cpu().numpy(), g.cpu().numpy(), total, converged, int(log["niter"]) + 1)
 
 
 def transport_plan(target: np.ndarray, pool: np.ndarray, potentials: SinkhornPotentials, epsilon: float) -> np.ndarray:
     """The entropic plan ``[M, N]`` of solved potentials (for checks on small problems)."""
     x, y = _as_tensor(target, "target"), _as_tensor(pool, "pool")
-    cost = _sq_euclidean(x, y).numpy()
+    cost = _sq_euclidean(x, y).cpu().numpy()
     m, n = cost.shape
     f, g = potentials.f[:, None], potentials.g[None, :]
     return np.exp((f + g - cost) / epsilon - math.log(m) - math.log(n))
@@ -291,7 +293,8 @@ def make_embedder(args: argparse.Namespace) -> Any:
 
     from lightning_ft.curation.embedder import Embedder
 
-    kwargs: dict[str, Any] = {"cache_dir": getattr(args, "cache_dir", None)}
+    cache = getattr(args, "cache_dir", None)
+    kwargs: dict[str, Any] = {"cache_dir": Path(cache).expanduser() / "embeddings" if cache else None}
     if getattr(args, "batch_size", None):
         kwargs["batch_size"] = args.batch_size
     return Embedder(args.embedder, device="cuda" if torch.cuda.is_available() else "cpu", **kwargs)
@@ -313,8 +316,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     _check_arguments(args)
     target_field = args.target_field or args.prompt_field
-    pool = read_pool(args.data, argument="--data", fields=(args.prompt_field,))
-    target = read_pool(args.target, argument="--target", fields=(target_field,))
+    pool = read_pool(
+        args.data, argument="--data", fields=(args.prompt_field,), options={args.prompt_field: "--prompt-field"}
+    )
+    option = "--target-field" if args.target_field else "--prompt-field"
+    target = read_pool(args.target, argument="--target", fields=(target_field,), options={target_field: option})
     budget = resolve_budget(args.budget, len(pool))
     embedder = make_embedder(args)
     target_emb = embedder.embed(list(texts_of(target, target_field)))

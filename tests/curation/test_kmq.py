@@ -49,7 +49,9 @@ def reviews(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict],
     rows = [{"text": r["text"], "label": r["label"]} for r in load_records("rotten_tomatoes", shuffle_seed=3)
             if len(r["text"]) < 80][:40]  # fmt: skip
     (root / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    embeddings = Embedder("minilm-l6", cache_dir=root / "cache", batch_size=16).embed([r["text"] for r in rows])
+    embeddings = Embedder("minilm-l6", cache_dir=root / "cache" / "embeddings", batch_size=16).embed(
+        [r["text"] for r in rows]
+    )
     return root, rows, embeddings
 
 
@@ -192,6 +194,8 @@ def test_rounds_resume_after_a_kill_without_refitting(
     assert sum(first["weights"]) == pytest.approx(1.0) and len(first["gaps"]) == 6
     generated = (work / "round_1" / "generations.jsonl").read_text()
     assert len(generated.splitlines()) == 6
+    with pytest.raises(UserError, match=r"holds rounds of other settings \(budget differ\)"):
+        kmq.run(argparse.Namespace(**{**vars(args), "budget": 10.0}))
 
     fits.clear()  # the rerun: round 2's fit stands in for a real one (round 1's was real), counting the calls
     monkeypatch.setattr(kmq, "fit_round", lambda config, dataset, root: fits.append(root.name) or Path(first["model"]))
