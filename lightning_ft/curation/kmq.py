@@ -256,7 +256,8 @@ def _save_labels(path: Path, labels: np.ndarray) -> None:
 
 def fit_round(config: Path, dataset: Path, root: Path) -> Path:
     """Fine-tune on ``dataset`` with one in-process ``lightning-ft fit`` (run folder ``root/fit``); returns the
-    exported ``hf_model`` folder. An interrupted fit of the same folder continues from its ``last.ckpt``.
+    exported ``hf_model`` folder. An interrupted fit of the same folder continues from its ``last.ckpt``; one that
+    has exported already is not run again.
 
     Raises:
         UserError: The fit failed (its own error line is printed above) or exported no model.
@@ -268,6 +269,9 @@ def fit_round(config: Path, dataset: Path, root: Path) -> Path:
     from lightning_ft.cli import main
 
     run = root / "fit"
+    exported = run / "hf_model"
+    if exported.is_dir():
+        return exported  # the fit finished and exported (atomically) before the state recorded it
     argv = ["fit", "--config", str(config), "--data.init_args.dataset", str(dataset),
             "--trainer.default_root_dir", str(root), "--run_name", "fit"]  # fmt: skip
     last = run / "checkpoints" / "last.ckpt"
@@ -286,7 +290,6 @@ def fit_round(config: Path, dataset: Path, root: Path) -> Path:
         gc.collect()
         if signal.getsignal(signal.SIGINT) is not handler and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a Ctrl-C in a fit
-    exported = run / "hf_model"
     if not exported.is_dir():
         raise UserError(f"the fit in {run} exported no hf_model/ folder: leave model.init_args.output_dir unset in "
                         "--fit-config so that the fit exports its model there.")  # fmt: skip

@@ -19,8 +19,13 @@ here. Potentials are defined up to a constant (``f + c, g - c``), so per-batch `
 come out. The constant is fixed on the target side, which every batch shares: each candidate's score is
 ``g_j + <a, f>``, whose mean over a batch is that batch's entropic OT cost, so a batch far from the target scores
 high as a whole rather than being re-centred. The calibration is then applied once over the whole pool's scores.
-When one batch holds the whole pool this equals the one-shot calibrated potentials (up to the constant the
-calibration removes).
+When one batch holds the whole pool this is exactly the one-shot result (``<a, f>`` cancels in the calibration);
+smaller batches rank nearly, not exactly, as one problem would, so ``--ot-batch-size`` is best kept as large as
+memory allows (its cost matrix is ``targets x batch`` float64).
+
+Sinkhorn here has no momentum (the notebook's ott-jax solver uses over-relaxation 1.3 with a loose 0.1 threshold):
+it iterates until the candidates' marginal is met within ``1e-6`` (L2), at most ``--sinkhorn-iters`` times, and the
+report says whether every batch converged.
 """
 
 from __future__ import annotations
