@@ -49,6 +49,7 @@ __all__ = [
     "judge_all",
     "load_judge",
     "normalize_answer",
+    "use_chat_template",
 ]
 
 Record = Mapping[str, Any]
@@ -348,7 +349,7 @@ class ModelJudge:
         service: A :class:`~lightning_ft.curation.generation.GenerationService` (any bundled alias, folder or
             module), e.g. a larger instruct model than the one being fine-tuned.
         template: The question, with ``{prompt}``, ``{gold}`` and ``{candidate}`` fields.
-        chat_template: Wrap the question in the tokenizer's chat template.
+        chat_template: Wrap the question in the tokenizer's chat template (when it has one).
         max_new_tokens: Length of the reply.
     """
 
@@ -370,14 +371,15 @@ class ModelJudge:
         from lightning_ft.curation.generation import GenerationSettings
 
         questions = [self.template.format(prompt=p, candidate=c, gold=g) for p, c, g in zip(prompts, candidates, golds)]
-        settings = GenerationSettings(max_new_tokens=self.max_new_tokens, chat_template=self.chat_template)
+        chat = use_chat_template(self.service, self.chat_template)
+        settings = GenerationSettings(max_new_tokens=self.max_new_tokens, chat_template=chat)
         replies = [samples[0] for samples in self.service.generate(questions, settings)]
         verdicts: list[Verdict | None] = [_read_yes_no(reply) for reply in replies]
         unread = [i for i, v in enumerate(verdicts) if v is None]
         if unread:
-            wrapped = [chat_prompt(self.service, questions[i], self.chat_template) for i in unread]
-            yes = self.service.answer_logprob(wrapped, ["Yes"] * len(unread))
-            no = self.service.answer_logprob(wrapped, ["No"] * len(unread))
+            asked = [questions[i] for i in unread]
+            yes = self.service.answer_logprob(asked, ["Yes"] * len(unread), chat_template=chat)
+            no = self.service.answer_logprob(asked, ["No"] * len(unread), chat_template=chat)
             for j, i in enumerate(unread):
                 verdicts[i] = Verdict(
                     bool(yes[j] > no[j]), f"judge model: likelier {'yes' if yes[j] > no[j] else 'no'}"
@@ -393,13 +395,9 @@ def _read_yes_no(reply: str) -> Verdict | None:
     return Verdict(said == "yes", f"judge model said {said}")
 
 
-def chat_prompt(service: Any, text: str, chat_template: bool) -> str:
-    """``text`` as the user turn of the service tokenizer's chat template (unchanged without one or when off)."""
-    tokenizer = getattr(service, "tokenizer", None)
-    if not chat_template or tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        return text
-    messages = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def use_chat_template(service: Any, wanted: bool) -> bool:
+    """Whether to wrap prompts in the chat template: when ``wanted`` and the service's tokenizer has one."""
+    return bool(wanted and getattr(getattr(service, "tokenizer", None), "chat_template", None))
 
 
 # ------------------------------------------------------------------------------------------------ user judges

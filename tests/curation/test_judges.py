@@ -133,7 +133,7 @@ class _StubService:
         self.asked += prompts
         return [[self.replies[i]] for i in range(len(prompts))]
 
-    def answer_logprob(self, prompts: list[str], answers: list[str]) -> np.ndarray:
+    def answer_logprob(self, prompts: list[str], answers: list[str], chat_template: bool = False) -> np.ndarray:
         return np.array([(-1.0 if ("likely" in p) == (a == "Yes") else -2.0) for p, a in zip(prompts, answers)])
 
 
