@@ -442,8 +442,7 @@ def run(args: argparse.Namespace) -> dict:
     replacements, replacement_scores = None, None
     if args.auto_correct:
         replacements = correct(args, service, scorer, prompts)
-        texts = [r if r is not None else "" for r in replacements]
-        replacement_scores = scorer.score(prompts, texts, samples)
+        replacement_scores = score_some(scorer, prompts, replacements, samples)
     rows, outcome = curate(records, field, scores, args.threshold, replacements=replacements,
                            replacement_scores=replacement_scores, margin=args.margin)  # fmt: skip
     report = build_report(args, scores, outcome, similarity, getattr(service, "fingerprint", str(args.model)))
@@ -464,6 +463,21 @@ def correct(
     if scorer.labels is None:
         return [t or None for t in texts]
     return [scorer.labels.label_of(t) for t in texts]
+
+
+def score_some(scorer: ConfidenceScorer, prompts: Sequence[str], responses: Sequence[str | None],
+               samples: Sequence[Sequence[str]]) -> Scores:  # fmt: skip
+    """Scores of the responses that exist; a missing one gets confidence ``-inf`` (never chosen) and NaN parts."""
+    index = [i for i, r in enumerate(responses) if r is not None]
+    found = Scores(*(np.full(len(responses), fill) for fill in (-np.inf, np.nan, np.nan)))
+    if index:
+        some = scorer.score(
+            [prompts[i] for i in index], [str(responses[i]) for i in index], [samples[i] for i in index]
+        )
+        for full, part in zip((found.confidence, found.consistency, found.reflection),
+                              (some.confidence, some.consistency, some.reflection)):  # fmt: skip
+            full[index] = part
+    return found
 
 
 def build_report(args: argparse.Namespace, scores: Scores, outcome: dict, similarity: str, model: str) -> dict:

@@ -195,13 +195,15 @@ _GUARD = """\
 import resource as _r, socket as _s
 def _no_network(*args, **kwargs):
     raise OSError("network access is disabled while judging code")
-_s.socket = _s.create_connection = _s.socketpair = _s.getaddrinfo = _no_network
+for _name in ("connect", "connect_ex", "bind", "sendto", "sendmsg"):
+    setattr(_s.socket, _name, _no_network)
+_s.create_connection = _s.getaddrinfo = _s.gethostbyname = _no_network
 for _lim, _val in ((_r.RLIMIT_AS, {memory}), (_r.RLIMIT_CPU, {cpu})):
     try:
         _r.setrlimit(_lim, (_val, _val))
     except (ValueError, OSError):
         pass
-del _r, _s, _lim, _val, _no_network
+del _r, _s, _lim, _val, _name, _no_network
 """
 
 

@@ -19,6 +19,7 @@ from lightning_ft.curation.clear import (
     curate,
     letter_score,
     observed_consistency,
+    score_some,
     should_replace,
     token_f1,
 )
@@ -84,6 +85,9 @@ def test_scorer_combines_consistency_and_reflection_with_stub_model() -> None:
     overlap.fit_labels(["positive", "negative"])
     expected = np.mean([0.8 * 1 + 0.2 * 1, 0.8 * 1 + 0.2 * 1, 0.0])
     np.testing.assert_allclose(overlap.consistency(["positive"], [service.samples["r1"]]), [expected])
+    some = score_some(scorer, prompts, [None, "negative"], scorer.sample(prompts))  # replacements that exist
+    assert some.confidence[0] == -np.inf and not should_replace(0.0, some.confidence[0], 0.0, 0.0)
+    np.testing.assert_allclose(some.confidence[1], scores.confidence[1])
     with pytest.raises(UserError, match="--beta"):
         ConfidenceScorer(service, beta=1.5)
 
