@@ -21,12 +21,18 @@ These are BSDetector's weights (uqlm's implementation of it uses the same: 0.56 
   (``--similarity overlap``), and ``match`` is normalised exact equality.
 * ``S`` is, by default, the *expected* score under the model's probabilities of the letters A, B and C
   (``P(A) + 0.5·P(C)``, renormalised over the three), which is smoother than reading the one letter a small model
-  writes; ``--reflection letter`` scores the likeliest letter 1 / 0 / 0.5 instead.
+  writes; ``--reflection letter`` scores the likeliest letter 1 / 0 / 0.5 instead. The model's reply is started
+  with ``Answer: (`` and the three letters are read from one forward pass (:func:`choice_logprobs`).
 
 Auto-filter drops the pairs below ``--threshold``. Auto-correct (``--auto-correct``) generates a replacement
 response greedily (by ``--model`` or ``--correction-model``, e.g. a model fine-tuned on the filtered data, as the
 paper does), scores it the same way against the same samples, and replaces the response only when the new
-confidence exceeds the old by more than ``--margin`` and is at or above the threshold.
+confidence exceeds the old by more than ``--margin`` and is at or above the threshold. For label-like data the
+replacement is the label the generated answer names (none: no replacement).
+
+A caution measured on SmolLM2-135M (``tests/curation/test_clear.py``): on reviews with flipped labels its
+confidence separates flipped from intact pairs through observed consistency, while its self-reflection hardly
+does (it calls nearly everything correct); a small model is a weak judge of its own data.
 """
 
 from __future__ import annotations
@@ -52,10 +58,13 @@ __all__ = [
     "LabelSpace",
     "Scores",
     "add_arguments",
+    "choice_logprobs",
     "combine",
     "curate",
+    "letter_score",
     "observed_consistency",
     "run",
+    "score_some",
     "should_replace",
     "token_f1",
 ]
