@@ -1,0 +1,261 @@
+"""Data-selection benchmark: each ``lightning-ft data`` selector against random selection of the same size.
+
+A mixed, noisy pool is built from the bundled data: Rotten Tomatoes training reviews (the target task, a quarter of
+their labels flipped on purpose) beside off-task records (Chit-Chat replies, Reuters topics, trivia answers), all as
+``{prompt, response}`` rows. Each selector picks a fraction of the pool through the command a user runs, the bundled
+SmolLM2-135M is fine-tuned on the selection with the same budget (steps, batch, learning rate, data order), and
+scored on held-out reviews (target accuracy) and on HumanEval code it never trains on (control-perplexity change:
+forgetting). Random selection of the same size is the baseline of every fraction; a seed sets the data order, the
+random selection and the selectors' own seeds.
+
+Selectors: ``random``; ``ot`` (GOT-D towards 100 validation reviews); ``kmq`` (one-shot k-means selection,
+Diversify and Conquer's round 1); ``perplexity`` (POINTS: the lowest-perplexity fraction under the base model);
+``clear`` (CLEAR: the most confident fraction). ``--s3ft`` adds S3FT against plain SFT on the same clean reviews.
+
+    python benchmarks/data_selection.py --name data_selection --fractions 0.1 0.3 --seeds 0 1 2
+    python benchmarks/data_selection.py --name smoke --quick
+
+Each finished run is appended to ``results/<name>.runs.jsonl`` and skipped by a rerun with the same settings, so an
+interrupted invocation resumes. Results: ``results/<name>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DEFAULTS = {"steps": 60, "batch_size": 8, "max_length": 96, "learning_rate": 2e-4, "warmup_steps": 6,
+            "test_size": 400, "control_size": 64, "reviews": 800, "off_task": 400, "noise": 0.25, "target": 100,
+            "clusters": 16, "clear_samples": 3}  # fmt: skip
+QUICK = {"steps": 3, "test_size": 16, "control_size": 8, "reviews": 40, "off_task": 20, "target": 8, "clusters": 4,
+         "clear_samples": 2}  # fmt: skip
+SELECTORS = ("random", "ot", "kmq", "perplexity", "clear")
+SPLIT_SEED = 1234  # the reviews' split: the first 200 are validation, the next 400 test, the rest the pool's reviews
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_pool(cfg: dict[str, Any], root: Path) -> tuple[Path, Path]:
+    """The pool (``pool.jsonl``, every row with its ``pool_index``, ``source`` and ``noisy`` flag) and the target
+    sample (``target.jsonl``: validation reviews, never in the pool or the test reviews)."""
+    from lightning_ft.data.files import load_records
+
+    reviews = load_records("rotten_tomatoes", shuffle_seed=SPLIT_SEED)
+    val, train = reviews[:200], reviews[200 + 400 :]
+    rng = random.Random(0)
+    rows: list[dict[str, Any]] = []
+    flip = {"positive": "negative", "negative": "positive"}
+    for r in train[: cfg["reviews"]]:
+        noisy = rng.random() < cfg["noise"]
+        label = flip[r["label"]] if noisy else r["label"]
+        rows.append({"prompt": f"Review: {r['text']}\nSentiment:", "response": label, "source": "reviews",
+                     "noisy": noisy})  # fmt: skip
+    off = {
+        "chitchat": [{"prompt": r["prompt"], "response": r["response"]} for r in load_records("chitchat")],
+        "reuters": [{"prompt": f"Text: {r['text'][:400]}\nTopic:", "response": r["label"]} for r in load_records("reuters_r8")],
+        "trivia": [{"prompt": f"Q: {r['prompt']}\nA:", "response": r["response"]} for r in load_records("trivia")],
+    }  # fmt: skip
+    for source, items in off.items():
+        rng.shuffle(items)
+        rows += [{**x, "source": source, "noisy": False} for x in items[: cfg["off_task"]]]
+    rng.shuffle(rows)
+    for i, row in enumerate(rows):
+        row["pool_index"] = i
+    target = [{"prompt": f"Review: {r['text']}\nSentiment:", "response": r["label"]} for r in val[: cfg["target"]]]
+    root.mkdir(parents=True, exist_ok=True)
+    return _write(root / "pool.jsonl", rows), _write(root / "target.jsonl", target)
+
+
+def select(selector: str, fraction: float, seed: int, cfg: dict[str, Any], pool: Path, target: Path, root: Path) -> Path:
+    """The selection file of ``selector`` at ``fraction`` of the pool, written through the ``lightning-ft data``
+    command a user runs (``random`` here)."""
+    from lightning_ft.cli import main
+
+    rows = [json.loads(line) for line in pool.read_text().splitlines()]
+    k = max(1, round(fraction * len(rows)))
+    out = root / f"{selector}_{fraction}_seed{seed}.jsonl"
+    if out.exists():
+        return out
+    common = ["--data", str(pool), "--output", str(out), "--seed", str(seed), "--overwrite"]
+    if selector == "random":
+        _write(out, random.Random(seed).sample(rows, k))
+    elif selector == "ot":
+        main(["data", "select", "--method", "ot", *common, "--target", str(target), "--budget", str(k)])
+    elif selector == "kmq":
+        main(["data", "select", "--method", "kmq", *common, "--budget", str(k), "--clusters", str(cfg["clusters"])])
+    elif selector == "perplexity":
+        main(["data", "filter", "--method", "perplexity", *common, "--keep-quantiles", "0", str(k / len(rows))])
+    elif selector == "clear":  # every record scored once (threshold 0), then the k most confident
+        scored = root / f"clear_scores_seed{seed}.jsonl"
+        if not scored.exists():
+            main(["data", "curate", *common[:2], "--output", str(scored), "--seed", str(seed), "--overwrite",
+                  "--threshold", "0", "--num-samples", str(cfg["clear_samples"]), "--max-new-tokens", "8"])  # fmt: skip
+        kept = [json.loads(line) for line in scored.read_text().splitlines()]
+        _write(out, sorted(kept, key=lambda r: -r["clear_confidence"])[:k])
+    else:
+        raise ValueError(f"unknown selector {selector!r}")
+    return out
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune on one selection file in this process; target accuracy and control perplexity after."""
+    import lightning as L
+    import torch
+
+    from lightning_ft.data import InstructionDataModule
+    from lightning_ft.modules import CausalLMModule
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    cfg = spec["settings"]
+    L.seed_everything(spec["seed"])
+    module = CausalLMModule(model="smollm2-135m", learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
+                            output_dir="")  # fmt: skip
+    evaluation = InstructionDataModule(label_options=["positive", "negative"], val_size=200, test_size=cfg["test_size"],
+                                       eval_batch_size=25, max_length=cfg["max_length"], control="humaneval",
+                                       control_size=cfg["control_size"], control_max_length=128, split_seed=SPLIT_SEED)  # fmt: skip
+    evaluation.tokenizer = module.tokenizer
+    evaluation.setup("fit")
+    loaders = list(evaluation.test_dataloader())
+    if spec["selection"] is None:
+        return {"after": module.evaluate(loaders)}
+    train = InstructionDataModule(dataset=spec["selection"], prompt_template="{prompt}", response_template=" {response}",
+                                  label_field="response", val_size=0, test_size=0, batch_size=cfg["batch_size"],
+                                  max_length=cfg["max_length"], append_eos=True, control=None,
+                                  shuffle_seed=1234 + spec["seed"])  # fmt: skip
+    train.tokenizer = module.tokenizer
+    L.Trainer(max_steps=cfg["steps"], accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+              gradient_clip_val=1.0, default_root_dir=str(HERE / "runs")).fit(module, train)  # fmt: skip
+    rows = [json.loads(line) for line in Path(spec["selection"]).read_text().splitlines()]
+    return {"after": module.evaluate(loaders), "size": len(rows),
+            "reviews": sum(r.get("source") == "reviews" for r in rows),
+            "noisy": sum(bool(r.get("noisy")) for r in rows)}  # fmt: skip
+
+
+def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(spec)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"run {spec['key']} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _s3ft_selection(seed: int, cfg: dict[str, Any], pool: Path, root: Path) -> tuple[Path, Path]:
+    """The pool's clean reviews as plain SFT data, and the same rows rewritten by S3FT (exact-match judge)."""
+    from lightning_ft.cli import main
+
+    rows = [json.loads(line) for line in pool.read_text().splitlines()]
+    clean = [r for r in rows if r["source"] == "reviews" and not r["noisy"]]
+    sft = _write(root / "sft_clean.jsonl", clean)
+    s3ft = root / "s3ft_clean.jsonl"
+    if not s3ft.exists():
+        main(["data", "rewrite", "--method", "s3ft", "--data", str(sft), "--output", str(s3ft), "--judge", "exact",
+              "--max-new-tokens", "8", "--seed", str(seed), "--overwrite"])  # fmt: skip
+    return sft, s3ft
+
+
+def _mean(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (max(values) - min(values)) / 2
+
+
+def write_report(name: str, cfg: dict[str, Any], runs: dict[str, dict[str, Any]], command: str) -> Path:
+    zero = runs["zero_shot"]["after"]
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for key, r in runs.items():
+        if key != "zero_shot":
+            groups.setdefault((r["selector"], r["fraction"]), []).append(r)
+    lines = [f"# Data selection ({name})", "",
+             f"Pool: {cfg['reviews']} Rotten Tomatoes training reviews ({cfg['noise']:.0%} of labels flipped) and "
+             f"{cfg['off_task']} records each of Chit-Chat, Reuters topics and trivia. Each selection is fine-tuned on "
+             f"SmolLM2-135M (full FT, lr {cfg['learning_rate']}, {cfg['steps']} steps of batch {cfg['batch_size']}); "
+             f"target accuracy on {cfg['test_size']} held-out reviews, control = HumanEval perplexity change against "
+             f"the base model (zero-shot accuracy {zero['target_acc']:.3f}). Mean ± half the range over the seeds.", "",
+             "| selector | fraction | seeds | accuracy | control perplexity | reviews in selection | flipped labels | "
+             "vs random |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    summary = []
+    for (selector, fraction), rs in sorted(groups.items(), key=lambda x: (x[0][1], SELECTORS.index(x[0][0]) if x[0][0] in SELECTORS else 9, x[0][0])):
+        acc = _mean([r["after"]["target_acc"] for r in rs])
+        ppl = _mean([100 * (r["after"]["control_ppl"] / zero["control_ppl"] - 1) for r in rs])
+        base = groups.get(("random", fraction))
+        verdict = "–"
+        if base and selector != "random":
+            b = [r["after"]["target_acc"] for r in base]
+            mine = [r["after"]["target_acc"] for r in rs]
+            verdict = ("beats random" if min(mine) > max(b) else "below random" if max(mine) < min(b)
+                       else "same within spread")  # fmt: skip
+        summary.append({"selector": selector, "fraction": fraction, "seeds": len(rs), "acc": acc, "ppl": ppl,
+                        "verdict": verdict})  # fmt: skip
+        lines.append(f"| {selector} | {fraction} | {len(rs)} | {acc[0]:.3f} ± {acc[1]:.3f} | {ppl[0]:+.1f}% ± "
+                     f"{ppl[1]:.1f} | {statistics.fmean(r['reviews'] for r in rs):.0f} / "
+                     f"{statistics.fmean(r['size'] for r in rs):.0f} | {statistics.fmean(r['noisy'] for r in rs):.0f} | "
+                     f"{verdict} |")  # fmt: skip
+    lines += ["", f"Command: `{command}`", ""]
+    out = HERE / "results" / f"{name}.md"
+    out.write_text("\n".join(lines))
+    (HERE / "results" / f"{name}.json").write_text(json.dumps({"settings": cfg, "runs": runs, "summary": summary},
+                                                              indent=1))  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="data_selection")
+    parser.add_argument("--selectors", nargs="+", default=list(SELECTORS), choices=SELECTORS)
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--s3ft", action="store_true", help="also S3FT against plain SFT on the clean reviews")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_one:
+        print(json.dumps(run_one(json.loads(args.run_one))))
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = {**DEFAULTS, **(QUICK if args.quick else {})}
+    root = HERE / "runs" / f"data_{args.name}"
+    pool, target = build_pool(cfg, root)
+    log = HERE / "results" / f"{args.name}.runs.jsonl"
+    runs = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if r["settings"] == cfg:
+                runs[r["key"]] = r
+    todo: list[dict[str, Any]] = [{"key": "zero_shot", "selection": None, "seed": 0}]
+    for seed in args.seeds:
+        for fraction in args.fractions:
+            for selector in args.selectors:
+                todo.append({"key": f"{selector}_{fraction}_seed{seed}", "selector": selector, "fraction": fraction,
+                             "seed": seed})  # fmt: skip
+        if args.s3ft:
+            todo += [{"key": f"{m}_seed{seed}", "selector": m, "fraction": 1.0, "seed": seed} for m in ("sft", "s3ft")]
+    for spec in todo:
+        if spec["key"] in runs:
+            continue
+        if spec["key"] != "zero_shot":
+            if spec["selector"] in ("sft", "s3ft"):
+                spec["selection"] = str(_s3ft_selection(spec["seed"], cfg, pool, root)[spec["selector"] == "s3ft"])
+            else:
+                spec["selection"] = str(select(spec["selector"], spec["fraction"], spec["seed"], cfg, pool, target, root))
+        spec["settings"] = cfg
+        result = {**spec, **_spawn(spec)}
+        runs[spec["key"]] = result
+        with log.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(spec["key"], json.dumps(result["after"]), flush=True)
+    print(write_report(args.name, cfg, runs, "python benchmarks/data_selection.py " + " ".join(sys.argv[1:])).read_text())
+
+
+if __name__ == "__main__":
+    main()
