@@ -29,7 +29,17 @@ from typing import Any
 from lightning_ft.curation.judges import Judge, judge_all, load_judge, use_chat_template
 from lightning_ft.errors import UserError
 
-__all__ = ["PARAPHRASE_PROMPT", "Target", "add_arguments", "choose_targets", "paraphrase_prompts", "run"]
+__all__ = [
+    "PARAPHRASE_PROMPT",
+    "Target",
+    "add_arguments",
+    "add_prompt_arguments",
+    "choose_targets",
+    "paraphrase_prompts",
+    "render_prompts",
+    "rewritten",
+    "run",
+]
 
 SOURCES = ("model", "paraphrase", "gold")
 
