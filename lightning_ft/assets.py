@@ -231,7 +231,8 @@ def _humaneval() -> list[Record]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [
-        {"prompt": r["prompt"], "response": r["canonical_solution"], "text": r["prompt"] + r["canonical_solution"]}
+        {"prompt": r["prompt"], "response": r["canonical_solution"], "text": r["prompt"] + r["canonical_solution"],
+         "test": r["test"], "entry_point": r["entry_point"]}  # the unit tests, for `lightning-ft data rewrite --judge code`
         for r in rows
     ]
 

@@ -488,7 +488,7 @@ def _run(argv: list[str]) -> None:
     if argv and argv[0] in DATA_COMMANDS:
         from lightning_ft.curation.cli import main as data_main
 
-        data_main(argv[1:])
+        data_main(argv[1:], fit=main)
         return
     if argv and argv[0] in POSTHOC_COMMANDS:
         from lightning_ft.merging.cli import main as posthoc_main

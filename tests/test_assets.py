@@ -71,7 +71,7 @@ def test_bundled_datasets_are_real() -> None:
     assert {r["label"] for r in rt} == {"positive", "negative"}
     assert sum(r["label"] == "positive" for r in rt) == 7403
     he = assets.load_dataset_records("humaneval")
-    assert len(he) == 164 and "def " in he[0]["text"]
+    assert len(he) == 164 and "def " in he[0]["text"] and "def check(" in he[0]["test"] and he[0]["entry_point"]
     chit = assets.load_dataset_records("chitchat")
     assert len(chit) > 100_000 and all(k in chit[0] for k in ("prompt", "response", "text"))
     r8 = assets.load_dataset_records("reuters_r8")

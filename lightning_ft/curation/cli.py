@@ -21,7 +21,7 @@ import ast
 import importlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -279,8 +279,9 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def main(argv: list[str]) -> None:
-    """Run ``lightning-ft data <command> ...`` (``argv`` starts with the command).
+def main(argv: list[str], fit: Callable[[list[str]], None] | None = None) -> None:
+    """Run ``lightning-ft data <command> ...`` (``argv`` starts with the command). ``fit`` runs a ``lightning-ft
+    fit`` command line (:func:`lightning_ft.cli.main`, handed down by it) for the methods that fit (kmq rounds).
 
     Mistakes raise :class:`~lightning_ft.errors.UserError` (``UsageError`` for the command line), which
     ``lightning-ft`` (:func:`lightning_ft.cli.main`) prints as one sentence.
@@ -301,6 +302,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(rest)  # --help prints the command's (and its method's) options and exits here
     assert module is not None and method is not None  # without --method the parse above has refused
     args.command = command
+    args.fit_command = fit
     _prepare(args)
     report = module.run(args)
     print(summary(command, method, args.output, report or {}))

@@ -254,9 +254,10 @@ def _save_labels(path: Path, labels: np.ndarray) -> None:
         np.save(file, labels)
 
 
-def fit_round(config: Path, dataset: Path, root: Path) -> Path:
-    """Fine-tune on ``dataset`` with one in-process ``lightning-ft fit`` (run folder ``root/fit``); returns the
-    exported ``hf_model`` folder. An interrupted fit of the same folder continues from its ``last.ckpt``; one that
+def fit_round(config: Path, dataset: Path, root: Path, fit: Callable[[list[str]], None]) -> Path:
+    """Fine-tune on ``dataset`` with one in-process ``lightning-ft fit`` (run folder ``root/fit``; ``fit`` is
+    :func:`lightning_ft.cli.main`, handed down by the command so that this package does not import the CLI); returns
+    the exported ``hf_model`` folder. An interrupted fit of the same folder continues from its ``last.ckpt``; one that
     has exported already is not run again.
 
     Raises:
@@ -265,8 +266,6 @@ def fit_round(config: Path, dataset: Path, root: Path) -> Path:
     import gc
     import signal
     import threading
-
-    from lightning_ft.cli import main
 
     run = root / "fit"
     exported = run / "hf_model"
@@ -279,7 +278,7 @@ def fit_round(config: Path, dataset: Path, root: Path) -> Path:
         argv += ["--ckpt_path", str(last)]
     handler = signal.getsignal(signal.SIGINT)
     try:
-        main(argv)
+        fit(argv)
     except SystemExit as exit_:
         if exit_.code == 130:
             raise KeyboardInterrupt from None
@@ -377,6 +376,7 @@ class _Rounds:
     reward: Reward
     max_new_tokens: int
     batch_size: int
+    fit: Callable[[list[str]], None]
 
 
 def _score_round(ctx: _Rounds, selected: list[int], model: Path, cache: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -417,7 +417,7 @@ def _run_rounds(ctx: _Rounds, state: _State, state_path: Path) -> None:
             dataset = root / "selection.jsonl"
             report = {"method": "kmq", "round": r + 1, "selected": len(selected)}
             write_dataset(_records(ctx.pool, ctx.labels, state.rounds[: r + 1]), dataset, report)
-            entry.model = str(fit_round(ctx.config, dataset, root))
+            entry.model = str(fit_round(ctx.config, dataset, root, ctx.fit))
             _save_state(state_path, state)
         if r + 1 < len(ctx.sizes) and entry.weights is None:
             gaps, weights = _score_round(ctx, selected, Path(entry.model), root / "generations.jsonl")
@@ -558,12 +558,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rng = np.random.default_rng([_seed(args), 0])
         state.rounds.append(RoundState(new=[int(i) for i in select_round(labels, budget, rng, k=k, quality=quality)]))
     else:
+        fit = getattr(args, "fit_command", None)
+        if fit is None:
+            raise UserError("--rounds fits a model in every round through lightning-ft fit: run the selection as "
+                            "`lightning-ft data select --method kmq ...`, or set args.fit_command = "
+                            "lightning_ft.cli.main when calling run() from Python.")  # fmt: skip
         batch = int(getattr(args, "batch_size", None) or 8)
         reward = load_reward(args.reward) if args.reward else None
         if reward is None:
             reward = _likelihood_reward(str(args.model), batch, _templates(Path(args.fit_config))[2])
         ctx = _Rounds(pool, labels, quality, k, round_sizes(budget, rounds), _seed(args), work, Path(args.fit_config),
-                      reward, args.max_new_tokens, batch)  # fmt: skip
+                      reward, args.max_new_tokens, batch, fit)  # fmt: skip
         _run_rounds(ctx, state, work / STATE_FILE)
     selected = state.selected(len(state.rounds))
     records = _records(pool, labels, state.rounds)

