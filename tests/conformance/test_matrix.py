@@ -275,10 +275,13 @@ def test_two_process_ddp_matches_one_process(name: str, runs: _Runs, ddp_results
         return  # declared: the processes agree, but by design not with one process
     for n, p in single.named_parameters():
         # another summation order changes the float rounding, which Adam's normalisation amplifies where a gradient
-        # is near zero (~1e-5 after 6 steps on an AVX-512 Xeon, up to 1.2e-4 on an AVX2 EPYC, whose BLAS sums in
-        # another order); training other entries or batches differs by ~lr = 1e-2, ten times the bound
-        diff = (result["params"][n] - p.detach()).abs().max().item()
-        assert diff <= 1e-3, f"{n}: {diff:.3g}"
+        # is near zero: ~1e-5 after 6 steps on an AVX-512 Xeon, but on an AVX2 EPYC (whose BLAS sums in another
+        # order from run to run) a few entries of a matrix with near-zero gradients moved by up to 3e-3. Training
+        # other entries or batches moves most entries by ~lr = 1e-2, so: at most 0.1% of a tensor's entries beyond
+        # 1e-4, and none beyond lr
+        diff = (result["params"][n] - p.detach()).abs()
+        assert diff.max().item() <= 1e-2, f"{n}: {diff.max().item():.3g}"
+        assert (diff > 1e-4).float().mean().item() <= 1e-3, f"{n}: {(diff > 1e-4).float().mean().item():.2%} beyond 1e-4"
 
 
 # ---------------------------------------------------------------------------------------------- (e) FSDP2
