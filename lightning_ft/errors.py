@@ -22,6 +22,7 @@ the one sentence that matters, with a suggestion for a misspelt option, class or
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import errno
 import importlib
@@ -31,13 +32,14 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 __all__ = [
     "DEBUG_ENV",
+    "SentenceParser",
     "UsageError",
     "UserError",
     "config_problem",
@@ -444,3 +446,31 @@ def argparse_sentence(message: str, options: Iterable[str], prog: str) -> str:
         listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
         return f"{listed} {'is' if len(names) == 1 else 'are'} required: see {prog} --help."
     return message.rstrip(".") + "."
+
+
+class SentenceParser(argparse.ArgumentParser):
+    """The argparse parser of the commands that run no LightningCLI (``merge``, ``estimate``, ``data``, ...): a
+    command-line mistake is answered with one sentence (a :class:`UsageError`), a misspelt option named first."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.sentence(message), self.usage_line())
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """Parse, naming a misspelt option first (argparse would report the required option it hides instead)."""
+        options = self._long_options()
+        for arg in args or []:
+            option = arg.split("=", 1)[0]
+            if option.startswith("--") and option != "--" and not any(o.startswith(option) for o in options):
+                self.error(f"unrecognized arguments: {option}")
+        return super().parse_args(args, namespace)
+
+    def usage_line(self) -> str:
+        """The usage text on one line (shown above the sentence)."""
+        return " ".join(self.format_usage().split())
+
+    def sentence(self, message: str) -> str:
+        """argparse's message as one sentence, with a suggestion for a misspelt option or choice."""
+        return argparse_sentence(message, self._long_options(), self.prog)
+
+    def _long_options(self) -> list[str]:
+        return [o for action in self._actions for o in action.option_strings if o.startswith("--")]

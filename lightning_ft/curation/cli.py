@@ -24,9 +24,9 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 
-from lightning_ft.errors import UsageError, UserError, argparse_sentence, did_you_mean
+from lightning_ft.errors import SentenceParser, UsageError, UserError, did_you_mean
 
 __all__ = ["METHODS", "add_common_arguments", "default_cache_dir", "main"]
 
@@ -65,24 +65,6 @@ _IO = (
     "--response-field). output: --output, a JSONL file that InstructionDataModule(dataset=<output>) reads directly, "
     "and <output stem>.report.json beside it with what the method did (counts, settings, statistics)."
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argparse parser that answers a command-line mistake with one sentence (a :class:`UsageError`), as the
-    post-hoc commands' parser (:mod:`lightning_ft.merging.cli`) does."""
-
-    def error(self, message: str) -> NoReturn:
-        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        raise UsageError(argparse_sentence(message, options, self.prog), " ".join(self.format_usage().split()))
-
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        """Parse, naming a misspelt option first (argparse would report the required option it hides instead)."""
-        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        for arg in args or []:
-            option = arg.split("=", 1)[0]
-            if option.startswith("--") and option != "--" and not any(o.startswith(option) for o in options):
-                self.error(f"unrecognized arguments: {option}")
-        return super().parse_args(args, namespace)
 
 
 def default_cache_dir() -> Path:
@@ -181,10 +163,10 @@ def _given_method(command: str, argv: Sequence[str]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- parsers
-def _command_parser(command: str, module: ModuleType | None, method: str | None) -> _Parser:
+def _command_parser(command: str, module: ModuleType | None, method: str | None) -> SentenceParser:
     examples = "\n".join(f"  {line}" for line in _EXAMPLES[command])
     more = "" if module is not None else f"\nthe options of a method: {PROG} {command} --method METHOD --help\n"
-    parser = _Parser(
+    parser = SentenceParser(
         prog=f"{PROG} {command}",
         description=f"{_PURPOSE[command][0].upper()}{_PURPOSE[command][1:]}.",
         epilog=f"{_IO}\n\nmethods:\n{_methods_text(command)}\n{more}\nexamples:\n{examples}",

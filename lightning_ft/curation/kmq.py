@@ -351,16 +351,6 @@ def _templates(config: Path) -> tuple[str, str, bool]:
     return str(values["prompt_template"]), str(values["response_template"]), bool(values["chat_template"])
 
 
-def _render(template: str, record: dict[str, Any], option: str) -> str:
-    try:
-        return template.format_map(dict(record))
-    except KeyError as err:
-        raise UserError(
-            f"--fit-config's {option} {template!r} uses the column {err.args[0]!r}, which --data lacks "
-            f"(its columns are {', '.join(sorted(record))}): make the templates match the data."
-        ) from None
-
-
 @dataclass(frozen=True)
 class _Rounds:
     """Everything the round loop needs besides the state."""
@@ -382,11 +372,12 @@ class _Rounds:
 def _score_round(ctx: _Rounds, selected: list[int], model: Path, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """Generate with the fitted ``model`` for the selected prompts and return ``(gaps, cluster weights)``."""
     from lightning_ft.curation.generation import GenerationService, GenerationSettings
+    from lightning_ft.data.collate import render  # the DataModules' own rendering, as the fit trained on
 
     prompt_t, response_t, chat = _templates(ctx.config)
     records = [ctx.pool[i] for i in selected]
-    prompts = [_render(prompt_t, r, "prompt_template") for r in records]
-    gold = [_render(response_t, r, "response_template") for r in records]
+    prompts = [render(prompt_t, r, "--fit-config's prompt_template") for r in records]
+    gold = [render(response_t, r, "--fit-config's response_template") for r in records]
     service = GenerationService(model, cache=cache, batch_size=ctx.batch_size, progress=True)
     settings = GenerationSettings(max_new_tokens=ctx.max_new_tokens, chat_template=chat)
     generated = [samples[0] for samples in service.generate(prompts, settings)]

@@ -23,13 +23,13 @@ import json
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import yaml
 
 from lightning_ft.core.io import check_output
 from lightning_ft.core.weights import resolve_path
-from lightning_ft.errors import UsageError, UserError, argparse_sentence
+from lightning_ft.errors import SentenceParser, UsageError, UserError
 from lightning_ft.merging.compeft import compress, is_compeft_artifact
 from lightning_ft.merging.engine import MergePlan, ScoreFn, merge_to_folder, parse_dtype
 from lightning_ft.merging.registry import MERGE_METHODS, get_method
@@ -63,31 +63,6 @@ recipes: our keys (base, models: [path | {path, parameters}], method, parameters
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argparse parser that answers a command-line mistake with one sentence (a :class:`UsageError`)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(self.sentence(message), self.usage_line())
-
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        """Parse, naming a misspelt option first (argparse would report the required option it hides instead)."""
-        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        for arg in args or []:
-            option = arg.split("=", 1)[0]
-            if option.startswith("--") and option != "--" and not any(o.startswith(option) for o in options):
-                self.error(f"unrecognized arguments: {option}")
-        return super().parse_args(args, namespace)
-
-    def usage_line(self) -> str:
-        """The usage text on one line (shown above the sentence)."""
-        return " ".join(self.format_usage().split())
-
-    def sentence(self, message: str) -> str:
-        """argparse's message as one sentence, with a suggestion for a misspelt option or choice."""
-        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        return argparse_sentence(message, options, self.prog)
-
-
 def _methods_epilog() -> str:
     rows = []
     for m in MERGE_METHODS.values():
@@ -98,8 +73,8 @@ def _methods_epilog() -> str:
     return "merge methods:\n" + "\n".join(rows) + "\n\n" + _SEMANTICS
 
 
-def _merge_parser() -> _Parser:
-    p = _Parser(
+def _merge_parser() -> SentenceParser:
+    p = SentenceParser(
         prog="lightning-ft merge",
         description="Merge a base model and N fine-tuned results (HF folders, Lightning .ckpt, LoRA adapter folders, "
         "ComPEFT artifacts) into one HF-loadable folder with a short report (merge_report.md). Runs mergekit recipes "
@@ -124,8 +99,8 @@ def _merge_parser() -> _Parser:
     return p
 
 
-def _compress_parser() -> _Parser:
-    p = _Parser(
+def _compress_parser() -> SentenceParser:
+    p = SentenceParser(
         prog="lightning-ft compress",
         description="ComPEFT: keep the top-k magnitudes of a task vector, LoRA adapter (A and B) or ComPEFT-able "
         "update, ternarise them with one scale per tensor (alpha * std of the update), and store signs and "
@@ -142,8 +117,8 @@ def _compress_parser() -> _Parser:
     return p
 
 
-def _decompress_parser() -> _Parser:
-    p = _Parser(
+def _decompress_parser() -> SentenceParser:
+    p = SentenceParser(
         prog="lightning-ft decompress",
         description="Apply a ComPEFT artifact back to its base and save an HF-loadable folder.",
     )
@@ -372,8 +347,8 @@ def run_merge(argv: list[str]) -> dict[str, Any]:
     return report
 
 
-def _sparse_apply_parser() -> _Parser:
-    p = _Parser(
+def _sparse_apply_parser() -> SentenceParser:
+    p = SentenceParser(
         prog="lightning-ft sparse-apply",
         description="Add sparse fine-tunings (sparse_delta.safetensors written by SparseFineTuning) to a base model, "
         "composing them by addition (e.g. language + task, as in Composable SFT), and write an HF-loadable folder.",

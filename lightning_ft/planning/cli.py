@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
-from lightning_ft.errors import UsageError, UserError, argparse_sentence
+from lightning_ft.errors import SentenceParser, UserError
 from lightning_ft.planning.estimate import (
     ACCELERATORS,
     DTYPE_BYTES,
@@ -43,29 +43,8 @@ _KNOBS = {
 }  # fmt: skip
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argparse parser that answers a command-line mistake with one sentence (a :class:`UsageError`), as the
-    post-hoc commands' parser (:mod:`lightning_ft.merging.cli`) does."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(self._sentence(message), " ".join(self.format_usage().split()))
-
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        """Parse, naming a misspelt option first (argparse would report the required option it hides instead)."""
-        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        for arg in args or []:
-            option = arg.split("=", 1)[0]
-            if option.startswith("--") and option != "--" and not any(o.startswith(option) for o in options):
-                self.error(f"unrecognized arguments: {option}")
-        return super().parse_args(args, namespace)
-
-    def _sentence(self, message: str) -> str:
-        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        return argparse_sentence(message, options, self.prog)
-
-
-def _parser() -> _Parser:
-    p = _Parser(
+def _parser() -> SentenceParser:
+    p = SentenceParser(
         prog=PROG,
         description="Estimate the per-device memory of a fine-tuning run from the model's config.json: weights, "
         "gradients, AdamW state, activations (with and without checkpointing), the loss's logits, communication "

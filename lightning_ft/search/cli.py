@@ -20,8 +20,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_ft.errors import UsageError, UserError
-from lightning_ft.planning.cli import _Parser
+from lightning_ft.errors import SentenceParser, UsageError, UserError
 from lightning_ft.search.space import (
     ATTENTION_MODULES,
     DEFAULT_RANKS,
@@ -39,8 +38,8 @@ PROG = "lightning-ft search"
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
-def _parser() -> _Parser:
-    p = _Parser(
+def _parser() -> SentenceParser:
+    p = SentenceParser(
         prog=PROG,
         description="AutoPEFT (https://arxiv.org/abs/2301.12132): search the PEFT configuration (per-layer on/off, "
         "LoRA ranks of the attention and FFN projections) for the Pareto front of a validation metric against the "
