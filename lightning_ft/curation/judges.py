@@ -18,7 +18,6 @@ the model's own answer (or its paraphrase of the gold answer) may replace the go
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import re
@@ -438,13 +437,9 @@ def load_judge(spec: str, *, service: Any = None, **options: Any) -> Judge:
         if service is None:
             raise UserError("--judge model needs a judge model: give --judge-model (a bundled alias or a folder).")
         return ModelJudge(service, **options)
-    module_name, _, attr = spec.partition(":")
-    if not attr or not module_name:
-        raise UserError(f"--judge {spec!r} must be exact, code, model or package.module:function.")
-    try:
-        found = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise UserError(f"--judge {spec!r} cannot be imported ({err}): check the module path and name.") from err
+    from lightning_ft.curation.records import import_callable
+
+    found = import_callable(spec, "--judge", "be exact, code, model or package.module:function")
     if isinstance(found, type):
         found = found()
     if not callable(found):

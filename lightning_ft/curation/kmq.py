@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from lightning_ft.curation.ot import add_embedder_argument, budget_value, make_embedder, resolve_budget, texts_of
+from lightning_ft.curation.records import import_callable
 from lightning_ft.errors import UserError
 
 __all__ = [
@@ -301,13 +301,7 @@ def load_reward(spec: str) -> Reward:
     Raises:
         UserError: The spec is malformed, or names no importable callable.
     """
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise UserError(f"--reward {spec!r} must name a function as module:function (e.g. mypkg.rewards:score).")
-    try:
-        target = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise UserError(f"--reward {spec!r} cannot be loaded ({err}): give an importable module:function.") from None
+    target = import_callable(spec, "--reward", "name a function as module:function (e.g. mypkg.rewards:score)")
     if not callable(target):
         raise UserError(f"--reward {spec!r} is not callable: name a function taking (prompts, responses).")
     return target

@@ -9,6 +9,7 @@ the command's report as ``<stem>.report.json`` beside it; both files are written
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -112,3 +113,18 @@ def write_dataset(records: Sequence[Record], path: str | os.PathLike[str], repor
     with atomic_file(target) as tmp:
         tmp.write_text(json.dumps(to_json(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return target
+
+
+def import_callable(spec: str, option: str, expected: str) -> Any:
+    """The object a ``package.module:name`` option names (``--judge``, ``--reward``), imported.
+
+    Raises:
+        UserError: ``spec`` is not ``module:name`` (the sentence says it must ``expected``), or cannot be imported.
+    """
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise UserError(f"{option} {spec!r} must {expected}.")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"{option} {spec!r} cannot be imported ({err}): check the module path and name.") from None

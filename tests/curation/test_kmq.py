@@ -221,5 +221,5 @@ def test_reward_spec_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert list(load_reward("my_rewards:length")(["q"], ["abc"])) == [3]
     with pytest.raises(UserError, match="must name a function as module:function"):
         load_reward("my_rewards")
-    with pytest.raises(UserError, match="cannot be loaded"):
+    with pytest.raises(UserError, match="cannot be imported"):
         load_reward("my_rewards:missing")
