@@ -13,7 +13,13 @@ Diversify and Conquer's round 1); ``perplexity`` (POINTS: the lowest-perplexity 
 ``clear`` (CLEAR: the most confident fraction). ``--s3ft`` adds S3FT against plain SFT on the same clean reviews.
 
     python benchmarks/data_selection.py --name data_selection --fractions 0.1 0.3 --seeds 0 1 2
+    python benchmarks/data_selection.py --name data_selection_small --small --seeds 0 1 2 --s3ft
     python benchmarks/data_selection.py --name smoke --quick
+
+``--small`` (a 1,000-row pool, 24 steps, 200 test reviews) fits three seeds into about two hours on 2 CPU cores.
+Selectors whose choice does not depend on the seed (``perplexity``: a deterministic score; ``clear``: the records
+are scored once, with seed 0's samples) select once and reuse the selection for every seed; the seed still sets the
+fine-tuning data order.
 
 Each finished run is appended to ``results/<name>.runs.jsonl`` and skipped by a rerun with the same settings, so an
 interrupted invocation resumes. Results: ``results/<name>.md`` and ``.json``.
@@ -35,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULTS = {"steps": 60, "batch_size": 8, "max_length": 96, "learning_rate": 2e-4, "warmup_steps": 6,
             "test_size": 400, "control_size": 64, "reviews": 800, "off_task": 400, "noise": 0.25, "target": 100,
             "clusters": 16, "clear_samples": 3}  # fmt: skip
+SMALL = {"steps": 24, "max_length": 64, "test_size": 200, "control_size": 32, "reviews": 400, "off_task": 200,
+         "clear_samples": 2}  # fmt: skip
 QUICK = {"steps": 3, "test_size": 16, "control_size": 8, "reviews": 40, "off_task": 20, "target": 8, "clusters": 4,
          "clear_samples": 2}  # fmt: skip
 SELECTORS = ("random", "ot", "kmq", "perplexity", "clear")
@@ -87,6 +95,8 @@ def select(selector: str, fraction: float, seed: int, cfg: dict[str, Any], pool:
     out = root / f"{selector}_{fraction}_seed{seed}.jsonl"
     if out.exists():
         return out
+    if selector in ("perplexity",) and seed != 0:  # a deterministic score: seed 0's selection is the same file
+        return select(selector, fraction, 0, cfg, pool, target, root)
     common = ["--data", str(pool), "--output", str(out), "--seed", str(seed), "--overwrite"]
     if selector == "random":
         _write(out, random.Random(seed).sample(rows, k))
@@ -97,9 +107,9 @@ def select(selector: str, fraction: float, seed: int, cfg: dict[str, Any], pool:
     elif selector == "perplexity":
         main(["data", "filter", "--method", "perplexity", *common, "--keep-quantiles", "0", str(k / len(rows))])
     elif selector == "clear":  # every record scored once (threshold 0), then the k most confident
-        scored = root / f"clear_scores_seed{seed}.jsonl"
+        scored = root / "clear_scores_seed0.jsonl"  # scored once (seed 0's samples); the seed sets the data order
         if not scored.exists():
-            main(["data", "curate", *common[:2], "--output", str(scored), "--seed", str(seed), "--overwrite",
+            main(["data", "curate", *common[:2], "--output", str(scored), "--seed", "0", "--overwrite",
                   "--threshold", "0", "--num-samples", str(cfg["clear_samples"]), "--max-new-tokens", "8"])  # fmt: skip
         kept = [json.loads(line) for line in scored.read_text().splitlines()]
         _write(out, sorted(kept, key=lambda r: -r["clear_confidence"])[:k])
@@ -215,6 +225,7 @@ def main() -> None:
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--s3ft", action="store_true", help="also S3FT against plain SFT on the clean reviews")
+    parser.add_argument("--small", action="store_true", help="the 2-core preset (see the module docstring)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,7 +233,7 @@ def main() -> None:
         print(json.dumps(run_one(json.loads(args.run_one))))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = {**DEFAULTS, **(QUICK if args.quick else {})}
+    cfg = {**DEFAULTS, **(SMALL if args.small else {}), **(QUICK if args.quick else {})}
     root = HERE / "runs" / f"data_{args.name}"
     pool, target = build_pool(cfg, root)
     log = HERE / "results" / f"{args.name}.runs.jsonl"
