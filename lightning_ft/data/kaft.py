@@ -129,22 +129,22 @@ def reuters_company_qa(context_words: int = 48, question_words: int = 10) -> lis
     each article whose first 1-4 words recur as ``<name> <inc|corp|co|ltd> said``, one record: ``context`` = the
     article's first ``context_words`` words (the mention must lie inside them), ``question`` = "Which company said
     <the next ``question_words`` words>?", ``answer`` = ``<name> <suffix>`` (an ``organisation``), ``label`` = the
-    article's topic. Articles whose answer is already taken or recurs in its question are skipped (785 records).
+    article's topic. Articles whose answer is already taken or recurs in its question are skipped (786 records).
     """
     seen: set[str] = set()
     out: list[Record] = []
     for record in load_records("reuters_r8"):
-        words = str(record["text"]).split()
-        context = " ".join(words[:context_words])
-        for k in (4, 3, 2, 1):
-            name = " ".join(words[:k])
-            found = re.search(rf"(?<!\w){re.escape(name)} (inc|corp|co|ltd) said ((?:\S+ ){{{question_words}}})", context)
-            if found:
-                answer, said = f"{name} {found.group(1)}", found.group(2).strip()
+        words = str(record["text"]).split()[:context_words]
+        for j in range(1, len(words) - question_words - 1):
+            if words[j] not in ("inc", "corp", "co", "ltd") or words[j + 1] != "said":
+                continue
+            k = next((k for k in (4, 3, 2, 1) if k <= j and words[j - k : j] == words[:k]), 0)
+            if k:
+                answer, said = " ".join(words[j - k : j + 1]), " ".join(words[j + 2 : j + 2 + question_words])
                 if answer not in seen and not mentions(said, answer):
                     seen.add(answer)
-                    out.append({"context": context, "question": f"Which company said {said}?", "answer": answer,
-                                "label": record["label"]})  # fmt: skip
+                    out.append({"context": " ".join(words), "question": f"Which company said {said}?",
+                                "answer": answer, "label": record["label"]})  # fmt: skip
                 break
     return out
 
