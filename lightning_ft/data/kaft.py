@@ -55,12 +55,14 @@ __all__ = [
 
 Record = dict[str, Any]
 KAFT_KINDS = ("relevant", "counterfactual", "irrelevant")
-_NUMBER_WORDS = frozenset(
+_NUMBERS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen "
-    "eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million billion".split()
+    "eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million billion"
 )
-_MONTHS = frozenset("january february march april may june july august september october november december".split())
-_ORG_SUFFIXES = frozenset("inc corp co ltd plc llc ag sa nv".split())
+_NUMBER_WORDS = frozenset(_NUMBERS.split())
+_MONTH_NAMES = "january february march april may june july august september october november december"
+_MONTHS = frozenset(_MONTH_NAMES.split())
+_ORG_SUFFIXES = frozenset(("inc", "corp", "co", "ltd", "plc", "llc", "ag", "sa", "nv"))
 _EXPLAINED = {
     "relevant": "{answer} (the context says so)",
     "counterfactual": "{answer} (the context says so)",
@@ -316,7 +318,9 @@ class KnowledgeAwareContexts:
 
     def _other_context(self, records: Sequence[Record], i: int, rng: random.Random) -> str:
         gold = str(records[i][self.answer_field]).strip()
-        candidates = [j for j in range(len(records)) if j != i and not mentions(str(records[j][self.context_field]), gold)]
+        candidates = [
+            j for j in range(len(records)) if j != i and not mentions(str(records[j][self.context_field]), gold)
+        ]
         if not candidates:
             raise ValueError(
                 f"record {i} has no irrelevant context: every other record's context mentions its answer {gold!r}; "
@@ -421,7 +425,9 @@ class KnowledgeAwareDataModule(InstructionDataModule):
         response_template: str = " {target}",
         **kwargs: Any,
     ) -> None:
-        super().__init__(dataset=dataset, prompt_template=prompt_template, response_template=response_template, **kwargs)
+        super().__init__(
+            dataset=dataset, prompt_template=prompt_template, response_template=response_template, **kwargs
+        )
         self.transform = KnowledgeAwareContexts(
             context_field=context_field, question_field=question_field, answer_field=answer_field,
             relevant=relevant, counterfactual=counterfactual, irrelevant=irrelevant, explanation=explanation,

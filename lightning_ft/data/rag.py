@@ -160,18 +160,22 @@ class RetrievalAugmentedDataModule(InstructionDataModule):
             raise ValueError(f"passage_words={passage_words} must be at least 1 (or null to keep each text whole).")
         if order not in ("reorder", "descending"):
             raise ValueError(f"order={order!r} is not an order of passages: use reorder or descending.")
-        super().__init__(dataset=dataset, prompt_template=prompt_template, response_template=response_template, **kwargs)
+        super().__init__(
+            dataset=dataset, prompt_template=prompt_template, response_template=response_template, **kwargs
+        )
         self.embedder: Any = None  # the Embedder, made on first use (or set it before setup)
 
     def _load_splits(self) -> dict[str, list[Record]]:
         h = self.hparams
         splits = split_context_qa(self)
-        for name, records in splits.items():
+        for records in splits.values():
             for record in records:
                 for argument in ("question_field", "answer_field"):
                     record_field(record, h[argument], argument, h.dataset)
         retriever = DenseRetriever(self._collection(splits), self._embedder())
-        splits = {name: self._with_passages(records, retriever, train=name == "train") for name, records in splits.items()}
+        splits = {
+            name: self._with_passages(records, retriever, train=name == "train") for name, records in splits.items()
+        }
         self._check_fields(splits["train"][0], h.dataset)
         return splits
 
@@ -185,7 +189,9 @@ class RetrievalAugmentedDataModule(InstructionDataModule):
         texts = [str(record_field(r, h.passage_field, argument, where)) for r in source]
         chunks = list(dict.fromkeys(c for t in texts for c in chunk_words(t, h.passage_words)))
         if not chunks:
-            raise ValueError(f"passages={h.passages!r} holds no text in {h.passage_field!r}: give a non-empty collection.")
+            raise ValueError(
+                f"passages={h.passages!r} holds no text in {h.passage_field!r}: give a non-empty collection."
+            )
         return chunks
 
     def _embedder(self) -> Any:
