@@ -64,6 +64,13 @@ class EvalMetrics(nn.Module):
         self.target_nll.update(-option_logprobs.gather(1, gold[:, None]).squeeze(1))
         self._seen.add("choice")
 
+    def update_pairs(self, correct: torch.Tensor, loss: torch.Tensor) -> None:
+        """Update from preference pairs: ``[P]`` whether the chosen response won, ``[P]`` the pair losses (reported as
+        ``target_acc`` and ``target_loss``)."""
+        self.target_acc.update(correct.float())
+        self.target_nll.update(loss.float())
+        self._seen.add("choice")
+
     def update_lm(self, nll: torch.Tensor, targets: torch.Tensor, which: str) -> None:
         """Update target or control NLL from aligned per-token NLL and targets (token-weighted mean)."""
         mask = targets != IGNORE_INDEX

@@ -12,6 +12,7 @@ from lightning_ft.objectives.kasa import KaSALossMixin, kasa_terms
 from lightning_ft.objectives.lofit import LoFiTCausalLM, LoFiTMixin, load_lofit_model
 from lightning_ft.objectives.loramoe import LoRAMoECausalLM, LoRAMoEMixin, add_loramoe, balance_loss, load_loramoe
 from lightning_ft.objectives.masked_thought import MaskedThoughtMixin, mask_response_tokens, masked_thought_rate
+from lightning_ft.objectives.preference import PreferenceLossMixin, preference_loss, sequence_logprobs
 from lightning_ft.objectives.multitask import (
     MultiTaskDataModule,
     TaskBalancedLossMixin,
@@ -40,6 +41,8 @@ __all__ = [
     "MaskedThoughtMixin",
     "MultiTaskDataModule",
     "MultiTokenHeadsMixin",
+    "PreferenceCausalLM",
+    "PreferenceLossMixin",
     "SpanWeights",
     "TaskBalancedCausalLM",
     "TaskBalancedLossMixin",
@@ -55,6 +58,8 @@ __all__ = [
     "mask_response_tokens",
     "masked_thought_rate",
     "mix_counts",
+    "preference_loss",
+    "sequence_logprobs",
     "task_balanced_loss",
 ]
 
@@ -73,3 +78,7 @@ class MaskedThoughtCausalLM(MaskedThoughtMixin, CausalLMModule):
 
 class TaskBalancedCausalLM(TaskBalancedLossMixin, CausalLMModule):
     """:class:`~lightning_ft.modules.CausalLMModule` with the task-balanced loss (:class:`TaskBalancedLossMixin`)."""
+
+
+class PreferenceCausalLM(PreferenceLossMixin, CausalLMModule):
+    """:class:`~lightning_ft.modules.CausalLMModule` trained with the DPO-family loss (see :class:`PreferenceLossMixin`)."""

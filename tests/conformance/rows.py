@@ -48,6 +48,8 @@ from lightning_ft.objectives import (
     MaskedThoughtCausalLM,
     MaskedThoughtMixin,
     MultiTokenHeadsMixin,
+    PreferenceCausalLM,
+    PreferenceLossMixin,
     TaskBalancedCausalLM,
     TaskBalancedLossMixin,
     TokenWeighting,
@@ -130,7 +132,8 @@ class _Causal:
 def _causal(kind: str, **kwargs: Any) -> _Causal:
     """Builds our causal-LM module of ``kind`` (a ready-made mixin class, or ``plain``)."""
     return _Causal({"caft": CAFTCausalLM, "masked_thought": MaskedThoughtCausalLM, "plain": CausalLMModule,
-                    "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM, "kasa": KaSACausalLM}[kind],
+                    "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM, "kasa": KaSACausalLM,
+                    "preference": PreferenceCausalLM}[kind],
                    kwargs)  # fmt: skip
 
 
@@ -258,6 +261,10 @@ ROWS: list[Row] = [
         module=_Causal(LoFiTCausalLM, {"heads": [[0, 1], [1, 0], [1, 1]], "train_scales": True, "l1_lambda": 1e-3}),
         na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(LoFiTMixin, "backbone"),
     ),
+    Row(  # DPO against the frozen copy of the fit-start model; rows pair up as (0, 2), (1, 3) within each batch
+        "dpo", PreferenceLossMixin, module=_causal("preference", beta=0.5), batch_extra=("pair_role",),
+        na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(PreferenceLossMixin, "backbone"),
+    ),
     Row(  # the adapters of every linear layer set from the first 2 training batches' covariance; bases rewritten
         "corda", CorDAInit, lambda host: CorDAInit(mode="kpm", data="train", batches=2), module=_lora_module,
         check="rewritten",
@@ -294,6 +301,8 @@ class TokenData(L.LightningDataModule):
                 row["loss_weights"] = weights[i]
             if "task_id" in self.extra:
                 row["task_id"] = torch.tensor(i % 2)
+            if "pair_role" in self.extra:  # rows 4k, 4k+1 chosen; 4k+2, 4k+3 rejected: whole pairs on every rank
+                row["pair_role"] = torch.tensor((i // 2) % 2)
             rows.append(row)
         return rows
 
