@@ -164,6 +164,7 @@ class RetrievalAugmentedDataModule(InstructionDataModule):
             dataset=dataset, prompt_template=prompt_template, response_template=response_template, **kwargs
         )
         self.embedder: Any = None  # the Embedder, made on first use (or set it before setup)
+        self.retriever: DenseRetriever | None = None  # the passage collection and its vectors, after setup
 
     def _load_splits(self) -> dict[str, list[Record]]:
         h = self.hparams
@@ -172,7 +173,7 @@ class RetrievalAugmentedDataModule(InstructionDataModule):
             for record in records:
                 for argument in ("question_field", "answer_field"):
                     record_field(record, h[argument], argument, h.dataset)
-        retriever = DenseRetriever(self._collection(splits), self._embedder())
+        self.retriever = retriever = DenseRetriever(self._collection(splits), self._embedder())
         splits = {
             name: self._with_passages(records, retriever, train=name == "train") for name, records in splits.items()
         }
