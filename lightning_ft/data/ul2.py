@@ -341,7 +341,7 @@ class DenoisingDataModule(InstructionDataModule):
     """Continued pre-training on plain text with UL2's mixture of denoisers (see the module docstring).
 
     The training loader corrupts each text anew every epoch with :class:`MixtureOfDenoisersCollator`; validation
-    and test examples are corrupted once, by a generator seeded with ``seed`` and the text, so ``val/target_loss``
+    and test examples are corrupted once, by a generator seeded with ``denoise_seed`` and the text, so ``val/target_loss``
     is the denoising loss on the same examples at every evaluation. Prediction continues the start of each
     validation/test text in S mode (the prompt is the S mode token and the text's first half).
 
@@ -359,7 +359,7 @@ class DenoisingDataModule(InstructionDataModule):
             seven denoisers (:data:`PAPER_MIXTURE`).
         mode_tokens: the text of the mode tokens per mode; default ``{R: "[R]", X: "[X]", S: "[S]"}``.
         sentinel_template: the text of the ``i``-th sentinel (``str.format`` with ``i``).
-        seed: the seed of the corruption.
+        denoise_seed: the seed of the corruption (not ``seed``: a LightningModule may have its own).
         max_length: tokens per example, prefix and target together.
         train_size, val_size, test_size, split_seed, shuffle_seed, batch_size, eval_batch_size, num_workers: as in
             :class:`~lightning_ft.data.InstructionDataModule`.
@@ -373,7 +373,7 @@ class DenoisingDataModule(InstructionDataModule):
         denoisers: list[dict[str, Any]] | None = None,
         mode_tokens: dict[str, str] | None = None,
         sentinel_template: str = "<{i}>",
-        seed: int = 0,
+        denoise_seed: int = 0,
         max_length: int = 128,
         train_size: int | None = None,
         val_size: int = 16,
@@ -416,7 +416,7 @@ class DenoisingDataModule(InstructionDataModule):
         if self._collator is None:
             h = self.hparams
             self._collator = MixtureOfDenoisersCollator(self.setup_tokenizer(), h.max_length, h.denoisers,
-                                                        h.mode_tokens, h.sentinel_template, h.seed)  # fmt: skip
+                                                        h.mode_tokens, h.sentinel_template, h.denoise_seed)  # fmt: skip
         return self._collator
 
     def setup(self, stage: str | None = None) -> None:
@@ -445,7 +445,7 @@ class DenoisingDataModule(InstructionDataModule):
 
     def _encode_eval(self, record: dict[str, Any]) -> dict[str, Any]:
         ids = self._text_ids(record)
-        example = self.collator.corrupt(ids, random.Random(f"{self.hparams.seed}\0{self._prompt(record)}"))
+        example = self.collator.corrupt(ids, random.Random(f"{self.hparams.denoise_seed}\0{self._prompt(record)}"))
         example.pop("noise_spans")
         return example
 
