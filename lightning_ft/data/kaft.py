@@ -390,8 +390,9 @@ class KnowledgeAwareDataModule(InstructionDataModule):
         label_words: answers typed ``label`` for the counterfactual swap.
         kaft_seed: the seed of the KAFT choices; default ``split_seed``.
         closed_book_model: the model of the closed-book answers (alias or folder); default: the fitted module.
-        closed_book_cache: the generation cache (a folder or ``.jsonl`` file); default: ``curation`` in the
-            lightning-ft cache (``$LIGHTNING_FT_CACHE`` or ``~/.cache/lightning_ft``).
+        closed_book_cache: the generation cache (a folder or ``.jsonl`` file); default: ``curation/generations`` in
+            the lightning-ft cache (``$LIGHTNING_FT_CACHE`` or ``~/.cache/lightning_ft``), shared with the
+            ``lightning-ft data`` commands.
         closed_book_template: the closed-book prompt (fields: the record's columns).
         closed_book_max_new_tokens: tokens per closed-book answer.
         prompt_template: the training prompt (``{context}`` is the KAFT context); rename fields to match the columns.
@@ -452,7 +453,9 @@ class KnowledgeAwareDataModule(InstructionDataModule):
 
     def _closed_book_service(self) -> Any:
         h = self.hparams
-        cache = h.closed_book_cache if h.closed_book_cache is not None else str(cache_dir() / "curation")
+        cache = (
+            h.closed_book_cache if h.closed_book_cache is not None else str(cache_dir() / "curation" / "generations")
+        )
         service = generation_module().GenerationService
         if h.closed_book_model is not None:
             return service(h.closed_book_model, cache=cache)
