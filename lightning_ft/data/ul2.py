@@ -29,8 +29,11 @@ id. The target ends with the tokenizer's EOS token.
 The batch's ``attention_mask`` is the 4D additive prefix-LM mask ``[B, 1, T, T]`` (0 where a query may attend, the
 float32 minimum elsewhere), the form the Hugging Face Llama and GPT-2 models take as given (transformers'
 ``masking_utils`` returns a 4D mask as it is). :class:`~lightning_ft.modules.CausalLMModule` passes the batch's
-``attention_mask`` to the backbone unchanged, so a float32 model needs nothing more; for a bfloat16/float16 backbone
-mix :class:`PrefixLMMaskMixin` into the module, which casts the mask to the backbone's dtype.
+``attention_mask`` to the backbone unchanged, so nothing needs wiring: a float32 or bfloat16 model on CPU takes the
+float32 mask under both SDPA and eager attention (tested). Where an attention kernel wants the mask in the query's
+dtype (CUDA kernels were not available to test here), mix :class:`PrefixLMMaskMixin` into the module: it casts the
+mask to the backbone's dtype. FlashAttention-2 is not expected to honour a custom 4D mask (not tested): use
+``sdpa`` or ``eager``.
 """
 
 from __future__ import annotations
@@ -320,8 +323,8 @@ class PrefixLMMaskMixin:
     """Casts a 4D additive ``attention_mask`` to the backbone's dtype before the forward pass.
 
     Mix it in front of a LightningModule whose ``forward(input_ids, attention_mask, **kwargs)`` calls a Hugging Face
-    ``backbone`` (e.g. ``class UL2CausalLM(PrefixLMMaskMixin, CausalLMModule)``); needed only for a bfloat16/float16
-    backbone, since :class:`PrefixLMCollator` builds the mask in float32 and SDPA wants the query's dtype.
+    ``backbone`` (e.g. ``class UL2CausalLM(PrefixLMMaskMixin, CausalLMModule)``), for a bfloat16/float16 backbone
+    whose attention kernel wants the mask in the query's dtype (:class:`PrefixLMCollator` builds it in float32).
     """
 
     backbone: torch.nn.Module

@@ -4,6 +4,7 @@ model's forward pass), a CLI fit on a tiny Llama, a short SmolLM2 fit whose deno
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from lightning_ft.data.ul2 import (
     PAPER_MIXTURE,
     DenoisingDataModule,
     MixtureOfDenoisersCollator,
+    PrefixLMMaskMixin,
     noise_spans,
     prefix_lm_mask,
 )
@@ -130,12 +132,16 @@ def test_collated_batch_labels_only_the_target(tokenizer: Any) -> None:
     assert not torch.equal(collator(items)["input_ids"], batch["input_ids"])  # another epoch, another corruption
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_model_forward_sees_the_prefix_both_ways_and_the_target_causally(tiny_llama_dir: Path, attn: str) -> None:
-    """On the tiny Llama: a prefix position's output changes with a later prefix token, not with a target token."""
+@pytest.mark.parametrize(("kind", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")])
+def test_model_forward_sees_the_prefix_both_ways_and_the_target_causally(
+    kind: str, attn: str, request: pytest.FixtureRequest
+) -> None:
+    """On the tiny Llama and GPT-2: a prefix position's output changes with a later prefix token, not with a target
+    token."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attn).eval()
+    folder = request.getfixturevalue(f"tiny_{kind}_dir")
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn).eval()
     ids = torch.arange(20, 30)[None]
     mask = prefix_lm_mask(torch.tensor([5]), 10)
 
@@ -153,6 +159,32 @@ def test_model_forward_sees_the_prefix_both_ways_and_the_target_causally(tiny_ll
     assert not torch.allclose(changed[8], base[8], atol=1e-5)
     causal = hidden(ids, None)
     assert torch.allclose(hidden(later_prefix, None)[1], causal[1], atol=1e-6)  # without the mask: causal only
+
+
+def test_mask_mixin_casts_the_mask_to_a_half_precision_backbone(tiny_llama_dir: Path) -> None:
+    """PrefixLMMaskMixin hands a bfloat16 backbone the same mask in bfloat16; the outputs match the float32 mask's."""
+    from transformers import AutoModelForCausalLM
+
+    class Module(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+            self.seen: torch.Tensor | None = None
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+            self.seen = attention_mask
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+
+    class Mixed(PrefixLMMaskMixin, Module):
+        pass
+
+    module, ids, mask = Mixed(), torch.arange(20, 30)[None], prefix_lm_mask(torch.tensor([5]), 10)
+    with torch.no_grad():
+        cast = module(ids, mask).logits
+        assert module.seen is not None and module.seen.dtype == torch.bfloat16
+        assert torch.equal(module.seen < 0, mask < 0)
+        plain = Module.forward(module, ids, mask).logits  # float32 mask as it is (CPU SDPA and eager accept it)
+    assert torch.allclose(cast.float(), plain.float(), atol=1e-2)
 
 
 def test_fit_from_yaml_on_tiny_llama(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -179,20 +211,24 @@ def test_fit_from_yaml_on_tiny_llama(tiny_llama_dir: Path, tmp_path: Path) -> No
 
 
 def test_smollm2_denoising_loss_falls(smollm2_dir: Path, tmp_path: Path) -> None:
-    """SmolLM2 with LoRA, 6 steps of batch 2 (max_length 48) on 4 reviews: the loss on a fixed corrupted batch falls."""
+    """SmolLM2 with LoRA, 5 steps of batch 2 (max_length 48) on 4 short real reviews: the loss on a fixed corrupted
+    batch of them falls."""
+    from lightning_ft.assets import load_dataset_records
     from lightning_ft.modules import CausalLMModule
 
+    short = [r for r in load_dataset_records("rotten_tomatoes", shuffle_seed=0) if 40 <= len(r["text"]) < 80][:4]
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in short))
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
-    module = CausalLMModule(model=str(smollm2_dir), peft=lora, learning_rate=2e-3, warmup_steps=0, schedule="constant",
+    module = CausalLMModule(model=str(smollm2_dir), peft=lora, learning_rate=3e-3, warmup_steps=0, schedule="constant",
                             output_dir="")  # fmt: skip
-    data = DenoisingDataModule(dataset="rotten_tomatoes", train_size=4, val_size=0, test_size=0, batch_size=2,
-                               max_length=48, control_size=0)  # fmt: skip
+    data = DenoisingDataModule(dataset=str(reviews), val_size=0, batch_size=2, max_length=48, control_size=0)
     data.tokenizer = module.tokenizer
     data.setup("fit")
     probe = data.collator([{"input_ids": e["input_ids"]} for e in data._encoded["train"][:2]])
     with torch.no_grad():
         before = module.compute_loss(probe).item()
-    make_trainer(tmp_path, 6).fit(module, datamodule=data)
+    make_trainer(tmp_path, 5).fit(module, datamodule=data)
     with torch.no_grad():
         after = module.compute_loss(probe).item()
     assert after < before - 0.5, (before, after)
