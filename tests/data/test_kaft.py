@@ -143,24 +143,24 @@ def test_the_datamodule_answers_closed_book_with_the_fitted_module(tiny_llama_di
 
 @pytest.mark.slow
 def test_kaft_fit_on_smollm2_lowers_the_loss(smollm2_dir: Path, tmp_path: Path) -> None:
-    """8 steps of batch 2 (two epochs of 8 KAFT examples: 4 relevant, 2 counterfactual, 2 irrelevant whose targets
-    are SmolLM2's own closed-book answers), LoRA on the top four blocks; Reuters contexts cut to 28 words so that the
+    """6 steps of batch 2 (three epochs of 4 KAFT examples: 2 relevant, 1 counterfactual, 1 irrelevant whose target
+    is SmolLM2's own closed-book answer), LoRA on the top four blocks; Reuters contexts cut to 24 words so that the
     whole test stays under 40 s on two CPU cores."""
     from lightning_ft.modules import CausalLMModule
 
     source = tmp_path / "qa.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in reuters_company_qa(context_words=28, question_words=6)))
+    source.write_text("".join(json.dumps(r) + "\n" for r in reuters_company_qa(context_words=24, question_words=6)))
     peft = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
             "layers_to_transform": [26, 27, 28, 29]}  # fmt: skip
     module = CausalLMModule(model=str(smollm2_dir), learning_rate=2e-3, warmup_steps=0, output_dir="", peft=peft)
     data = KnowledgeAwareDataModule(dataset=str(source), relevant=0.5, counterfactual=0.25, irrelevant=0.25,
-                                    train_size=8, val_size=0, test_size=0, control_size=0, batch_size=2,
+                                    train_size=4, val_size=0, test_size=0, control_size=0, batch_size=2,
                                     max_length=96, closed_book_max_new_tokens=8)  # fmt: skip
     data.tokenizer = module.tokenizer
     data.generator = GenerationService(module, cache=tmp_path / "gen")  # as the DataModule makes it during fit
     data.setup("fit")
     kinds = [r["kaft_kind"] for r in data._splits["train"]]
-    assert (kinds.count("relevant"), kinds.count("counterfactual"), kinds.count("irrelevant")) == (4, 2, 2)
+    assert (kinds.count("relevant"), kinds.count("counterfactual"), kinds.count("irrelevant")) == (2, 1, 1)
     batches = list(data.train_dataloader())
 
     def mean_loss() -> float:
@@ -168,6 +168,6 @@ def test_kaft_fit_on_smollm2_lowers_the_loss(smollm2_dir: Path, tmp_path: Path) 
             return sum(module.compute_loss(b).item() for b in batches) / len(batches)
 
     before = mean_loss()
-    make_trainer(tmp_path, 8).fit(module, datamodule=data)
+    make_trainer(tmp_path, 6).fit(module, datamodule=data)
     after = mean_loss()
-    assert after < 0.7 * before, (before, after)  # measured here: 2.12 -> 0.98
+    assert after < 0.7 * before, (before, after)
