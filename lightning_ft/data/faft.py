@@ -199,8 +199,9 @@ class FeedbackAwareDataModule(InstructionDataModule):
         include_gold: also train on the gold response with all-positive feedback.
         feedback_template: how feedback and prompt combine (fields ``feedback`` and ``prompt``).
         generator: the model that samples (alias or folder); default: the LightningModule being fitted.
-        generation_cache: the generation cache (a folder or ``.jsonl`` file); default: ``curation`` in the
-            lightning-ft cache (``$LIGHTNING_FT_CACHE`` or ``~/.cache/lightning_ft``); ``""`` keeps nothing.
+        generation_cache: the generation cache (a folder or ``.jsonl`` file); default: ``curation/generations`` in
+            the lightning-ft cache (``$LIGHTNING_FT_CACHE`` or ``~/.cache/lightning_ft``), as the data commands use;
+            ``""`` keeps nothing.
         generation_batch_size: prompts per generation batch.
         **kwargs: the arguments of :class:`~lightning_ft.data.InstructionDataModule` (``dataset``,
             ``prompt_template``, ``response_template``, ``train_size``, ``batch_size``, ...).
@@ -266,7 +267,7 @@ class FeedbackAwareDataModule(InstructionDataModule):
 
     def _service(self) -> Any:
         h = self.hparams
-        cache = h.generation_cache if h.generation_cache is not None else str(cache_dir() / "curation")
+        cache = h.generation_cache if h.generation_cache is not None else str(cache_dir() / "curation" / "generations")
         service = _curation("generation").GenerationService
         if h.generator is not None:
             return service(h.generator, cache=cache or None, batch_size=h.generation_batch_size)
