@@ -43,7 +43,7 @@ __all__ = ["COMMANDS", "DATA_COMMANDS", "DEFAULT_CLASSES", "POSTHOC_COMMANDS", "
 POSTHOC_COMMANDS = ("merge", "compress", "decompress", "sparse-apply", "estimate")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Commands that run fits of their own (dispatched before LightningCLI too).
-SEARCH_COMMANDS = ("search",)
+SEARCH_COMMANDS = ("search", "spin")
 # Data selection and curation (lightning-ft data select|curate|rewrite|filter), dispatched before LightningCLI too.
 DATA_COMMANDS = ("data",)
 COMMANDS = SUBCOMMANDS + POSTHOC_COMMANDS + SEARCH_COMMANDS + DATA_COMMANDS
@@ -489,6 +489,11 @@ def _run(argv: list[str]) -> None:
         from lightning_ft.curation.cli import main as data_main
 
         data_main(argv[1:], fit=main)
+        return
+    if argv and argv[0] == "spin":
+        from lightning_ft.curation.spin import main as spin_main
+
+        spin_main(argv[1:], fit=main)
         return
     if argv and argv[0] in POSTHOC_COMMANDS:
         from lightning_ft.merging.cli import main as posthoc_main

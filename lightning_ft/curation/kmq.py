@@ -254,10 +254,12 @@ def _save_labels(path: Path, labels: np.ndarray) -> None:
         np.save(file, labels)
 
 
-def fit_round(config: Path, dataset: Path, root: Path, fit: Callable[[list[str]], None]) -> Path:
+def fit_round(
+    config: Path, dataset: Path, root: Path, fit: Callable[[list[str]], None], extra: Sequence[str] = ()
+) -> Path:
     """Fine-tune on ``dataset`` with one in-process ``lightning-ft fit`` (run folder ``root/fit``; ``fit`` is
     :func:`lightning_ft.cli.main`, handed down by the command so that this package does not import the CLI); returns
-    the exported ``hf_model`` folder. An interrupted fit of the same folder continues from its ``last.ckpt``; one that
+    the exported ``hf_model`` folder; ``extra`` are further command-line overrides. An interrupted fit of the same folder continues from its ``last.ckpt``; one that
     has exported already is not run again.
 
     Raises:
@@ -272,7 +274,7 @@ def fit_round(config: Path, dataset: Path, root: Path, fit: Callable[[list[str]]
     if exported.is_dir():
         return exported  # the fit finished and exported (atomically) before the state recorded it
     argv = ["fit", "--config", str(config), "--data.init_args.dataset", str(dataset),
-            "--trainer.default_root_dir", str(root), "--run_name", "fit"]  # fmt: skip
+            "--trainer.default_root_dir", str(root), "--run_name", "fit", *extra]  # fmt: skip
     last = run / "checkpoints" / "last.ckpt"
     if last.exists():
         argv += ["--ckpt_path", str(last)]

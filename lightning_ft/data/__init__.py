@@ -3,5 +3,14 @@
 from lightning_ft.data.classification import ClassificationDataModule
 from lightning_ft.data.instruction import InstructionDataModule
 from lightning_ft.data.preference import PreferenceCollator, PreferenceDataModule
+from lightning_ft.data.ul2 import DenoisingDataModule, MixtureOfDenoisersCollator, PrefixLMMaskMixin
 
-__all__ = ["ClassificationDataModule", "InstructionDataModule", "PreferenceCollator", "PreferenceDataModule"]
+__all__ = [
+    "ClassificationDataModule",
+    "DenoisingDataModule",
+    "InstructionDataModule",
+    "MixtureOfDenoisersCollator",
+    "PreferenceCollator",
+    "PreferenceDataModule",
+    "PrefixLMMaskMixin",
+]

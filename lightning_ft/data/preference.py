@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_ft.data.collate import Batch, LMCollator, encode_example, render
+from lightning_ft.data.collate import Batch, LMCollator, encode_example, encode_prompt, render
 from lightning_ft.data.instruction import InstructionDataModule
 from lightning_ft.data.sampling import train_loader
 
@@ -48,10 +48,12 @@ class PreferenceDataModule(InstructionDataModule):
         rejected_template: format string of the dispreferred response, e.g. ``" {rejected}"``.
         **kwargs: Arguments of :class:`~lightning_ft.data.InstructionDataModule` (``dataset``, ``prompt_template``,
             ``label_field``, ``label_options``, sizes, ``max_length``, ``batch_size`` in pairs, the control set...);
-            its ``response_template`` is ``chosen_template``.
+            the gold response of ``predict`` is the chosen one.
     """
 
-    def __init__(self, chosen_template: str = " {chosen}", rejected_template: str = " {rejected}", **kwargs: Any) -> None:
+    def __init__(
+        self, chosen_template: str = " {chosen}", rejected_template: str = " {rejected}", **kwargs: Any
+    ) -> None:
         if "response_template" in kwargs:
             raise ValueError(
                 "PreferenceDataModule renders responses with chosen_template and rejected_template: drop "
@@ -111,7 +113,12 @@ class PreferenceDataModule(InstructionDataModule):
         return self._encode_train(record)
 
     def _encode_predict(self, record: dict[str, Any]) -> dict[str, Any]:
-        return super()._encode_predict(self._with_pair(record))
+        prompt = self._prompt(record)
+        return {
+            "prompt": prompt,
+            "prompt_ids": encode_prompt(self.tokenizer, prompt, self.hparams.max_length),
+            "reference": render(self.hparams.chosen_template, self._with_pair(record), "chosen_template"),
+        }
 
     # ------------------------------------------------------------------ loaders
     def _eval_loader(self, split: str) -> DataLoader:

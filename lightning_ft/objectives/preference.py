@@ -36,7 +36,7 @@ from lightning_ft.modules.backbone import is_peft_model
 from lightning_ft.objectives._common import check_fit_support, log_train
 from lightning_ft.support import MethodSupport
 
-__all__ = ["PreferenceLossMixin", "pair_halves", "preference_loss", "sequence_logprobs"]
+__all__ = ["PreferenceLossMixin", "ReferencePolicy", "pair_halves", "preference_loss", "sequence_logprobs"]
 
 LossType = Literal["sigmoid", "hinge"]
 Reference = Literal["auto", "copy", "adapter"]
@@ -95,12 +95,60 @@ def pair_halves(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return chosen, rejected
 
 
-class _Frozen:
-    """Holds the reference copy outside the module tree: not trained, not in ``state_dict``, not moved by
-    Lightning (moved to the policy's device when first used)."""
+class ReferencePolicy:
+    """The model as it was when the fit began, frozen: the reference of the preference and policy-gradient objectives.
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    ``adapter`` (a peft backbone): the same model with its adapter disabled, so no second copy is held. ``copy``: a
+    deep copy taken by :meth:`snapshot`, held outside the module tree (not trained, not in ``state_dict``, not moved
+    by Lightning; moved to the batch's device when first used). The mixins snapshot in ``setup("fit")``, before a
+    checkpoint is restored, so a resumed run has the same reference as an uninterrupted one.
+    """
+
+    def __init__(self, mode: Literal["copy", "adapter"]) -> None:
+        self.mode = mode
+        self.model: nn.Module | None = None
+
+    @staticmethod
+    def resolve(reference: Reference, backbone: nn.Module) -> Literal["copy", "adapter"]:
+        """``auto`` -> ``adapter`` on a peft backbone, else ``copy``; refuses ``adapter`` without an adapter."""
+        peft = is_peft_model(backbone)
+        if reference not in ("auto", "copy", "adapter"):
+            raise ValueError(f"reference={reference!r} is not supported: use 'auto', 'copy' or 'adapter'.")
+        if reference == "adapter" and not peft:
+            raise UserError(
+                "reference='adapter' disables the LoRA adapter to get the reference, and the backbone has no adapter: "
+                "give the module a peft config, or use reference: copy."
+            )
+        return "adapter" if reference == "adapter" or (reference == "auto" and peft) else "copy"
+
+    def snapshot(self, backbone: nn.Module) -> None:
+        """Take the frozen copy now (``copy`` mode; a no-op for ``adapter`` or once taken)."""
+        if self.mode != "copy" or self.model is not None:
+            return
+        frozen = copy.deepcopy(backbone).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        self.model = frozen
+
+    def aligned_logits(self, host: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's ``(logits, targets)`` through the host's own ``aligned_logits`` (without gradient)."""
+        with torch.no_grad():
+            if self.mode == "adapter":
+                with host.backbone.disable_adapter():
+                    logits, targets, _ = host.aligned_logits(batch)
+                return logits, targets
+            self.snapshot(host.backbone)
+            assert self.model is not None
+            device = batch["input_ids"].device
+            if next(self.model.parameters()).device != device:
+                self.model.to(device)
+            policy = host.backbone
+            try:  # the host's aligned_logits runs host.backbone: point it at the reference for this call
+                host.backbone = self.model
+                logits, targets, _ = host.aligned_logits(batch)
+            finally:
+                host.backbone = policy
+            return logits, targets
 
 
 class PreferenceLossMixin(MixinBase):
@@ -157,23 +205,12 @@ class PreferenceLossMixin(MixinBase):
                 f"label_smoothing={label_smoothing} must be in [0, 0.5) and is defined for loss_type='sigmoid' only: "
                 "use 0 for the plain loss."
             )
-        if reference not in ("auto", "copy", "adapter"):
-            raise ValueError(f"reference={reference!r} is not supported: use 'auto', 'copy' or 'adapter'.")
         super().__init__(**kwargs)
         require_host(self, PreferenceLossMixin, ("backbone", "aligned_logits", "eval_update"))
-        peft = is_peft_model(self.backbone)
-        if reference == "adapter" and not peft:
-            raise UserError(
-                "reference='adapter' disables the LoRA adapter to get the reference, and the backbone has no adapter: "
-                "give the module a peft config, or use reference: copy."
-            )
         self.preference_beta = beta
         self.preference_loss_type: LossType = loss_type
         self.preference_label_smoothing = label_smoothing
-        self.preference_reference: Literal["copy", "adapter"] = (
-            "adapter" if reference == "adapter" or (reference == "auto" and peft) else "copy"
-        )
-        self._reference: _Frozen | None = None
+        self.reference_policy = ReferencePolicy(ReferencePolicy.resolve(reference, self.backbone))
 
     @override
     def setup(self, stage: str) -> None:
@@ -182,38 +219,17 @@ class PreferenceLossMixin(MixinBase):
             check_fit_support(self, self.trainer, self.backbone)
             self.snapshot_reference()
 
-    def snapshot_reference(self) -> None:
-        """Take the frozen reference copy now (``reference='copy'``; a no-op for ``adapter`` or once taken).
+    @property
+    def preference_reference(self) -> Literal["copy", "adapter"]:
+        """How the reference is taken: ``copy`` or ``adapter``."""
+        return self.reference_policy.mode
 
-        ``setup("fit")`` calls it before any checkpoint is restored; SPIN calls it at each iteration's start."""
-        if self.preference_reference != "copy" or self._reference is not None:
-            return
-        frozen = copy.deepcopy(self.backbone).eval()
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        self._reference = _Frozen(frozen)
+    def snapshot_reference(self) -> None:
+        """Take the frozen reference copy now (``reference='copy'``; a no-op for ``adapter`` or once taken)."""
+        self.reference_policy.snapshot(self.backbone)
 
     def _reference_logprobs(self, batch: dict[str, Any]) -> torch.Tensor:
-        host = cast(ModuleHost, self)
-        with torch.no_grad():
-            if self.preference_reference == "adapter":
-                with self.backbone.disable_adapter():  # type: ignore[operator]
-                    logits, targets, _ = host.aligned_logits(batch)
-                return sequence_logprobs(logits, targets)
-            if self._reference is None:
-                self.snapshot_reference()
-            assert self._reference is not None
-            reference = self._reference.model
-            device = batch["input_ids"].device
-            if next(reference.parameters()).device != device:
-                reference.to(device)
-            policy = self.backbone
-            try:  # the host's aligned_logits runs self.backbone: point it at the reference for this call
-                self.backbone = reference
-                logits, targets, _ = host.aligned_logits(batch)
-            finally:
-                self.backbone = policy
-            return sequence_logprobs(logits, targets)
+        return sequence_logprobs(*self.reference_policy.aligned_logits(self, batch))
 
     def preference_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair losses and margins ``z`` of a preference batch (both ``[P]``)."""

@@ -48,6 +48,8 @@ from lightning_ft.objectives import (
     MaskedThoughtCausalLM,
     MaskedThoughtMixin,
     MultiTokenHeadsMixin,
+    GroupRelativeCausalLM,
+    GroupRelativeRewardMixin,
     PreferenceCausalLM,
     PreferenceLossMixin,
     TaskBalancedCausalLM,
@@ -133,7 +135,7 @@ def _causal(kind: str, **kwargs: Any) -> _Causal:
     """Builds our causal-LM module of ``kind`` (a ready-made mixin class, or ``plain``)."""
     return _Causal({"caft": CAFTCausalLM, "masked_thought": MaskedThoughtCausalLM, "plain": CausalLMModule,
                     "task_balanced": TaskBalancedCausalLM, "copilot": CopilotCausalLM, "kasa": KaSACausalLM,
-                    "preference": PreferenceCausalLM}[kind],
+                    "preference": PreferenceCausalLM, "grpo": GroupRelativeCausalLM}[kind],
                    kwargs)  # fmt: skip
 
 
@@ -265,6 +267,12 @@ ROWS: list[Row] = [
         "dpo", PreferenceLossMixin, module=_causal("preference", beta=0.5), batch_extra=("pair_role",),
         na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(PreferenceLossMixin, "backbone"),
     ),
+    Row(  # 2 sampled completions of 3 tokens per prompt (the rows' first half), rewarded by their token count
+        "grpo", GroupRelativeRewardMixin,
+        module=_causal("grpo", group_size=2, max_new_tokens=3, beta=0.1, reward="conf_rewards:completion_length"),
+        batch_extra=("prompt",), na={"bert": _CAUSAL_ONLY}, refuses=_host_refusal(GroupRelativeRewardMixin, "backbone"),
+        ddp_differs="each process samples its own prompts' completions, with its rank in the seed",
+    ),
     Row(  # the adapters of every linear layer set from the first 2 training batches' covariance; bases rewritten
         "corda", CorDAInit, lambda host: CorDAInit(mode="kpm", data="train", batches=2), module=_lora_module,
         check="rewritten",
@@ -297,6 +305,8 @@ class TokenData(L.LightningDataModule):
         for i in range(rank, ROWS_PER_EPOCH, world):
             row = {"input_ids": ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long)}
             row["labels"] = classes[i] if self.model == "bert" else ids[i]
+            if "prompt" in self.extra:  # the first half is an unlabelled prompt
+                row["labels"] = torch.cat([torch.full((LENGTH // 2,), -100), ids[i][LENGTH // 2 :]])
             if "loss_weights" in self.extra:
                 row["loss_weights"] = weights[i]
             if "task_id" in self.extra:

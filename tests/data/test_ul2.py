@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import make_trainer
 
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.data.ul2 import (
@@ -22,7 +23,6 @@ from lightning_ft.data.ul2 import (
     noise_spans,
     prefix_lm_mask,
 )
-from tests.helpers import make_trainer
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,11 @@ optional explanation are reconstructions: the abstract (checked) names the three
 
 No context-QA dataset is bundled, so ``dataset: reuters_qa`` builds one from the bundled Reuters R8 news
 (:func:`reuters_company_qa`). The closed-book answers come from the shared, disk-cached
-``lightning_ft.curation.generation.GenerationService`` (generated once; a rebuild generates nothing). It is imported
-by name at call time: ``curation`` imports ``data``, so an import statement here would close a package cycle.
+``lightning_ft.curation.generation.GenerationService`` (generated once; a rebuild generates nothing).
 """
 
 from __future__ import annotations
 
-import importlib
 import random
 import re
 from collections.abc import Callable, Collection, Sequence
@@ -166,8 +164,10 @@ def load_context_qa(source: str, *, argument: str = "dataset", shuffle_seed: int
 
 
 def generation_module() -> Any:
-    """``lightning_ft.curation.generation``, imported by name (``curation`` imports ``data``: see the module doc)."""
-    return importlib.import_module("lightning_ft.curation.generation")
+    """:mod:`lightning_ft.curation.generation` (the shared generation service)."""
+    from lightning_ft.curation import generation
+
+    return generation
 
 
 def closed_book_answer(completion: str) -> str:
@@ -402,7 +402,7 @@ class KnowledgeAwareDataModule(InstructionDataModule):
     Example (YAML, see ``configs/kaft.yaml``)::
 
         data:
-          class_path: lightning_ft.data.kaft.KnowledgeAwareDataModule
+          class_path: lightning_ft.curation.kaft.KnowledgeAwareDataModule
           init_args: {dataset: reuters_qa, relevant: 0.4, counterfactual: 0.3, irrelevant: 0.3}
     """
 

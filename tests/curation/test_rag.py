@@ -9,11 +9,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import make_trainer
 
 from lightning_ft.curation.embedder import Embedder
-from lightning_ft.data.kaft import mentions, reuters_company_qa
-from lightning_ft.data.rag import RetrievalAugmentedDataModule, chunk_words, hard_negatives, relevant_target, reorder
-from tests.helpers import make_trainer
+from lightning_ft.curation.kaft import mentions, reuters_company_qa
+from lightning_ft.curation.rag import (
+    RetrievalAugmentedDataModule,
+    chunk_words,
+    hard_negatives,
+    relevant_target,
+    reorder,
+)
 
 
 @pytest.fixture(scope="module")

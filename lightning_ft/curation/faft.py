@@ -11,24 +11,21 @@ Reconstructed, not verified (the paper's text and code were not available here; 
 reconstructed): the feedback wording (``Feedback: <constraint>: satisfied; <constraint>: violated; ...``) and its
 place (before the prompt, ``feedback_template``), the gold answer added with all-positive feedback (as SFT's
 example), and the de-duplication of identical samples of one prompt. The checker is any user function
-``checker(answer, record) -> {constraint: bool}`` (the bundled example: :func:`~lightning_ft.data.faft_checks.
+``checker(answer, record) -> {constraint: bool}`` (the bundled example: :func:`~lightning_ft.curation.faft_checks.
 sentiment_format`); the samples come from the shared, disk-cached
 :class:`~lightning_ft.curation.generation.GenerationService`, so a rebuild generates nothing.
-
-``lightning_ft.curation`` imports ``lightning_ft.data``, so ``curation.generation`` and ``curation.records`` are
-imported here by name at call time (as in :mod:`lightning_ft.data.kaft`): an import statement would close a
-package cycle.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from lightning_ft.assets import cache_dir
+from lightning_ft.curation.generation import GenerationService, GenerationSettings
+from lightning_ft.curation.records import import_callable
 from lightning_ft.data.collate import encode_example, render
 from lightning_ft.data.instruction import InstructionDataModule
 from lightning_ft.errors import UserError
@@ -36,11 +33,6 @@ from lightning_ft.errors import UserError
 __all__ = ["FeedbackAwareDataModule", "FeedbackAwareTargets"]
 
 Checker = Callable[[str, Mapping[str, Any]], Mapping[str, bool]]
-
-
-def _curation(name: str) -> Any:
-    """``lightning_ft.curation.<name>``, imported by name (see the module docstring)."""
-    return importlib.import_module(f"lightning_ft.curation.{name}")
 
 
 class FeedbackAwareTargets:
@@ -59,7 +51,7 @@ class FeedbackAwareTargets:
 
     Example::
 
-        targets = FeedbackAwareTargets("lightning_ft.data.faft_checks:sentiment_format", num_samples=4)
+        targets = FeedbackAwareTargets("lightning_ft.curation.faft_checks:sentiment_format", num_samples=4)
         rows = targets(records, prompts, golds, GenerationService("smollm2-135m", cache="faft-cache"))
         targets.condition(prompt, targets.all_positive())  # the prompt at predict time
     """
@@ -79,8 +71,8 @@ class FeedbackAwareTargets:
     ) -> None:
         if isinstance(checker, str):
             self.checker_name = checker
-            checker = _curation("records").import_callable(checker, "checker", "be module:function, e.g. "
-                                                           "lightning_ft.data.faft_checks:sentiment_format")  # fmt: skip
+            checker = import_callable(checker, "checker", "be module:function, e.g. "
+                                                           "lightning_ft.curation.faft_checks:sentiment_format")  # fmt: skip
         else:
             self.checker_name = getattr(checker, "__qualname__", repr(checker))
         if not callable(checker):
@@ -103,7 +95,7 @@ class FeedbackAwareTargets:
 
     def settings(self, chat_template: bool = False) -> Any:
         """The ``GenerationSettings`` of the samples (its fields are part of the cache key)."""
-        return _curation("generation").GenerationSettings(
+        return GenerationSettings(
             max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature, top_p=self.top_p,
             num_samples=self.num_samples, seed=self.seed, chat_template=chat_template,
         )  # fmt: skip
@@ -183,8 +175,8 @@ class FeedbackAwareDataModule(InstructionDataModule):
     Example (YAML, see ``configs/faft.yaml``)::
 
         data:
-          class_path: lightning_ft.data.faft.FeedbackAwareDataModule
-          init_args: {checker: "lightning_ft.data.faft_checks:sentiment_format", num_samples: 4, sample_max_new_tokens: 8}
+          class_path: lightning_ft.curation.faft.FeedbackAwareDataModule
+          init_args: {checker: "lightning_ft.curation.faft_checks:sentiment_format", num_samples: 4, sample_max_new_tokens: 8}
 
     The sampling arguments are prefixed ``sample_`` so that they never meet a LightningModule's own (a logger merges
     the two sets of hyperparameters and refuses a name with two values, e.g. ``CausalLMModule.max_new_tokens``).
@@ -209,7 +201,7 @@ class FeedbackAwareDataModule(InstructionDataModule):
 
     def __init__(
         self,
-        checker: str = "lightning_ft.data.faft_checks:sentiment_format",
+        checker: str = "lightning_ft.curation.faft_checks:sentiment_format",
         num_samples: int = 4,
         sample_max_new_tokens: int = 8,
         sample_temperature: float = 1.0,
@@ -268,7 +260,7 @@ class FeedbackAwareDataModule(InstructionDataModule):
     def _service(self) -> Any:
         h = self.hparams
         cache = h.generation_cache if h.generation_cache is not None else str(cache_dir() / "curation" / "generations")
-        service = _curation("generation").GenerationService
+        service = GenerationService
         if h.generator is not None:
             return service(h.generator, cache=cache or None, batch_size=h.generation_batch_size)
         module = self.trainer.lightning_module if getattr(self, "trainer", None) is not None else None

@@ -1,10 +1,10 @@
-"""Example checkers for :class:`~lightning_ft.data.faft.FeedbackAwareTargets` (FAFT): programmatic, per-constraint
+"""Example checkers for :class:`~lightning_ft.curation.faft.FeedbackAwareTargets` (FAFT): programmatic, per-constraint
 pass/fail verdicts on one answer, as the TravelPlanner evaluator gives for a plan.
 
 A checker is a function ``checker(answer, record) -> dict[str, bool]``: ``answer`` is the text after the prompt (a
 sampled completion or the gold response), ``record`` the data record it answers; the keys name the constraints
 (the same keys, in the same order, for every answer) and the values say whether the answer satisfies each. Give it
-to FAFT as a ``module:function`` string, e.g. ``lightning_ft.data.faft_checks:sentiment_format``.
+to FAFT as a ``module:function`` string, e.g. ``lightning_ft.curation.faft_checks:sentiment_format``.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import make_trainer
 
 from lightning_ft.curation.generation import GenerationService, GenerationSettings
-from lightning_ft.data.kaft import (
+from lightning_ft.curation.kaft import (
     KnowledgeAwareContexts,
     KnowledgeAwareDataModule,
     closed_book_answer,
@@ -19,7 +20,6 @@ from lightning_ft.data.kaft import (
     mentions,
     reuters_company_qa,
 )
-from tests.helpers import make_trainer
 
 
 @pytest.fixture(scope="module")

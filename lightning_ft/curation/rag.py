@@ -25,22 +25,20 @@ passage "contains" the answer when it mentions it as whole words, case-insensiti
 :func:`reorder` follows our reading of the paper's description (verified here: only that reordering exists).
 
 No context-QA dataset is bundled: ``dataset: reuters_qa`` is the Reuters company QA of
-:func:`lightning_ft.data.kaft.reuters_company_qa`, and by default its contexts are the passage collection. The
-Embedder is imported by name at call time, as in :mod:`lightning_ft.data.kaft` (``curation`` imports ``data``).
+:func:`lightning_ft.curation.kaft.reuters_company_qa`, and by default its contexts are the passage collection.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from lightning_ft.assets import cache_dir
+from lightning_ft.curation.kaft import mentions, split_context_qa
 from lightning_ft.data.files import load_records, record_field
 from lightning_ft.data.instruction import InstructionDataModule
-from lightning_ft.data.kaft import mentions, split_context_qa
 
 __all__ = ["DenseRetriever", "RetrievalAugmentedDataModule", "chunk_words", "hard_negatives", "relevant_target",
            "reorder"]  # fmt: skip
@@ -130,7 +128,7 @@ class RetrievalAugmentedDataModule(InstructionDataModule):
     Example (YAML, see ``configs/rag.yaml``)::
 
         data:
-          class_path: lightning_ft.data.rag.RetrievalAugmentedDataModule
+          class_path: lightning_ft.curation.rag.RetrievalAugmentedDataModule
           init_args: {dataset: reuters_qa, passage_words: 24, num_hard_negatives: 3, intermediate: true}
     """
 
@@ -199,8 +197,9 @@ class RetrievalAugmentedDataModule(InstructionDataModule):
         if self.embedder is None:
             h = self.hparams
             cache = h.embedding_cache if h.embedding_cache is not None else str(cache_dir() / "curation" / "embeddings")
-            embedder_class = importlib.import_module("lightning_ft.curation.embedder").Embedder
-            self.embedder = embedder_class(h.retriever_model, cache_dir=cache)
+            from lightning_ft.curation.embedder import Embedder
+
+            self.embedder = Embedder(h.retriever_model, cache_dir=cache)
         return self.embedder
 
     def _with_passages(self, records: list[Record], retriever: DenseRetriever, train: bool) -> list[Record]:

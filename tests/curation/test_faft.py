@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import make_trainer
 
+from lightning_ft.curation.faft import FeedbackAwareDataModule, FeedbackAwareTargets
+from lightning_ft.curation.faft_checks import sentiment_format
 from lightning_ft.curation.generation import GenerationService
 from lightning_ft.data.collate import IGNORE_INDEX
-from lightning_ft.data.faft import FeedbackAwareDataModule, FeedbackAwareTargets
-from lightning_ft.data.faft_checks import sentiment_format
 from lightning_ft.errors import UserError
-from tests.helpers import make_trainer
 
-CHECKER = "lightning_ft.data.faft_checks:sentiment_format"
+CHECKER = "lightning_ft.curation.faft_checks:sentiment_format"
 ALL_POSITIVE = "Feedback: one word: satisfied; label word: satisfied; lowercase: satisfied; no punctuation: satisfied"
 
 
@@ -117,11 +117,14 @@ class _Stub:
     ("checker", "start"),
     [
         ("sentiment_format", "checker 'sentiment_format' must be module:function"),
-        ("lightning_ft.data.faft_checks:missing", "checker 'lightning_ft.data.faft_checks:missing' cannot be imported"),
+        (
+            "lightning_ft.curation.faft_checks:missing",
+            "checker 'lightning_ft.curation.faft_checks:missing' cannot be imported",
+        ),
         ("no_such_module_xyz:check", "checker 'no_such_module_xyz:check' cannot be imported"),
-        ("tests.data.test_faft:returns_list", "checker 'tests.data.test_faft:returns_list' returned list"),
-        ("tests.data.test_faft:returns_words", "checker 'tests.data.test_faft:returns_words' returned non-bool"),
-        ("tests.data.test_faft:changes_names", "checker 'tests.data.test_faft:changes_names' returned the constraints"),
+        ("tests.curation.test_faft:returns_list", "checker 'tests.curation.test_faft:returns_list' returned list"),
+        ("tests.curation.test_faft:returns_words", "checker 'tests.curation.test_faft:returns_words' returned non-bool"),
+        ("tests.curation.test_faft:changes_names", "checker 'tests.curation.test_faft:changes_names' returned the constraints"),
     ],
 )
 def test_bad_checker_is_refused_in_one_sentence(checker: str, start: str) -> None:
@@ -165,7 +168,7 @@ def test_fit_from_yaml_samples_with_the_fitted_module(tiny_llama_dir: Path, tmp_
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}},
         "model": {"class_path": "lightning_ft.modules.CausalLMModule",
                   "init_args": {"model": str(tiny_llama_dir), "learning_rate": 1e-3, "warmup_steps": 1, "output_dir": ""}},
-        "data": {"class_path": "lightning_ft.data.faft.FeedbackAwareDataModule",
+        "data": {"class_path": "lightning_ft.curation.faft.FeedbackAwareDataModule",
                  "init_args": {"checker": CHECKER, "num_samples": 2, "sample_max_new_tokens": 3, "generation_cache": str(cache),
                                "label_options": ["positive", "negative"], "train_size": 4, "val_size": 4, "test_size": 0,
                                "batch_size": 4, "max_length": 160, "control_size": 0}},
