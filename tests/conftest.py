@@ -28,8 +28,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` on 2 cores: one intra-op thr
 # The longest files first (measured with --durations): `--dist loadfile` gives each worker whole files in collection
 # order, so starting the long ones first keeps the two workers' ends together instead of leaving one long file last.
 LONGEST_FIRST = (
-    "tests/test_real_model.py",
+    "tests/test_quickstart.py",
     "tests/conformance/test_matrix.py",
+    "tests/test_real_model.py",
+    "tests/curation/test_spin.py",
+    "tests/objectives/test_grpo.py",
     "tests/copilot/test_copilot_smollm2.py",
     "tests/callbacks/test_lines.py",
     "tests/sparse/test_sparse_smollm2.py",

@@ -181,7 +181,7 @@ class _Measure(L.Callback):
 def test_lines_lowers_the_control_perplexity_increase_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
     L.seed_everything(0)
     module = CausalLMModule(model=str(smollm2_dir), learning_rate=3e-4, warmup_steps=2, output_dir="")
-    dm = _data(train_size=128, val_size=32, control_size=16, batch_size=8, max_length=64, control_max_length=96)
+    dm = _data(train_size=128, val_size=32, control_size=16, batch_size=4, max_length=64, control_max_length=96)
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
     measure = _Measure(list(dm.val_dataloader()))

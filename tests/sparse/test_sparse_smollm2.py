@@ -26,7 +26,7 @@ def test_lift_on_smollm2_learns_and_the_artifact_rebuilds_the_model(smollm2_dir:
     rule = config["trainer"]["callbacks"][0]["init_args"]["rule"]["init_args"]
     rule.update(reselect_every=4, svd="lowrank")  # a short run: re-select once, randomized SVD for speed
     config["trainer"].update(max_steps=7, val_check_interval=7)
-    config["data"]["init_args"].update(val_size=60, test_size=0, control_size=8, batch_size=4, max_length=64)
+    config["data"]["init_args"].update(val_size=32, test_size=0, control_size=8, batch_size=4, max_length=64)
     short = tmp_path / "lift.yaml"
     short.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(short), "--trainer.default_root_dir", str(tmp_path), "--run_name", "lift",
