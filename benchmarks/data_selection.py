@@ -201,7 +201,9 @@ def write_report(name: str, cfg: dict[str, Any], runs: dict[str, dict[str, Any]]
         ppl = _mean([100 * (r["after"]["control_ppl"] / zero["control_ppl"] - 1) for r in rs])
         base = groups.get(("random", fraction))
         verdict = "–"
-        if base and selector != "random":
+        if base and selector != "random" and min(len(base), len(rs)) < 3:
+            verdict = f"not ranked ({min(len(base), len(rs))} seed(s); three are needed)"
+        elif base and selector != "random":
             b = [r["after"]["target_acc"] for r in base]
             mine = [r["after"]["target_acc"] for r in rs]
             verdict = ("beats random" if min(mine) > max(b) else "below random" if max(mine) < min(b)

@@ -104,7 +104,7 @@ def test_smollm2_one_iteration_lowers_the_loss_on_its_own_pairs(smollm2_dir: Pat
     from lightning_ft.objectives import preference_loss
 
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    config, data, work = _config(tmp_path, str(smollm2_dir), 8, lora, lr=2e-3), _trivia(tmp_path, 12), tmp_path / "w"
+    config, data, work = _config(tmp_path, str(smollm2_dir), 8, lora, lr=3e-4), _trivia(tmp_path, 12), tmp_path / "w"
     spin_main(["--fit-config", str(config), "--data", str(data), "--prompt-template", "Q: {prompt}\nA:",
                "--iterations", "1", "--max-new-tokens", "8", "--work-dir", str(work)], fit=main)  # fmt: skip
     state = json.loads((work / "state.json").read_text())["iterations"][0]

@@ -90,8 +90,8 @@ def test_smollm2_grpo_makes_the_rewarded_answer_likelier(smollm2_dir: Path, tmp_
     answer: the policy gradient moves probability towards the rewarded completions (CLS-RL's mechanism)."""
     L.seed_everything(0)
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    module = GroupRelativeCausalLM(model=str(smollm2_dir), peft=lora, output_dir="", learning_rate=5e-3,
-                                   warmup_steps=0, reward=_always_positive, group_size=4, max_new_tokens=2)  # fmt: skip
+    module = GroupRelativeCausalLM(model=str(smollm2_dir), peft=lora, output_dir="", learning_rate=1e-2,
+                                   warmup_steps=0, reward=_always_positive, group_size=8, max_new_tokens=1)  # fmt: skip
     dm = make_data(train_size=16, val_size=12, batch_size=2, control_size=0)
     dm.tokenizer = module.tokenizer
     dm.setup("fit")
