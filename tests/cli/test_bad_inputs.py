@@ -81,7 +81,7 @@ ROWS: list[tuple[str, list[str], int, str]] = [
     # ---- the command line and the config file (exit 2)
     ("no-command", [], 2, "a command is needed: one of fit, validate, test, predict, merge"),
     ("unknown-command", ["fitt", *BASE], 2, "'fitt' is not a command (commands: fit, validate, test, predict, merge, "
-                                            "compress, decompress, sparse-apply, estimate, search, data): did you mean fit?"),
+                                            "compress, decompress, sparse-apply, estimate, search, spin, data): did you mean fit?"),
     ("config-missing", ["fit", "--config", f"{ROOT}/nowhere.yaml"], 2, "--config {ws}/nowhere.yaml does not exist."),
     ("config-bad-yaml", ["fit", "--config", f"{ROOT}/bad.yaml"], 2, "--config {ws}/bad.yaml is not valid YAML: "),
     ("config-list", ["fit", "--config", f"{ROOT}/list.yaml"], 2, "--config {ws}/list.yaml must hold a mapping of "
