@@ -244,8 +244,8 @@ class FeedbackAwareDataModule(InstructionDataModule):
                 train.append(encode_example(self.tokenizer, prompt, answer, h.max_length, h.mask_prompt))
             self._encoded["train"] = train
 
-    def _load_splits(self) -> dict[str, list[dict[str, Any]]]:
-        splits = super()._load_splits()
+    def _load_splits(self, check_fields: bool = True) -> dict[str, list[dict[str, Any]]]:
+        splits = super()._load_splits(check_fields)
         train = splits["train"]
         prompts = [render(self.hparams.prompt_template, r, "prompt_template") for r in train]
         golds = [render(self.hparams.response_template, r, "response_template") for r in train]

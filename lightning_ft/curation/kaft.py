@@ -345,31 +345,6 @@ class KnowledgeAwareContexts:
 
 
 # ---------------------------------------------------------------------------------------------- the DataModule
-def split_context_qa(module: InstructionDataModule) -> dict[str, list[Record]]:
-    """The train/val/test splits of ``module.hparams.dataset`` as :class:`InstructionDataModule` makes them, read with
-    :func:`load_context_qa` (so ``reuters_qa`` works) and without the template check (the transforms add fields)."""
-    h = module.hparams
-    records = load_context_qa(h.dataset, shuffle_seed=h.split_seed)
-    if not records:
-        raise ValueError(f"dataset={h.dataset!r} holds no records.")
-    if h.val_dataset is not None:
-        val = load_context_qa(h.val_dataset, argument="val_dataset", shuffle_seed=h.split_seed)[: h.val_size or None]
-        rest = records
-    else:
-        val, rest = records[: h.val_size], records[h.val_size :]
-    test, train = rest[: h.test_size], rest[h.test_size :]
-    if h.train_size is not None:
-        if h.train_size < 1:
-            raise ValueError(f"train_size={h.train_size} must be at least 1 (or null for all remaining records).")
-        train = train[: h.train_size]
-    if not train:
-        raise ValueError(
-            f"dataset={h.dataset!r} has {len(records)} records, none left for training after val_size={h.val_size} "
-            f"and test_size={h.test_size}: lower those or use a larger dataset."
-        )
-    return {"train": train, "val": val, "test": test}
-
-
 class KnowledgeAwareDataModule(InstructionDataModule):
     """Instruction data whose training split is rebuilt by :class:`KnowledgeAwareContexts` (KAFT).
 
@@ -437,8 +412,11 @@ class KnowledgeAwareDataModule(InstructionDataModule):
         )  # fmt: skip
         self.generator: Any = None  # the GenerationService, made on first use (or set it before setup)
 
-    def _load_splits(self) -> dict[str, list[Record]]:
-        splits = split_context_qa(self)
+    def _read(self, source: str, argument: str) -> list[Record]:
+        return load_context_qa(source, argument=argument, shuffle_seed=self.hparams.split_seed)
+
+    def _load_splits(self, check_fields: bool = True) -> dict[str, list[Record]]:
+        splits = super()._load_splits(check_fields=False)  # the transform adds the target field the templates name
         kaft = self.transform
         if kaft.counts(len(splits["train"]))["irrelevant"] and self.generator is None:
             self.generator = self._closed_book_service()

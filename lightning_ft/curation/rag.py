@@ -36,7 +36,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from lightning_ft.assets import cache_dir
-from lightning_ft.curation.kaft import mentions, split_context_qa
+from lightning_ft.curation.kaft import load_context_qa, mentions
 from lightning_ft.data.files import load_records, record_field
 from lightning_ft.data.instruction import InstructionDataModule
 
@@ -164,9 +164,12 @@ class RetrievalAugmentedDataModule(InstructionDataModule):
         self.embedder: Any = None  # the Embedder, made on first use (or set it before setup)
         self.retriever: DenseRetriever | None = None  # the passage collection and its vectors, after setup
 
-    def _load_splits(self) -> dict[str, list[Record]]:
+    def _read(self, source: str, argument: str) -> list[Record]:
+        return load_context_qa(source, argument=argument, shuffle_seed=self.hparams.split_seed)
+
+    def _load_splits(self, check_fields: bool = True) -> dict[str, list[Record]]:
         h = self.hparams
-        splits = split_context_qa(self)
+        splits = super()._load_splits(check_fields=False)  # the passages are added first; checked below
         for records in splits.values():
             for record in records:
                 for argument in ("question_field", "answer_field"):

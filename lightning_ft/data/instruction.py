@@ -109,17 +109,26 @@ class InstructionDataModule(ControlDataModule):
         }
         self._encoded["control"] = self._encode_control()
 
-    def _load_splits(self) -> dict[str, list[dict[str, Any]]]:
+    def _read(self, source: str, argument: str) -> list[dict[str, Any]]:
+        """The records of ``source`` (named by ``argument``), shuffled with ``split_seed``; a subclass that reads
+        other sources overrides this alone."""
+        return load_records(source, argument=argument, shuffle_seed=self.hparams.split_seed)
+
+    def _load_splits(self, check_fields: bool = True) -> dict[str, list[dict[str, Any]]]:
+        """The train/val/test splits; ``check_fields=False`` skips the template check (for a subclass whose
+        transform adds the fields the templates name)."""
         h = self.hparams
-        records = load_records(h.dataset, shuffle_seed=h.split_seed)
+        records = self._read(h.dataset, "dataset")
         if not records:
             raise ValueError(f"dataset={h.dataset!r} holds no records.")
-        self._check_fields(records[0], h.dataset)
+        if check_fields:
+            self._check_fields(records[0], h.dataset)
         if h.val_dataset is not None:
-            val = load_records(h.val_dataset, argument="val_dataset", shuffle_seed=h.split_seed)[: h.val_size or None]
+            val = self._read(h.val_dataset, "val_dataset")[: h.val_size or None]
             if not val:
                 raise ValueError(f"val_dataset={h.val_dataset!r} holds no records (or val_size is 0).")
-            self._check_fields(val[0], h.val_dataset)
+            if check_fields:
+                self._check_fields(val[0], h.val_dataset)
             rest = records
         else:
             val, rest = records[: h.val_size], records[h.val_size :]
