@@ -54,6 +54,7 @@ __all__ = [
     "allocate_budget",
     "cluster_weights",
     "draw_cluster_counts",
+    "fit_config_arguments",
     "fit_round",
     "kmeans_labels",
     "load_reward",
@@ -323,13 +324,13 @@ def _likelihood_reward(model: str, batch_size: int, chat_template: bool) -> Rewa
     return reward
 
 
-def _templates(config: Path) -> tuple[str, str, bool]:
-    """The fit config's prompt and response templates and chat-template flag (the DataModule's defaults if absent)."""
-    import inspect
+def fit_config_arguments(config: Path, section: str) -> dict[str, Any]:
+    """The ``init_args`` of the ``section`` (``model``, ``data``) of the ``--fit-config`` YAML (``{}`` if absent).
 
+    Raises:
+        UserError: The file is not a YAML mapping.
+    """
     import yaml
-
-    from lightning_ft.data import InstructionDataModule
 
     try:
         data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
@@ -339,8 +340,18 @@ def _templates(config: Path) -> tuple[str, str, bool]:
         ) from None
     if not isinstance(data, dict):
         raise UserError(f"--fit-config {config} is not a YAML mapping: give a lightning-ft fit config.")
-    section = data.get("data") or {}
-    init = section.get("init_args", section) if isinstance(section, dict) else {}
+    part = data.get(section) or {}
+    init = part.get("init_args", part) if isinstance(part, dict) else {}
+    return init if isinstance(init, dict) else {}
+
+
+def _templates(config: Path) -> tuple[str, str, bool]:
+    """The fit config's prompt and response templates and chat-template flag (the DataModule's defaults if absent)."""
+    import inspect
+
+    from lightning_ft.data import InstructionDataModule
+
+    init = fit_config_arguments(config, "data")
     defaults = inspect.signature(InstructionDataModule.__init__).parameters
     values = {name: init.get(name, defaults[name].default) for name in ("prompt_template", "response_template",
                                                                          "chat_template")}  # fmt: skip

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_ft.curation.kmq import fit_round
+from lightning_ft.curation.kmq import fit_config_arguments, fit_round
 from lightning_ft.errors import SentenceParser, UserError
 
 __all__ = ["main", "spin_pairs"]
@@ -90,17 +90,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _start_model(config: Path) -> str:
     """The fit config's ``model.init_args.model`` (CausalLMModule's default when absent)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(
-            f"--fit-config {config} cannot be read as YAML ({err}): give a lightning-ft fit config."
-        ) from None
-    model = data.get("model") if isinstance(data, dict) else None
-    init = model.get("init_args", model) if isinstance(model, dict) else {}
-    return str(init.get("model", "smollm2-135m")) if isinstance(init, dict) else "smollm2-135m"
+    return str(fit_config_arguments(config, "model").get("model", "smollm2-135m"))
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
