@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -74,10 +74,21 @@ def resume_position(trainer: L.Trainer | None, batches_per_epoch: int) -> tuple[
     return epoch, done
 
 
-def train_loader(data: Any, batch_size: int, seed: int, trainer: L.Trainer | None, **kwargs: Any) -> ResumableDataLoader:
-    """A seeded, resumable training DataLoader over ``data`` (see :func:`resume_position`)."""
+def train_loader(
+    data: Any,
+    batch_size: int,
+    seed: int,
+    trainer: L.Trainer | None,
+    sampler: Callable[[int], Sampler[int]] | None = None,
+    **kwargs: Any,
+) -> ResumableDataLoader:
+    """A seeded, resumable training DataLoader over ``data`` (see :func:`resume_position`).
+
+    ``sampler(epoch)`` builds the order of the epoch to start at (default: an :class:`EpochShuffleSampler`); it must
+    depend on its seed and the epoch alone and hold ``len(data)`` indices, so that a resumed run skips exactly the
+    batches already seen.
+    """
     batches = -(-len(data) // batch_size)
     epoch, skip = resume_position(trainer, batches)
-    return ResumableDataLoader(
-        data, batch_size=batch_size, sampler=EpochShuffleSampler(len(data), seed=seed, epoch=epoch), skip_batches=skip, **kwargs
-    )
+    order = sampler(epoch) if sampler is not None else EpochShuffleSampler(len(data), seed=seed, epoch=epoch)
+    return ResumableDataLoader(data, batch_size=batch_size, sampler=order, skip_batches=skip, **kwargs)
