@@ -36,7 +36,7 @@ from lightning_ft.errors import (
     run_command,
 )
 
-__all__ = ["COMMANDS", "DATA_COMMANDS", "DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SEARCH_COMMANDS", "SUBCOMMANDS", "main",
+__all__ = ["ANALYSIS_COMMANDS", "COMMANDS", "DATA_COMMANDS", "DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SEARCH_COMMANDS", "SUBCOMMANDS", "main",
            "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
 
 # Post-hoc weight commands, dispatched before LightningCLI (they run no Trainer).
@@ -46,7 +46,9 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SEARCH_COMMANDS = ("search", "spin")
 # Data selection and curation (lightning-ft data select|curate|rewrite|filter), dispatched before LightningCLI too.
 DATA_COMMANDS = ("data",)
-COMMANDS = SUBCOMMANDS + POSTHOC_COMMANDS + SEARCH_COMMANDS + DATA_COMMANDS
+# Analysis commands on finished runs (dispatched before LightningCLI too).
+ANALYSIS_COMMANDS = ("mitigate-intruders",)
+COMMANDS = SUBCOMMANDS + POSTHOC_COMMANDS + SEARCH_COMMANDS + DATA_COMMANDS + ANALYSIS_COMMANDS
 # what makes a run folder hold a run that another command must not write over
 RUN_OUTPUTS = ("checkpoints", "hf_model", "report.json", "predictions.jsonl")
 # the model and data classes of a command that names none (a named class gets its own defaults, see
@@ -489,6 +491,11 @@ def _run(argv: list[str]) -> None:
         from lightning_ft.curation.cli import main as data_main
 
         data_main(argv[1:], fit=main)
+        return
+    if argv and argv[0] == "mitigate-intruders":
+        from lightning_ft.monitors.mitigate import main as mitigate_main
+
+        mitigate_main(argv[1:])
         return
     if argv and argv[0] == "spin":
         from lightning_ft.curation.spin import main as spin_main

@@ -41,6 +41,7 @@ from lightning_ft.copilot import CopilotCausalLM, CopilotMixin
 from lightning_ft.data.sampling import ResumableDataLoader, resume_position
 from lightning_ft.errors import UserError
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
+from lightning_ft.monitors import IntruderDimensions
 from lightning_ft.objectives import (
     CAFTCausalLM,
     KaSACausalLM,
@@ -198,6 +199,7 @@ ROWS: list[Row] = [
                     "sentence by the layer check"},
     ),
     Row("lines", LiNeS, lambda host: LiNeS(alpha=0.5)),
+    Row("intruders", IntruderDimensions, lambda host: IntruderDimensions(top_k=4, filename=None)),  # a monitor
     Row(
         "s2ft", S2FT, lambda host: S2FT(v_ratio=0.5, o_ratio=0.25, u_ratio=0.1, d_ratio=0.1), check="structured",
         na={"bert": "S2FT freezes everything but its slices, so an encoder classifier's new head would never train",
