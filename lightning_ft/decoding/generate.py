@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import LogitsProcessorList
 
 from lightning_ft.core.host import require_host
+from lightning_ft.core.support import MethodSupport
 from lightning_ft.decoding.logits_fusion import (
     DynamicLogitsFusion,
     Search,
@@ -207,6 +208,15 @@ class LogitsFusionMixin:
         fusion_search: ``one_expert`` (one expert acts per step, the paper's multi-expert search) or ``joint``.
     """
 
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "quantized", "lora", "mixed"}),
+        {"fsdp2": "{name} runs its small models whole beside the backbone, one step per generate step, which a sharded "
+                  "generate (synced_gpus) does not keep in step: use strategy='ddp' (each process fuses its own "
+                  "prompts)."},
+        "Decoding only (generate and predict; nothing trains). The small base and experts load whole next to the "
+        "backbone, in its floating dtype, and are not checkpointed.",
+    )  # fmt: skip
+
     def __init__(
         self,
         *,
@@ -233,6 +243,18 @@ class LogitsFusionMixin:
                                                  "search": fusion_search}  # fmt: skip
         self._fusion_models: tuple[nn.Module, list[nn.Module]] | None = None  # a tuple: not registered as submodules
 
+    def setup(self, stage: str) -> None:
+        """The host's ``setup``, then the support check (one sentence for a strategy fusion does not run under)."""
+        host: Any = super()
+        host.setup(stage)
+        if self._fusion_sources[0] is not None:
+            from lightning_ft.core.process_group import destroy_process_group_at_exit
+            from lightning_ft.core.support import check_support
+
+            module: Any = self
+            destroy_process_group_at_exit()
+            check_support(self, module.trainer, module.backbone)
+
     def fusion_models(self) -> tuple[nn.Module, list[nn.Module]]:
         """The small base and the experts, loaded once next to the backbone (tokenizers checked)."""
         host: Any = self
@@ -241,7 +263,8 @@ class LogitsFusionMixin:
         if self._fusion_models is None:
             small_base, experts = self._fusion_sources
             assert small_base is not None
-            dtype = str(next(backbone.parameters()).dtype).removeprefix("torch.")
+            floating = next((p.dtype for p in backbone.parameters() if p.dtype.is_floating_point), torch.float32)
+            dtype = str(floating).removeprefix("torch.")  # a quantized backbone's first parameters are integers
             reference = ("model", host.tokenizer)
             self._fusion_models = _load_small(small_base, experts, reference, device, dtype, prefix="fusion_")
         small, experts = self._fusion_models

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lightning_ft.decoding import (
@@ -325,6 +327,10 @@ def test_the_module_predicts_with_fusion_and_without_it_as_its_host(tiny: dict[s
     expected = fuse_generate(dirs["large"], dirs["small"], [dirs["expert"], dirs["expert2"]], PROMPTS,
                              max_new_tokens=6, device="cpu")  # fmt: skip
     assert [r["completion"] for r in rows] == expected
+    batch = {"input_ids": ids, "attention_mask": mask, "prompt": PROMPTS}
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    [predicted] = trainer.predict(module, DataLoader([batch], batch_size=None))
+    assert predicted == rows  # through the Trainer's predict loop (setup checks the declared support)
     count = sum(p.numel() for p in module.parameters())  # the small models are not parameters, not checkpointed
     assert count == sum(p.numel() for p in module.backbone.parameters())
     plain = LogitsFusionCausalLM(model=str(dirs["large"]), max_new_tokens=6)
