@@ -121,6 +121,8 @@ def _cli_class() -> type:
     import lightning_ft.modules  # noqa: F401
     import lightning_ft.copilot  # noqa: F401
     import lightning_ft.objectives  # noqa: F401
+    import lightning_ft.decoding  # noqa: F401
+    import lightning_ft.monitors  # noqa: F401
 
     class ContinuingWriter(ExperimentWriter):
         """Appends to the metrics of the run it continues (Lightning's writer deletes them)."""
@@ -369,7 +371,8 @@ def _load_checkpoint(path: Path) -> Any:
 
 # ---------------------------------------------------------------------------------------------- parser messages
 _CLASS_MODULES = ("lightning_ft.callbacks", "lightning_ft.modules", "lightning_ft.data", "lightning_ft.objectives",
-                  "lightning_ft.copilot", "lightning.pytorch.callbacks", "lightning.pytorch.loggers")  # fmt: skip
+                  "lightning_ft.copilot", "lightning_ft.decoding", "lightning_ft.monitors", "lightning.pytorch.callbacks",
+                  "lightning.pytorch.loggers")  # fmt: skip
 
 
 def known_classes() -> dict[str, type]:
