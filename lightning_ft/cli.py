@@ -43,7 +43,7 @@ __all__ = ["ANALYSIS_COMMANDS", "COMMANDS", "DATA_COMMANDS", "DEFAULT_CLASSES", 
 POSTHOC_COMMANDS = ("merge", "compress", "decompress", "sparse-apply", "estimate")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Commands that run fits of their own (dispatched before LightningCLI too).
-SEARCH_COMMANDS = ("search", "spin")
+SEARCH_COMMANDS = ("search", "spin", "self-train", "explore-novelty")
 # Data selection and curation (lightning-ft data select|curate|rewrite|filter), dispatched before LightningCLI too.
 DATA_COMMANDS = ("data",)
 # Analysis commands on finished runs (dispatched before LightningCLI too).
@@ -494,6 +494,16 @@ def _run(argv: list[str]) -> None:
         from lightning_ft.curation.cli import main as data_main
 
         data_main(argv[1:], fit=main)
+        return
+    if argv and argv[0] == "self-train":
+        from lightning_ft.curation.self_training import main as self_train_main
+
+        self_train_main(argv[1:])
+        return
+    if argv and argv[0] == "explore-novelty":
+        from lightning_ft.curation.novelty import main as novelty_main
+
+        novelty_main(argv[1:])
         return
     if argv and argv[0] == "mitigate-intruders":
         from lightning_ft.monitors.mitigate import main as mitigate_main

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_ft.cli import main
+from lightning_ft.cli import COMMANDS, main
 
 ROOT = "{ws}"
 BASE = ["--config", f"{ROOT}/base.yaml"]
@@ -81,7 +81,8 @@ ROWS: list[tuple[str, list[str], int, str]] = [
     # ---- the command line and the config file (exit 2)
     ("no-command", [], 2, "a command is needed: one of fit, validate, test, predict, merge"),
     ("unknown-command", ["fitt", *BASE], 2, "'fitt' is not a command (commands: fit, validate, test, predict, merge, "
-                                            "compress, decompress, sparse-apply, estimate, search, spin, data): did you mean fit?"),
+                                            "compress, decompress, sparse-apply, estimate, search, spin, self-train, "
+                                            "explore-novelty, data, mitigate-intruders): did you mean fit?"),
     ("config-missing", ["fit", "--config", f"{ROOT}/nowhere.yaml"], 2, "--config {ws}/nowhere.yaml does not exist."),
     ("config-bad-yaml", ["fit", "--config", f"{ROOT}/bad.yaml"], 2, "--config {ws}/bad.yaml is not valid YAML: "),
     ("config-list", ["fit", "--config", f"{ROOT}/list.yaml"], 2, "--config {ws}/list.yaml must hold a mapping of "
@@ -187,6 +188,12 @@ ROWS: list[tuple[str, list[str], int, str]] = [
      "dataset file '{ws}/binary.csv', line 2: byte 0x89 is not UTF-8 text"),
     ("template-field", ["fit", *BASE, "--config", f"{ROOT}/template.yaml"], 1,
      "prompt_template='Q: {{question}}' uses the field 'question', which the dataset does not have"),
+    # ---- the analysis and self-training commands (exit 1)
+    ("mitigate-not-an-adapter", ["mitigate-intruders", "--adapter", "{model}", "--output", f"{ROOT}/mitigated"], 1,
+     "--adapter {model} holds no adapter_config.json: give a peft LoRA adapter folder"),
+    ("self-train-no-labels", ["self-train", "--data", "rotten_tomatoes", "--unlabeled", "rotten_tomatoes",
+                              "--num-labeled", "0", "--work-dir", f"{ROOT}/st"], 1,
+     "--num-labeled 0 must be at least 1: the teacher needs labelled examples."),
 ]  # fmt: skip
 
 
@@ -205,7 +212,7 @@ def test_bad_input_is_one_sentence(
     assert exit_info.value.code == code, err
     assert "Traceback" not in err, err
     lines = err.rstrip("\n").splitlines()
-    command = next((a for a in args if a in ("fit", "validate", "test", "predict")), None)
+    command = next((a for a in args if a in COMMANDS), None)
     prefix = f"lightning-ft {command}: error: " if command else "lightning-ft: error: "
     errors = [line for line in lines if ": error: " in line]
     assert errors == [lines[-1]] and lines[-1].startswith(prefix), err
