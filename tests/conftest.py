@@ -32,6 +32,8 @@ LONGEST_FIRST = (
     "tests/conformance/test_matrix.py",
     "tests/test_real_model.py",
     "tests/curation/test_spin.py",
+    "tests/curation/test_self_training.py",
+    "tests/curation/test_novelty.py",
     "tests/objectives/test_grpo.py",
     "tests/copilot/test_copilot_smollm2.py",
     "tests/callbacks/test_lines.py",
