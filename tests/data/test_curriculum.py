@@ -91,6 +91,9 @@ def test_datamodule_trains_easy_bucket_first_by_a_column_or_by_length(tiny_llama
     lengths = [len(e["input_ids"]) for e in by_length._encoded["train"]]
     first = [lengths[i] for i in list(by_length.train_dataloader().sampler)[:8]]
     assert max(first) <= sorted(lengths)[7]
+    by_response = _data(tmp_path / "r.jsonl", tokenizer, difficulty="response_tokens")
+    expected = [len(tokenizer(f" {r['label']}", add_special_tokens=False)["input_ids"]) for r in by_response._splits["train"]]
+    assert by_response.difficulties() == [float(n) for n in expected]
 
 
 def test_bad_settings_are_refused_in_one_sentence(tiny_llama_dir: Path, tmp_path: Path) -> None:
