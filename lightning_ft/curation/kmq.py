@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ import numpy as np
 
 from lightning_ft.curation.ot import add_embedder_argument, budget_value, make_embedder, resolve_budget, texts_of
 from lightning_ft.curation.records import import_callable
+from lightning_ft.curation.rounds import load_rounds, save_rounds
 from lightning_ft.errors import UserError
 
 __all__ = [
@@ -65,7 +65,6 @@ __all__ = [
 
 Reward = Callable[[list[str], list[str]], Sequence[float]]
 STATE_FILE = "state.json"
-_STATE_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------- core functions
@@ -230,22 +229,11 @@ class _State:
 
 
 def _load_state(path: Path, settings: dict[str, Any]) -> _State:
-    if not path.is_file():
-        return _State(settings)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("version") != _STATE_VERSION or data.get("settings") != settings:
-        changed = sorted(k for k in settings if data.get("settings", {}).get(k) != settings[k])
-        raise UserError(f"--work-dir {path.parent} holds rounds of other settings ({', '.join(changed) or 'version'} "
-                        "differ): rerun with the same options to resume, or give a new --work-dir.")  # fmt: skip
-    return _State(settings, [RoundState(**r) for r in data["rounds"]])
+    return _State(settings, [RoundState(**r) for r in load_rounds(path, settings)])
 
 
 def _save_state(path: Path, state: _State) -> None:
-    from lightning_ft.core.io import atomic_file
-
-    data = {"version": _STATE_VERSION, "settings": state.settings, "rounds": [vars(r) for r in state.rounds]}
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    save_rounds(path, state.settings, [vars(r) for r in state.rounds])
 
 
 def _save_labels(path: Path, labels: np.ndarray) -> None:

@@ -40,13 +40,13 @@ from typing import Any
 
 import torch
 
+from lightning_ft.curation.rounds import load_rounds, save_rounds, settings_of
 from lightning_ft.errors import SentenceParser, UserError
 
 __all__ = ["ContrastSettings", "Example", "contrastive_generate", "main", "plausible_contrast", "score_tokens"]
 
 PROG = "lightning-ft explore-novelty"
 STATE_FILE = "state.json"
-_STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -326,27 +326,8 @@ def _encode(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    skip = ("rounds", "out", "work_dir", "batch_size")  # a larger --rounds continues; these change no example
-    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k not in skip}
-
-
-def _load_state(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("version") != _STATE_VERSION or data.get("settings") != settings:
-        changed = sorted(k for k in settings if data.get("settings", {}).get(k) != settings[k])
-        raise UserError(f"--work-dir {path.parent} holds rounds of other settings ({', '.join(changed) or 'version'} "
-                        "differ): rerun with the same options to resume, or give a new --work-dir.")  # fmt: skip
-    return list(data["rounds"])
-
-
-def _save_state(path: Path, settings: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
-    from lightning_ft.core.io import atomic_file
-
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps({"version": _STATE_VERSION, "settings": settings, "rounds": rounds}, indent=1) + "\n",
-                       encoding="utf-8")  # fmt: skip
+    # a larger --rounds continues a finished run; the other skipped options change no example
+    return settings_of(args, skip=("rounds", "out", "work_dir", "batch_size"))
 
 
 def _records(examples: list[Example], tokenizer: Any, prompts: list[str], round_: int) -> list[dict[str, Any]]:
@@ -385,7 +366,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = args.work_dir or args.out.with_name(f"{args.out.stem}.rounds")
     work.mkdir(parents=True, exist_ok=True)
     settings, state_path = _settings(args), work / STATE_FILE
-    rounds = _load_state(state_path, settings)
+    rounds = load_rounds(state_path, settings)
     decode = ContrastSettings(args.max_new_tokens, args.alpha, args.gamma, args.temperature, args.stop_at_eos,
                               args.batch_size)  # fmt: skip
     if args.rounds > 1 or len(rounds) > 1:
@@ -406,7 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             path = root / "examples.jsonl"
             write_dataset(_records(examples, tokenizer, prompts, k), path, {"method": "cge", "round": k})
             rounds.append({"round": k, "examples": str(path), "adapter": None, "update": None})
-            _save_state(state_path, settings, rounds)
+            save_rounds(state_path, settings, rounds)
         entry = rounds[k - 1]
         if k < args.rounds and entry["adapter"] is None and args.update_steps > 0:
             from peft import get_peft_model_state_dict
@@ -419,7 +400,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with atomic_file(root / "adapter.pt") as tmp:
                 torch.save(get_peft_model_state_dict(base), tmp)
             entry["adapter"] = str(root / "adapter.pt")
-            _save_state(state_path, settings, rounds)
+            save_rounds(state_path, settings, rounds)
     records = [r for e in rounds[: args.rounds] for r in _read(Path(e["examples"]))]
     report = {"method": "cge", "paper": "https://arxiv.org/abs/2410.14765", "base": args.base, "model": args.model,
               "settings": {**settings, "rounds": args.rounds, "decode": asdict(decode)},

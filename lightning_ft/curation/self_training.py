@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_ft.curation.rounds import load_rounds, save_rounds, settings_of
 from lightning_ft.errors import SentenceParser, UserError
 
 __all__ = [
@@ -69,7 +70,6 @@ __all__ = [
 
 PROG = "lightning-ft self-train"
 STATE_FILE = "state.json"
-_STATE_VERSION = 1
 _EPS = 1e-12
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -408,26 +408,7 @@ def _pool(args: argparse.Namespace, labels: list[str]) -> tuple[list[str], list[
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    skip = ("work_dir", "iterations")
-    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k not in skip}
-
-
-def _load_state(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("version") != _STATE_VERSION or data.get("settings") != settings:
-        changed = sorted(k for k in settings if data.get("settings", {}).get(k) != settings[k])
-        raise UserError(f"--work-dir {path.parent} holds iterations of other settings ({', '.join(changed) or 'version'}"
-                        " differ): rerun with the same options to resume, or give a new --work-dir.")  # fmt: skip
-    return list(data["iterations"])
-
-
-def _save_state(path: Path, settings: dict[str, Any], iterations: list[dict[str, Any]]) -> None:
-    from lightning_ft.core.io import write_text_atomic
-
-    write_text_atomic(path, json.dumps({"version": _STATE_VERSION, "settings": settings, "iterations": iterations},
-                                       indent=1) + "\n")  # fmt: skip
+    return settings_of(args, skip=("work_dir", "iterations"))
 
 
 def _accuracy(model: PromptClassifier, texts: Sequence[str], labels: Sequence[int], batch_size: int) -> float | None:
@@ -465,7 +446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     settings, state_path = _settings(args), work / STATE_FILE
-    iterations = _load_state(state_path, settings)
+    iterations = load_rounds(state_path, settings, key="iterations")
     for t in range(args.iterations + 1):
         if len(iterations) > t:
             continue
@@ -493,7 +474,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with atomic_file(root / "model.pt") as tmp:
             torch.save(model.trainable_state(), tmp)
         iterations.append(entry)
-        _save_state(state_path, settings, iterations)
+        save_rounds(state_path, settings, iterations, key="iterations")
     report = {"method": "list", "labels": labels, "iterations": iterations[: args.iterations + 1],
               "final_model": iterations[args.iterations]["model"]}  # fmt: skip
     write_text_atomic(work / "report.json", json.dumps(report, indent=1) + "\n")

@@ -29,14 +29,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_ft.core.io import write_text_atomic
 from lightning_ft.curation.kmq import fit_config_arguments, fit_round
+from lightning_ft.curation.rounds import load_rounds, save_rounds, settings_of
 from lightning_ft.errors import SentenceParser, UserError
 
 __all__ = ["main", "spin_pairs"]
 
 PROG = "lightning-ft spin"
 STATE_FILE = "state.json"
-_STATE_VERSION = 1
 
 
 def spin_pairs(prompts: Sequence[str], gold: Sequence[str], generated: Sequence[str], iteration: int) -> list[dict]:
@@ -94,27 +95,7 @@ def _start_model(config: Path) -> str:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k not in ("work_dir",
-            "fit_command")}  # fmt: skip
-
-
-def _load_state(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("version") != _STATE_VERSION or data.get("settings") != settings:
-        changed = sorted(k for k in settings if data.get("settings", {}).get(k) != settings[k])
-        raise UserError(f"--work-dir {path.parent} holds iterations of other settings ({', '.join(changed) or 'version'}"
-                        " differ): rerun with the same options to resume, or give a new --work-dir.")  # fmt: skip
-    return list(data["iterations"])
-
-
-def _save_state(path: Path, settings: dict[str, Any], iterations: list[dict[str, Any]]) -> None:
-    from lightning_ft.core.io import atomic_file
-
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps({"version": _STATE_VERSION, "settings": settings, "iterations": iterations},
-                                  indent=1) + "\n", encoding="utf-8")  # fmt: skip
+    return settings_of(args, skip=("work_dir", "fit_command"))
 
 
 def _generate(model: str, prompts: list[str], args: argparse.Namespace, cache: Path) -> list[str]:
@@ -154,7 +135,7 @@ def run(args: argparse.Namespace, fit: Callable[[list[str]], None]) -> dict[str,
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     settings, state_path = _settings(args), work / STATE_FILE
-    iterations = _load_state(state_path, settings)
+    iterations = load_rounds(state_path, settings, key="iterations")
     model = _start_model(args.fit_config)
     for t in range(1, args.iterations + 1):
         root = work / f"iteration_{t}"
@@ -171,17 +152,17 @@ def run(args: argparse.Namespace, fit: Callable[[list[str]], None]) -> dict[str,
                                                   "carried": len(carried), "same_as_gold": len(prompts) - len(pairs)})  # fmt: skip
             iterations.append({"iteration": t, "start_model": model, "pairs": str(path), "new_pairs": len(pairs),
                                "carried": len(carried), "same_as_gold": len(prompts) - len(pairs), "model": None})  # fmt: skip
-            _save_state(state_path, settings, iterations)
+            save_rounds(state_path, settings, iterations, key="iterations")
         entry = iterations[t - 1]
         if entry["model"] is None:
             extra = ["--model.init_args.model", entry["start_model"], "--model.init_args.merge_adapter", "true",
                      "--data.init_args.prompt_template", "{prompt}", "--data.init_args.chosen_template", "{chosen}",
                      "--data.init_args.rejected_template", "{rejected}", "--data.init_args.label_options", "null"]  # fmt: skip
             entry["model"] = _exported(fit_round(args.fit_config, Path(entry["pairs"]), root, fit, extra))
-            _save_state(state_path, settings, iterations)
+            save_rounds(state_path, settings, iterations, key="iterations")
         model = entry["model"]
     report = {"method": "spin", "iterations": iterations, "final_model": model}
-    (work / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(work / "report.json", json.dumps(report, indent=1) + "\n")
     return report
 
 
