@@ -26,9 +26,10 @@ from typing import Any
 from lightning_ft.errors import UserError
 
 __all__ = [
-    "AssetMissingError",
     "BUNDLED_DATASETS",
     "BUNDLED_MODELS",
+    "AssetMissingError",
+    "adapter_base",
     "cache_dir",
     "load_dataset_records",
     "package_dir",
@@ -100,6 +101,15 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model a peft adapter folder names (``base_model_name_or_path`` of its ``adapter_config.json``)."""
+    base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"the adapter folder {folder} does not name its base model (base_model_name_or_path in "
+                        "adapter_config.json): set it, or merge the adapter into its base first.")  # fmt: skip
+    return str(base)
 
 
 def is_bundled_model(name: str) -> bool:

@@ -215,12 +215,12 @@ class GenerationService:
     ) -> tuple[torch.nn.Module, Any, str]:
         from transformers import AutoModelForCausalLM
 
-        from lightning_ft.assets import resolve_model
+        from lightning_ft.assets import adapter_base, resolve_model
         from lightning_ft.modules.backbone import quantization_config, torch_dtype
 
         path = Path(resolve_model(model, weights=True))
         adapter = (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
-        base = Path(resolve_model(_adapter_base(path), weights=True)) if adapter else path
+        base = Path(resolve_model(adapter_base(path), weights=True)) if adapter else path
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
         if quantization is not None:
@@ -425,13 +425,6 @@ class GenerationService:
         targets = labels[:, 1:].cpu()
         return [logprobs[row][targets[row] != IGNORE_INDEX].numpy() for row in range(len(examples))]
 
-
-def _adapter_base(folder: Path) -> str:
-    base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"the adapter folder {folder} does not name its base model (base_model_name_or_path in "
-                        "adapter_config.json): set it, or merge the adapter into its base first.")  # fmt: skip
-    return str(base)
 
 
 def _load_tokenizer(source: str) -> Any:

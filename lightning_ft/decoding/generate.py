@@ -40,11 +40,11 @@ def load_causal_lm(
         return (backbone if isinstance(backbone, nn.Module) else source), getattr(source, "tokenizer", None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lightning_ft.assets import resolve_model
+    from lightning_ft.assets import adapter_base, resolve_model
 
     path = Path(resolve_model(source, weights=True))
     adapter = (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
-    base = Path(resolve_model(_adapter_base(path), weights=True)) if adapter else path
+    base = Path(resolve_model(adapter_base(path), weights=True)) if adapter else path
     dtype_value = getattr(torch, dtype, None)
     if not isinstance(dtype_value, torch.dtype):
         raise UserError(f"dtype={dtype!r} is not a torch dtype: use 'float32', 'bfloat16' or 'float16'.")
@@ -58,15 +58,6 @@ def load_causal_lm(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
-
-def _adapter_base(folder: Path) -> str:
-    import json
-
-    base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"the adapter folder {folder} does not name its base model (base_model_name_or_path in "
-                        "adapter_config.json): set it, or merge the adapter into its base first.")  # fmt: skip
-    return str(base)
 
 
 def _load_small(
