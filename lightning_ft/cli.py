@@ -47,7 +47,7 @@ SEARCH_COMMANDS = ("search", "spin", "self-train", "explore-novelty")
 # Data selection and curation (lightning-ft data select|curate|rewrite|filter), dispatched before LightningCLI too.
 DATA_COMMANDS = ("data",)
 # Analysis commands on finished runs (dispatched before LightningCLI too).
-ANALYSIS_COMMANDS = ("mitigate-intruders",)
+ANALYSIS_COMMANDS = ("mitigate-intruders", "analyze-shift", "steer", "compare")
 COMMANDS = SUBCOMMANDS + POSTHOC_COMMANDS + SEARCH_COMMANDS + DATA_COMMANDS + ANALYSIS_COMMANDS
 # what makes a run folder hold a run that another command must not write over
 RUN_OUTPUTS = ("checkpoints", "hf_model", "report.json", "predictions.jsonl")
@@ -155,6 +155,10 @@ def _cli_class() -> type:
             parser.add_argument("--run_name", type=str | None, default=None, help="Run folder name under runs/.")
             parser.add_argument(
                 "--wandb", type=str, default="auto", help="W&B logging: auto (offline unless configured), online, offline, disabled."
+            )
+            parser.add_argument(
+                "--report", type=bool, default=True,
+                help="fit: add RunDashboard (W&B panels of every method's state, dashboard.json and report.html in the run folder).",
             )
             parser.set_defaults({key: {"class_path": path} for key, path in DEFAULT_CLASSES.items()})
 
@@ -317,6 +321,11 @@ def _cli_class() -> type:
                 extra.append(ModelCheckpoint(dirpath=root / "checkpoints", save_last="link", enable_version_counter=False))
             if not any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks) and trainer_cfg.get("enable_progress_bar") is not False:
                 extra.append(RichProgressBar(leave=True))
+            if config.get("report", True):  # it acts in fit only; elsewhere it takes its state from a fit checkpoint
+                from lightning_ft.monitors.dashboard import RunDashboard
+
+                if not any(type(c).__name__ == "RunDashboard" for c in callbacks):
+                    extra.append(RunDashboard())
             if self.subcommand == "predict":
                 from lightning_ft.callbacks import JsonlPredictionWriter
 
@@ -509,6 +518,21 @@ def _run(argv: list[str]) -> None:
         from lightning_ft.monitors.mitigate import main as mitigate_main
 
         mitigate_main(argv[1:])
+        return
+    if argv and argv[0] == "analyze-shift":
+        from lightning_ft.monitors.attribution import main as analyze_main
+
+        analyze_main(argv[1:])
+        return
+    if argv and argv[0] == "steer":
+        from lightning_ft.monitors.steer import main as steer_main
+
+        steer_main(argv[1:])
+        return
+    if argv and argv[0] == "compare":
+        from lightning_ft.monitors.compare import main as compare_main
+
+        compare_main(argv[1:])
         return
     if argv and argv[0] == "spin":
         from lightning_ft.curation.spin import main as spin_main

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_ft.core.io import atomic_file, write_text_atomic
+from lightning_ft.monitors.panels import Panel
 from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer, is_quantized_param, plain_name
 from lightning_ft.core.shards import any_rank, is_sharded, local
 from lightning_ft.core.snapshot import PretrainedSnapshot
@@ -312,6 +313,24 @@ class LiNeS(L.Callback):
                 logger.log_table(key="lines/sweep", columns=columns, data=[[r[c] for c in columns] for r in rows])
             if figure is not None and hasattr(logger, "log_image"):
                 logger.log_image(key="lines/sweep_plot", images=[str(figure)])
+
+    def dashboard_panels(self) -> list[Panel]:
+        """The factor of each block for the chosen alpha, and the alpha sweep."""
+        if self.chosen_alpha is None or self._snapshot is None:
+            return []
+        per_block: dict[str, float] = {}
+        for info in self._snapshot.layer_map:
+            label = f"{info.block:02d}" if info.block is not None else info.kind.value
+            per_block.setdefault(label, self.factors(self.chosen_alpha)[info.name])
+        panels = [Panel("lines/factors", f"LiNeS factor per block (alpha {self.chosen_alpha:g}, beta "
+                        f"{self._beta(self.chosen_alpha):g})", "bars", ["block", "factor"],
+                        [[k, v] for k, v in sorted(per_block.items())], x_label="block", y_label="factor",
+                        note="The fine-tuning update of each tensor is multiplied by its block's factor.")]  # fmt: skip
+        if self.sweep:
+            columns = list(self.sweep[0])
+            panels.append(Panel("lines/sweep", "LiNeS alpha sweep", "lines", columns, [[r.get(c) for c in columns] for r in self.sweep],
+                                x_label="alpha", note=f"Chosen alpha = {self.chosen_alpha:g}."))  # fmt: skip
+        return panels
 
     # ------------------------------------------------------------------ state
     @override

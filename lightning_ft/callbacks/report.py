@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_ft.core.io import write_text_atomic
+from lightning_ft.monitors.panels import Panel
 
 __all__ = ["ForgettingReport"]
 
@@ -125,6 +126,14 @@ class ForgettingReport(L.Callback):
                 change = f"{a - b:+.3f}" if key == "target_acc" else f"{(a - b) / abs(b) * 100:+.1f}%" if b else ""
             rows.append((label, fmt.format(b) if b is not None else "-", fmt.format(a) if a is not None else "-", change))
         return rows
+
+    def dashboard_panels(self) -> list[Panel]:
+        """The before/after table (for :class:`~lightning_ft.monitors.RunDashboard`)."""
+        rows = self.table()
+        if not rows:
+            return []
+        return [Panel("report/before_after", "Before vs after fine-tuning", "table", ["metric", "before", "after", "change"],
+                      [list(r) for r in rows], note="Target metrics and control perplexity on the validation loaders.")]
 
     @rank_zero_only
     def _emit(self, trainer: L.Trainer) -> None:

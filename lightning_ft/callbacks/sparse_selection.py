@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_ft.callbacks.sparse_stepping import _SparseStepping
 from lightning_ft.core.layer_map import KIND_GROUPS, LayerMap, ParamInfo, ParamKind
 from lightning_ft.core.shards import full_tensor, local, shard_info
+from lightning_ft.monitors.panels import Panel
 from lightning_ft.sparse.compact import CompactState
 from lightning_ft.sparse.rules import SelectionContext, SelectionRule
 from lightning_ft.sparse.topk import allocate, global_topk, sharded_topk, tensor_topk
@@ -240,6 +241,28 @@ class _SparseSelection(_SparseStepping):
         out.update({"sparse/selected": float(selected), "sparse/density": selected / max(1, self.eligible_numel),
                     "sparse/state_mib": self.state_bytes / 2**20})  # fmt: skip
         return out
+
+    def dashboard_panels(self) -> list[Panel]:
+        """Mask density per block and matrix, and the density at each selection."""
+        if not self.states or self._layer_map is None:
+            return []
+        cells: dict[tuple[str, str], list[int]] = {}
+        for name, state in self.states.items():
+            info = self._layer_map[name]
+            row = f"{info.block:02d}" if info.block is not None else info.kind.value
+            kind = name.removesuffix(".weight").rsplit(".", 1)[-1]
+            acc = cells.setdefault((row, kind), [0, 0])
+            acc[0] += state.numel
+            acc[1] += info.numel
+        rows, kinds = sorted({r for r, _ in cells}), sorted({k for _, k in cells})
+        heat = [[cells[(r, k)][0] / cells[(r, k)][1] if (r, k) in cells else None for k in kinds] for r in rows]
+        note = "Share of each matrix's entries in the mask (this process's shard under FSDP2)."
+        panels = [Panel("sparse/density", "Sparse mask density per block and matrix", "heatmap", kinds, heat, rows=rows,
+                        x_label="matrix", y_label="block", note=note)]  # fmt: skip
+        events = [[e["step"], e.get("sparse/density")] for e in self.events if e.get("sparse/density") is not None]
+        if events:
+            panels.append(Panel("sparse/selections", "Sparse mask density at each selection", "lines", ["step", "density"], events))
+        return panels
 
     def _log_event(self, trainer: L.Trainer, event: str, metrics: dict[str, float]) -> None:
         self.events.append({"event": event, "step": trainer.global_step, **metrics})

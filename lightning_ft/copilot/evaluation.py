@@ -14,6 +14,7 @@ from lightning_ft.copilot.decoder import DecoderCache, pack_stream
 from lightning_ft.copilot.fusion import CopilotLogitsProcessor, PilotCapture, fuse_log_probs
 from lightning_ft.copilot.rounds import target_columns
 from lightning_ft.copilot.training import CopilotTraining
+from lightning_ft.monitors.panels import Panel
 from lightning_ft.core.host import ModuleHost
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules.metrics import EvalMetrics
@@ -188,6 +189,15 @@ class CopilotEvaluation(CopilotTraining):
         if path is not None and trainer.is_global_zero:
             self.save_copilot(path)
         trainer.strategy.barrier("lightning_ft.save_copilot")
+
+    def dashboard_panels(self) -> list[Panel]:
+        """The lambda sweep (when ``lambda`` was chosen at the end of ``fit``)."""
+        if not self.lambda_sweep:
+            return []
+        columns = list(self.lambda_sweep[0])
+        return [Panel("copilot/lambda_sweep", "Copilot lambda sweep", "lines", columns,
+                      [[r.get(c) for c in columns] for r in self.lambda_sweep], x_label="lambda",
+                      note=f"Chosen lambda = {self.copilot_lambda:g}; the error RMSE is in the curves (val/copilot_rmse).")]  # fmt: skip
 
     def _record_lambda_in_last_checkpoint(self, trainer: Any) -> None:
         """The last checkpoint was written before ``lambda`` was chosen: put the choice into it, so that

@@ -34,6 +34,7 @@ from lightning_ft.core.io import write_text_atomic
 from lightning_ft.core.layer_map import ParamInfo, find_transformer, plain_name
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.core.support import MethodSupport, check_support, sharded_refusal
+from lightning_ft.monitors.panels import Panel
 
 __all__ = ["IntruderDimensions", "effective_matrices", "intruder_similarities"]
 
@@ -189,6 +190,24 @@ class IntruderDimensions(L.Callback):
         root.mkdir(parents=True, exist_ok=True)
         payload = {"top_k": self.top_k, "epsilon": self.epsilon, "history": self.history}
         write_text_atomic(root / f"{self.filename}.json", json.dumps(payload, indent=1))
+
+    def dashboard_panels(self) -> list[Panel]:
+        """Intruders per block and module at the last count, and the total over steps."""
+        if not self.history or self._snapshot is None:
+            return []
+        blocks = {plain_name(i.name): i.block for i in self._snapshot.layer_map}
+        counts = self.history[-1]["counts"]
+        kinds = sorted({n.removesuffix(".weight").rsplit(".", 1)[-1] for n in counts})
+        numbers = sorted({b for n in counts if (b := blocks.get(n)) is not None})
+        grid = {(blocks.get(n), n.removesuffix(".weight").rsplit(".", 1)[-1]): c for n, c in counts.items()}
+        heat = [[grid.get((b, k), 0) for k in kinds] for b in numbers]
+        total = [[h["step"], sum(h["counts"].values())] for h in self.history]
+        note = f"top_k={self.top_k}, epsilon={self.epsilon}: singular vectors unlike every pretrained one."
+        return [
+            Panel("intruders/per_block", f"Intruder dimensions per block and matrix (step {self.history[-1]['step']})",
+                  "heatmap", kinds, heat, rows=[f"{b:02d}" for b in numbers], x_label="matrix", y_label="block", note=note),
+            Panel("intruders/total", "Intruder dimensions over steps", "lines", ["step", "intruders"], total, note=note),
+        ]  # fmt: skip
 
     @override
     def state_dict(self) -> dict[str, Any]:

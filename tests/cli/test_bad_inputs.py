@@ -82,7 +82,7 @@ ROWS: list[tuple[str, list[str], int, str]] = [
     ("no-command", [], 2, "a command is needed: one of fit, validate, test, predict, merge"),
     ("unknown-command", ["fitt", *BASE], 2, "'fitt' is not a command (commands: fit, validate, test, predict, merge, "
                                             "compress, decompress, sparse-apply, estimate, search, spin, self-train, "
-                                            "explore-novelty, data, mitigate-intruders): did you mean fit?"),
+                                            "explore-novelty, data, mitigate-intruders, analyze-shift, steer, compare): did you mean fit?"),
     ("config-missing", ["fit", "--config", f"{ROOT}/nowhere.yaml"], 2, "--config {ws}/nowhere.yaml does not exist."),
     ("config-bad-yaml", ["fit", "--config", f"{ROOT}/bad.yaml"], 2, "--config {ws}/bad.yaml is not valid YAML: "),
     ("config-list", ["fit", "--config", f"{ROOT}/list.yaml"], 2, "--config {ws}/list.yaml must hold a mapping of "
@@ -191,6 +191,11 @@ ROWS: list[tuple[str, list[str], int, str]] = [
     # ---- the analysis and self-training commands (exit 1)
     ("mitigate-not-an-adapter", ["mitigate-intruders", "--adapter", "{model}", "--output", f"{ROOT}/mitigated"], 1,
      "--adapter {model} holds no adapter_config.json: give a peft LoRA adapter folder"),
+    ("compare-no-report", ["compare", "{ws}", "--out", f"{ROOT}/cmp"], 1,
+     "{ws} has no report.json: add ForgettingReport to that fit"),
+    ("analyze-shift-no-probe", ["analyze-shift", "--base", "{model}", "--tuned", "{model}", "--probe",
+                                f"{ROOT}/nowhere.jsonl", "--out", f"{ROOT}/shift"], 1,
+     "--probe {ws}/nowhere.jsonl is not a file: give a JSONL file of records with a prompt and a response column."),
     ("self-train-no-labels", ["self-train", "--data", "rotten_tomatoes", "--unlabeled", "rotten_tomatoes",
                               "--num-labeled", "0", "--work-dir", f"{ROOT}/st"], 1,
      "--num-labeled 0 must be at least 1: the teacher needs labelled examples."),

@@ -45,6 +45,24 @@ def test_fit_then_validate_test_predict(tiny_llama_dir: Path, tmp_path: Path, ca
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert offline, "the W&B run must be written offline"
     AutoModelForCausalLM.from_pretrained(run / "hf_model")
+    dashboard = json.loads((run / "dashboard.json").read_text())  # RunDashboard is on by default in fit
+    assert {"report/before_after", "curves/loss"} <= {p["key"] for p in dashboard["panels"]}
+    assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+    # a second run without the dashboard, then both side by side
+    main(["fit", "--config", str(config), "--run_name", "second", "--report", "false", "--trainer.max_steps", "2"])
+    assert not (tmp_path / "runs" / "second" / "report.html").exists()
+    capsys.readouterr()
+    main(["compare", str(run), str(tmp_path / "runs" / "second"), "--out", str(tmp_path / "cmp")])
+    table = capsys.readouterr().out.splitlines()
+    second = json.loads((tmp_path / "runs" / "second" / "report.json").read_text())
+    assert table[0].startswith("| run | step | target_acc before | target_acc after | target_acc change |")
+    b, a = second["before"]["target_acc"], second["after"]["target_acc"]
+    assert table[3].startswith(f"| second | 2 | {b:.4g} | {a:.4g} | {a - b:.4g} |")
+    compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    change = compared["rows"][0][compared["columns"].index("control_ppl change %")]
+    assert change == pytest.approx((report["after"]["control_ppl"] / report["before"]["control_ppl"] - 1) * 100)
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0 and "<svg" in (tmp_path / "cmp" / "compare.html").read_text()
 
     ckpt = str(run / "checkpoints" / "last.ckpt")
     main(["validate", "--config", str(config), "--run_name", "val", "--ckpt_path", ckpt])
