@@ -1,7 +1,11 @@
-"""Analysis callbacks that show what fine-tuning changed, logged through every logger and into the run folder."""
+"""Analysis callbacks that show what fine-tuning changed, logged through every logger and into the run folder, and
+the run's dashboard (W&B panels, ``report.html``, ``lightning-ft compare``)."""
 
 from lightning_ft.monitors.dashboard import RunDashboard, collect_panels
 from lightning_ft.monitors.intruders import IntruderDimensions, effective_matrices, intruder_similarities
 from lightning_ft.monitors.panels import Panel
+from lightning_ft.monitors.representation import RepresentationShift, linear_cka
+from lightning_ft.monitors.steer import steer
 
-__all__ = ["IntruderDimensions", "Panel", "RunDashboard", "collect_panels", "effective_matrices", "intruder_similarities"]
+__all__ = ["IntruderDimensions", "Panel", "RepresentationShift", "RunDashboard", "collect_panels", "effective_matrices",
+           "intruder_similarities", "linear_cka", "steer"]

@@ -142,16 +142,19 @@ class IntruderDimensions(L.Callback):
                 "to a transformers model."
             )
 
-    def counts(self) -> dict[str, int]:
-        """Intruders per matrix (plain parameter name) of the model as it is now."""
+    def similarities(self) -> dict[str, torch.Tensor]:
+        """``s_j`` of the top-k singular vectors of every matrix (plain parameter name) of the model as it is now."""
         assert self._model is not None and self._snapshot is not None, "call setup('fit') first"
-        out: dict[str, int] = {}
+        out: dict[str, torch.Tensor] = {}
         for info, current in effective_matrices(self._model, self._snapshot):
             owner = _owner(self._model, info)
             base = _as_out_in(owner, self._snapshot.get(info.name, dtype=torch.float32))
-            sims = intruder_similarities(base, current.cpu(), self.top_k)
-            out[plain_name(info.name)] = int((sims < self.epsilon).sum())
+            out[plain_name(info.name)] = intruder_similarities(base, current.cpu(), self.top_k)
         return out
+
+    def counts(self) -> dict[str, int]:
+        """Intruders per matrix (plain parameter name) of the model as it is now."""
+        return {name: int((sims < self.epsilon).sum()) for name, sims in self.similarities().items()}
 
     def _record(self, trainer: L.Trainer) -> None:
         if trainer.global_rank != 0 or (self.history and self.history[-1]["step"] == trainer.global_step):

@@ -42,6 +42,7 @@ from lightning_ft.core.anatomy import decoder_parts
 from lightning_ft.core.io import atomic_file, write_text_atomic
 from lightning_ft.core.layer_map import find_transformer
 from lightning_ft.core.support import MethodSupport, check_support, sharded_refusal
+from lightning_ft.monitors.panels import Panel
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -354,6 +355,21 @@ class RepresentationShift(L.Callback):
         shifts, counts = concept_shift_vectors(base, self._latest[1][self._layer], self.labels, self.num_concepts)
         return {"layer": self._layer, "num_layers": len(self.base_states), "hidden_size": base.shape[1],
                 "step": step, "centroids": self.centroids, "shifts": shifts, "counts": counts}  # fmt: skip
+
+    def dashboard_panels(self) -> list[Panel]:
+        """Linear CKA and mean shift of every layer at each measurement (heatmaps: steps x layers)."""
+        if not self.history:
+            return []
+        layers = [f"{i:02d}" for i in range(len(self.history[0]["cka"]))]
+        steps = [str(h["step"]) for h in self.history]
+        return [
+            Panel("representation/cka", "Representation shift: linear CKA with the base model per layer", "heatmap",
+                  layers, [h["cka"] for h in self.history], rows=steps, x_label="layer (block output)", y_label="step",
+                  note="1 = the probe set's hidden states are the base model's up to rotation, scale and offset."),
+            Panel("representation/shift", "Representation shift: mean shift norm per layer", "heatmap", layers,
+                  [h["shift"] for h in self.history], rows=steps, x_label="layer (block output)", y_label="step",
+                  note="||mean(h_current) - mean(h_base)|| over the probe tokens."),
+        ]  # fmt: skip
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer) -> None:

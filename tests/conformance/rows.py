@@ -42,6 +42,7 @@ from lightning_ft.data.sampling import ResumableDataLoader, resume_position
 from lightning_ft.errors import UserError
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_ft.monitors import IntruderDimensions
+from lightning_ft.monitors.representation import RepresentationShift
 from lightning_ft.objectives import (
     CAFTCausalLM,
     KaSACausalLM,
@@ -200,6 +201,10 @@ ROWS: list[Row] = [
     ),
     Row("lines", LiNeS, lambda host: LiNeS(alpha=0.5)),
     Row("intruders", IntruderDimensions, lambda host: IntruderDimensions(top_k=4, filename=None)),  # a monitor
+    Row("representation", RepresentationShift,  # a monitor
+        lambda host: RepresentationShift(num_concepts=2, filename=None, shifts_filename=None),
+        na={"bert": "RepresentationShift hooks a causal LM's decoder blocks: an encoder classifier is refused in one "
+                    "sentence (tests/monitors/test_representation.py)"}),
     Row(
         "s2ft", S2FT, lambda host: S2FT(v_ratio=0.5, o_ratio=0.25, u_ratio=0.1, d_ratio=0.1), check="structured",
         na={"bert": "S2FT freezes everything but its slices, so an encoder classifier's new head would never train",

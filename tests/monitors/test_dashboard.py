@@ -19,7 +19,7 @@ import torch
 
 from lightning_ft.callbacks import ForgettingReport, LayerwiseSampling, SparseFineTuning
 from lightning_ft.modules import CausalLMModule
-from lightning_ft.monitors import IntruderDimensions, Panel, RunDashboard
+from lightning_ft.monitors import IntruderDimensions, Panel, RepresentationShift, RunDashboard
 from lightning_ft.monitors.panels import svg_of
 from lightning_ft.sparse import Magnitude
 from helpers import make_data, make_trainer
@@ -61,7 +61,7 @@ def lisa_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     os.environ["WANDB_MODE"] = "offline"
     root = tmp_path_factory.mktemp("lisa")
     callbacks = [ForgettingReport(print_table=False), LayerwiseSampling(num_active=1, interval=2, seed=1),
-                 IntruderDimensions(top_k=4), RunDashboard()]  # fmt: skip
+                 IntruderDimensions(top_k=4), RepresentationShift(num_concepts=2), RunDashboard()]  # fmt: skip
     _fit(root, tiny_llama_dir, callbacks, 6, wandb=True)
     return root
 
@@ -73,7 +73,7 @@ def _panels(root: Path) -> dict[str, dict[str, Any]]:
 def test_dashboard_holds_every_methods_state(lisa_run: Path) -> None:
     panels = _panels(lisa_run)
     assert {"report/before_after", "curves/loss", "curves/target", "curves/control", "selection/LayerwiseSampling",
-            "intruders/per_block", "intruders/total"} <= set(panels)  # fmt: skip
+            "intruders/per_block", "intruders/total", "representation/cka", "representation/shift"} <= set(panels)  # fmt: skip
     report = json.loads((lisa_run / "report.json").read_text())
     table = panels["report/before_after"]
     assert table["columns"] == ["metric", "before", "after", "change"]
@@ -91,6 +91,9 @@ def test_dashboard_holds_every_methods_state(lisa_run: Path) -> None:
     assert [row[1] for row in loss["values"]] == pytest.approx(logged)
     intruders = json.loads((lisa_run / "intruders.json").read_text())["history"][-1]["counts"]
     assert sum(sum(row) for row in panels["intruders/per_block"]["values"]) == sum(intruders.values())
+    representation = json.loads((lisa_run / "representation.json").read_text())["history"]
+    assert panels["representation/cka"]["values"] == [h["cka"] for h in representation]
+    assert panels["representation/cka"]["rows"] == [str(h["step"]) for h in representation] == ["2", "4", "6"]
 
 
 def _wandb_records(root: Path) -> list[dict[str, Any]]:

@@ -198,6 +198,15 @@ def test_bad_settings_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
         RepresentationShift(num_concepts=500).setup(make_trainer(tmp_path, 1), module, "fit")
 
 
+def test_an_encoder_classifier_is_refused_in_one_sentence(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from lightning_ft.modules import SequenceClassificationModule
+
+    module = SequenceClassificationModule(model=str(tiny_bert_dir), num_labels=2, output_dir="")
+    with pytest.raises(ValueError, match=r"^RepresentationShift needs a causal LM .* which BertForSequenceClassification "
+                                         r"does not expose: use a Llama/Mistral/Qwen2/GPT-2-style AutoModelForCausalLM\.$"):
+        RepresentationShift().setup(make_trainer(tmp_path, 1), module, "fit")
+
+
 def test_steer_refusals_are_one_sentence(tiny_llama_dir: Path, tmp_path: Path) -> None:
     file, _, _ = _shift_file(tiny_llama_dir, tmp_path, torch.ones(32))
     argv = ["--model", str(tiny_llama_dir), "--prompt", "hi"]
