@@ -90,8 +90,8 @@ def main() -> None:
             rows.append(row)
     lines = ["# Intruder dimensions: LoRA vs full fine-tuning on SmolLM2-135M", "",
              f"Command: `BENCH_THREADS=1 python benchmarks/intruders.py --steps {args.steps}` (see its docstring).", "",
-             "| arm | data order | intruders (of 2100 top-10 vectors) | matrices with one | mean top-10 similarity | "
-             "min similarity | loss, first 10 steps | loss, last 10 steps |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             ("| arm | data order | intruders (of 2100 top-10 vectors) | matrices with one | mean top-10 similarity | "
+              "min similarity | loss, first 10 steps | loss, last 10 steps |"), "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['arm']} | {r['seed']} | {r['intruders']} | {r['matrices_with_intruders']} / {r['matrices']} | "
                      f"{r['mean_top10_similarity']:.4f} | {r['min_top10_similarity']:.3f} | {r['first_loss']:.3f} | "
@@ -105,9 +105,10 @@ def main() -> None:
                      f"{statistics.fmean(sims):.4f} ± {spread(sims):.4f} |")  # fmt: skip
     per_step = statistics.fmean(r["fit_seconds"] / r["steps"] for r in rows)
     measure = statistics.fmean(r["measure_seconds"] for r in rows)
-    lines += ["", f"Overhead (threads: {torch.get_num_threads()}): one measurement of all 210 matrices (two fp32 SVDs each) "
-              f"took {measure:.1f} s, {measure / per_step:.1f} times a training step ({per_step:.2f} s, fit time / "
-              "steps, set-up included). The monitor costs nothing on the steps where it does not run."]  # fmt: skip
+    overhead = (f"Overhead (threads: {torch.get_num_threads()}): one measurement of all 210 matrices (two fp32 SVDs "
+                f"each) took {measure:.1f} s, {measure / per_step:.1f} times a training step ({per_step:.2f} s, fit time "
+                "/ steps, set-up included). The monitor costs nothing on the steps where it does not run.")
+    lines += ["", overhead]
     (HERE / "results" / "intruders.md").write_text("\n".join(lines) + "\n")
     (HERE / "results" / "intruders.json").write_text(json.dumps(rows, indent=1) + "\n")
     print("\n".join(lines))

@@ -23,13 +23,13 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_ft.core.io import atomic_file, write_text_atomic
-from lightning_ft.monitors.panels import Panel
 from lightning_ft.core.layer_map import LayerMap, ParamInfo, find_transformer, is_quantized_param, plain_name
+from lightning_ft.core.process_group import destroy_process_group_at_exit
 from lightning_ft.core.shards import any_rank, is_sharded, local
 from lightning_ft.core.snapshot import PretrainedSnapshot
 from lightning_ft.core.weights import safetensors_index as _safetensors_files
 from lightning_ft.merging.ops import NonBlockScale, lines_factor, lines_scale
-from lightning_ft.core.process_group import destroy_process_group_at_exit
+from lightning_ft.monitors.panels import Panel
 from lightning_ft.support import MethodSupport, check_support
 
 __all__ = ["LiNeS"]

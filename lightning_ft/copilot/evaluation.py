@@ -14,10 +14,10 @@ from lightning_ft.copilot.decoder import DecoderCache, pack_stream
 from lightning_ft.copilot.fusion import CopilotLogitsProcessor, PilotCapture, fuse_log_probs
 from lightning_ft.copilot.rounds import target_columns
 from lightning_ft.copilot.training import CopilotTraining
-from lightning_ft.monitors.panels import Panel
 from lightning_ft.core.host import ModuleHost
 from lightning_ft.data.collate import IGNORE_INDEX
 from lightning_ft.modules.metrics import EvalMetrics
+from lightning_ft.monitors.panels import Panel
 
 __all__ = ["CopilotEvaluation", "ErrorFit"]
 

@@ -309,7 +309,7 @@ class ContextAwareness(ProbeMonitor):
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> None:
         from lightning_ft.data.files import load_records
 
-        self._tokenizer = module_tokenizer(pl_module, self.tokenizer_name, type(self).__name__)
+        self._tokenizer = module_tokenizer(pl_module, self.tokenizer_name, type(self).__name__, model)
         count = _num_layers(model)
         self._layer = (count - 1) // 2 if self.layer is None else self.layer
         if self._layer >= count:

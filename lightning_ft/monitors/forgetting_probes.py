@@ -53,6 +53,7 @@ from lightning_ft.core.io import write_text_atomic
 from lightning_ft.core.layer_map import find_transformer
 from lightning_ft.core.support import MethodSupport, check_support
 from lightning_ft.errors import UserError
+from lightning_ft.monitors.panels import Panel
 
 __all__ = [
     "CONJUGATIONS",
@@ -220,18 +221,31 @@ def option_scores(
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def module_tokenizer(pl_module: L.LightningModule, name: str | None, owner: str) -> Any:
-    """The tokenizer named by ``name``, else the LightningModule's ``tokenizer`` attribute."""
-    if name is not None:
-        from transformers import AutoTokenizer
+def module_tokenizer(pl_module: L.LightningModule, name: str | None, owner: str, model: nn.Module | None = None) -> Any:
+    """The tokenizer named by ``name``, else the LightningModule's ``tokenizer`` attribute, else the one saved with
+    ``model`` (its ``config._name_or_path`` folder): a user's own module often holds only the HF model."""
+    from transformers import AutoTokenizer
 
+    if name is not None:
         from lightning_ft.assets import resolve_model
 
-        return AutoTokenizer.from_pretrained(resolve_model(name))
+        return _padded(AutoTokenizer.from_pretrained(resolve_model(name)))
     tokenizer = getattr(pl_module, "tokenizer", None)
-    if tokenizer is None:
-        raise UserError(f"{owner} tokenizes its probes with the module's tokenizer, and {type(pl_module).__name__} "
-                        "has none: pass tokenizer=<model name or folder>.")  # fmt: skip
+    if tokenizer is not None:
+        return tokenizer
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    try:
+        if source:
+            return _padded(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError):
+        pass
+    raise UserError(f"{owner} tokenizes its probes with the module's tokenizer, and {type(pl_module).__name__} has "
+                    f"none (nor does the model's folder {source!r}): pass tokenizer=<model name or folder>.")  # fmt: skip
+
+
+def _padded(tokenizer: Any) -> Any:
+    if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -260,8 +274,12 @@ class ProbeMonitor(L.Callback):
             return
         self._model = find_transformer(pl_module, self.module)
         check_support(self, trainer, self._model)
+        self.check_model(self._model)
         if trainer.global_rank == 0:
             self.prepare(trainer, pl_module, self._model)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model the probes cannot measure (every rank, before anything runs)."""
 
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> None:
         """Load and render the probes (global rank 0, once per fit)."""
@@ -273,6 +291,14 @@ class ProbeMonitor(L.Callback):
     def settings(self) -> dict[str, Any]:
         """The settings written into the JSON with the history."""
         return {}
+
+    def dashboard_panels(self) -> list[Panel]:
+        """Every measured value over steps (one line each)."""
+        if not self.history:
+            return []
+        names = [k for k in self.history[0] if k != "step"]
+        return [Panel(f"{self.prefix}/history", f"{type(self).__name__} over steps", "lines", ["step", *names],
+                      [[h["step"], *[h.get(n) for n in names]] for h in self.history], x_label="step")]  # fmt: skip
 
     def _record(self, trainer: L.Trainer) -> None:
         if trainer.global_rank != 0 or (self.history and self.history[-1]["step"] == trainer.global_step):
@@ -435,10 +461,18 @@ class ImplicitInferenceProbes(ProbeMonitor):
         return f"ImplicitInferenceProbes[dataset={self.dataset}, seed={self.seed}]"
 
     @override
+    def check_model(self, model: nn.Module) -> None:
+        if model.get_output_embeddings() is None:
+            raise ValueError(
+                f"ImplicitInferenceProbes scores answer options by their log-likelihood under a causal LM, and "
+                f"{type(model).__name__} has no LM head: monitor an AutoModelForCausalLM."
+            )
+
+    @override
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> None:
         from lightning_ft.data.files import load_records
 
-        self._tokenizer = module_tokenizer(pl_module, self.tokenizer_name, type(self).__name__)
+        self._tokenizer = module_tokenizer(pl_module, self.tokenizer_name, type(self).__name__, model)
         records = load_records(self.dataset, argument="dataset")
         missing = [f for f in (self.text_field, self.label_field) if records and f not in records[0]]
         if not records or missing:

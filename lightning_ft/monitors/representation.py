@@ -42,6 +42,7 @@ from lightning_ft.core.anatomy import decoder_parts
 from lightning_ft.core.io import atomic_file, write_text_atomic
 from lightning_ft.core.layer_map import find_transformer
 from lightning_ft.core.support import MethodSupport, check_support, sharded_refusal
+from lightning_ft.monitors.forgetting_probes import module_tokenizer
 from lightning_ft.monitors.panels import Panel
 
 __all__ = [
@@ -275,25 +276,12 @@ class RepresentationShift(L.Callback):
         if self._layer >= num_layers:
             raise ValueError(f"concept_layer={self.concept_layer} is not a block of this {num_layers}-block model: "
                              f"give a block index from 0 to {num_layers - 1}.")  # fmt: skip
-        tokenizer = getattr(pl_module, "tokenizer", None) or self._tokenizer_of(self._model)
+        tokenizer = module_tokenizer(pl_module, None, type(self).__name__, self._model)
         self._batches = probe_batches(tokenizer, self.probe_texts, self.max_length, self.batch_size)
         tokens = sum(int(b["attention_mask"].sum()) for b in self._batches)
         if tokens < self.num_concepts:
             raise ValueError(f"num_concepts={self.num_concepts} exceeds the {tokens} probe tokens: give more "
                              "probe_texts or fewer concepts.")  # fmt: skip
-
-    def _tokenizer_of(self, model: nn.Module) -> Any:
-        from transformers import AutoTokenizer
-
-        source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{type(self).__name__} needs a tokenizer for its probe texts: give the LightningModule "
-                             f"a `tokenizer` attribute (none found, and {source!r} holds none).") from err  # fmt: skip
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -42,6 +42,7 @@ from lightning_ft.data.sampling import ResumableDataLoader, resume_position
 from lightning_ft.errors import UserError
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_ft.monitors import IntruderDimensions
+from lightning_ft.monitors import ContextAwareness, ImplicitInferenceProbes
 from lightning_ft.monitors.representation import RepresentationShift
 from lightning_ft.objectives import (
     CAFTCausalLM,
@@ -205,6 +206,12 @@ ROWS: list[Row] = [
         lambda host: RepresentationShift(num_concepts=2, filename=None, shifts_filename=None),
         na={"bert": "RepresentationShift hooks a causal LM's decoder blocks: an encoder classifier is refused in one "
                     "sentence (tests/monitors/test_representation.py)"}),
+    Row("probes", ImplicitInferenceProbes,  # a monitor
+        lambda host: ImplicitInferenceProbes(labels=["acq", "earn"], shots=1, per_label=1, max_words=8, filename=None),
+        na={"bert": "ImplicitInferenceProbes scores options under a causal LM: an encoder classifier is refused in one "
+                    "sentence (tests/monitors/test_forgetting_probes.py)"}),
+    Row("context", ContextAwareness,  # a monitor
+        lambda host: ContextAwareness(num_dialogues=2, max_length=48, filename=None)),
     Row(
         "s2ft", S2FT, lambda host: S2FT(v_ratio=0.5, o_ratio=0.25, u_ratio=0.1, d_ratio=0.1), check="structured",
         na={"bert": "S2FT freezes everything but its slices, so an encoder classifier's new head would never train",

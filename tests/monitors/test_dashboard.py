@@ -16,13 +16,13 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import make_data, make_trainer
 
 from lightning_ft.callbacks import ForgettingReport, LayerwiseSampling, SparseFineTuning
 from lightning_ft.modules import CausalLMModule
 from lightning_ft.monitors import IntruderDimensions, Panel, RepresentationShift, RunDashboard
 from lightning_ft.monitors.panels import svg_of
 from lightning_ft.sparse import Magnitude
-from helpers import make_data, make_trainer
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 

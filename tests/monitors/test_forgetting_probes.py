@@ -134,3 +134,13 @@ def test_bad_settings_are_refused(tiny_llama_dir: Path) -> None:
     module = CausalLMModule(model=str(tiny_llama_dir), output_dir="")
     with pytest.raises(UserError, match=r"dataset='reuters_r8' has no column 'body'"):
         ImplicitInferenceProbes(text_field="body").setup(make_trainer(Path("."), 1), module, "fit")
+
+
+def test_an_encoder_classifier_is_refused_in_one_sentence(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from lightning_ft.modules import SequenceClassificationModule
+
+    module = SequenceClassificationModule(model=str(tiny_bert_dir), num_labels=2, output_dir="")
+    with pytest.raises(ValueError, match=r"^ImplicitInferenceProbes scores answer options by their log-likelihood under "
+                                         r"a causal LM, and BertForSequenceClassification has no LM head: monitor an "
+                                         r"AutoModelForCausalLM\.$"):
+        ImplicitInferenceProbes().setup(make_trainer(tmp_path, 1), module, "fit")

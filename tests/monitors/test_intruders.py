@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import make_data, make_trainer
 
 from lightning_ft.modules import CausalLMModule
 from lightning_ft.monitors import IntruderDimensions, intruder_similarities
-from helpers import make_data, make_trainer
 
 
 def test_similarities_equal_an_svd_oracle() -> None:
