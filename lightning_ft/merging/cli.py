@@ -33,6 +33,7 @@ from lightning_ft.errors import SentenceParser, UsageError, UserError
 from lightning_ft.merging.compeft import compress, is_compeft_artifact
 from lightning_ft.merging.engine import MergePlan, ScoreFn, merge_to_folder, parse_dtype
 from lightning_ft.merging.registry import MERGE_METHODS, get_method
+from lightning_ft.monitors.panels import Panel
 
 __all__ = ["build_score", "main"]
 
@@ -96,6 +97,9 @@ def _merge_parser() -> SentenceParser:
     p.add_argument("--metric", help="eval metric to maximise (default target_acc; *_loss/*_ppl are minimised)")
     p.add_argument("--output", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (never an input)")
+    p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="auto",
+                   help="log the merge report to W&B (tables, the LiNeS beta sweep, summary fields) in <output>/wandb: "
+                   "auto is offline unless W&B is configured")
     return p
 
 
@@ -344,7 +348,49 @@ def run_merge(argv: list[str]) -> dict[str, Any]:
     out, report = merge_to_folder(plan, str(recipe["base"]), recipe["output"], (lines or {}).get("beta"), score,
                                   inputs=recipe["models"], overwrite=args.overwrite)  # fmt: skip
     print((out / "merge_report.md").read_text())
+    if args.wandb != "disabled":
+        _report_to_wandb(out, report, args.wandb)
     return report
+
+
+def merge_panels(report: dict[str, Any]) -> list[Panel]:
+    """A merge report as dashboard panels: the ingredients, greedy soup's steps, LiNeS's beta sweep."""
+    ingredients = report.get("ingredients") or []
+    keys = sorted({k for row in ingredients for k in row} - {"path"})
+    panels = [Panel("merge/ingredients", f"Merge ingredients ({report.get('pretty_name', report.get('method'))})", "table",
+                    ["path", *keys], [[row.get("path"), *[row.get(k) for k in keys]] for row in ingredients])]  # fmt: skip
+    greedy = report.get("greedy") or {}
+    if greedy.get("steps"):
+        panels.append(Panel("merge/greedy", "Greedy soup: each candidate added in order of its own score", "table",
+                            ["add", "score", "kept"], [[s["add"], s["score"], s["kept"]] for s in greedy["steps"]]))  # fmt: skip
+    sweep = (report.get("lines") or {}).get("sweep")
+    if sweep:
+        panels.append(Panel("merge/lines_sweep", "LiNeS beta sweep", "lines", ["beta", "score"],
+                            [[r["beta"], r["score"]] for r in sweep], x_label="beta"))  # fmt: skip
+    return panels
+
+
+def _report_to_wandb(out: Path, report: dict[str, Any], mode: str) -> None:
+    import os
+
+    import wandb
+
+    from lightning_ft.cli import wandb_mode
+    from lightning_ft.monitors.dashboard import log_panels
+
+    mode = wandb_mode() if mode == "auto" else mode
+    os.environ.setdefault("WANDB_MODE", mode)
+    run = wandb.init(project="lightning-ft", name=f"merge-{out.name}", dir=str(out), mode=mode, job_type="merge",
+                     config={"method": report.get("method"), "params": report.get("params")})  # fmt: skip
+    try:
+        lines = report.get("lines") or {}
+        summary = {"merge/method": report.get("method"), "merge/ingredients": len(report.get("ingredients") or []),
+                   "merge/seconds": report.get("seconds")}  # fmt: skip
+        if "beta" in lines:
+            summary["merge/lines_beta"] = lines["beta"]
+        log_panels(run, merge_panels(report), {k: v for k, v in summary.items() if v is not None})
+    finally:
+        run.finish()
 
 
 def _sparse_apply_parser() -> SentenceParser:

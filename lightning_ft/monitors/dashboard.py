@@ -33,7 +33,7 @@ from typing_extensions import override
 from lightning_ft.core.io import write_text_atomic
 from lightning_ft.monitors.panels import Panel, figure_of
 
-__all__ = ["RunDashboard", "collect_panels"]
+__all__ = ["RunDashboard", "collect_panels", "log_panels"]
 
 
 def _scalar(value: Any) -> float | None:
@@ -190,32 +190,16 @@ class RunDashboard(L.Callback):
     def _to_wandb(self, trainer: L.Trainer, pl_module: L.LightningModule, panels: list[Panel],
                   summary: dict[str, float]) -> None:  # fmt: skip
         loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
-        if not loggers:
-            return
-        import wandb
-
-        logged: dict[str, Any] = {}
-        for panel in panels:
-            columns, rows = panel.table()
-            logged[f"panels/{panel.key}"] = wandb.Table(columns=columns, data=[[_cell(v) for v in r] for r in rows])
-            image = _png(panel)
-            if image is not None:
-                logged[f"panels/{panel.key}_plot"] = wandb.Image(image, caption=panel.title)
+        path = None
+        if loggers and self.log_model:
+            path = pl_module.output_path() if callable(getattr(pl_module, "output_path", None)) else None
+            if path is None or not Path(path).exists():
+                raise ValueError(
+                    f"RunDashboard(log_model=True) found no exported model at {path}: keep the module's export "
+                    "on (output_dir unset or a folder) or drop log_model."
+                )
         for logger in loggers:
-            run = logger.experiment
-            if logged:
-                run.log(logged)
-            run.summary.update(summary)
-            if self.log_model:
-                path = pl_module.output_path() if callable(getattr(pl_module, "output_path", None)) else None
-                if path is None or not Path(path).exists():
-                    raise ValueError(
-                        f"RunDashboard(log_model=True) found no exported model at {path}: keep the module's export "
-                        "on (output_dir unset or a folder) or drop log_model."
-                    )
-                artifact = wandb.Artifact(f"model-{run.id}", type="model")
-                artifact.add_dir(str(path))
-                run.log_artifact(artifact)
+            log_panels(logger.experiment, panels, summary, model_dir=path)
 
     # ------------------------------------------------------------------ state
     @override
@@ -226,6 +210,27 @@ class RunDashboard(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.curves = {k: [list(p) for p in v] for k, v in state_dict.get("curves", {}).items()}
         self.activity = {k: [list(p) for p in v] for k, v in state_dict.get("activity", {}).items()}
+
+
+def log_panels(run: Any, panels: list[Panel], summary: dict[str, Any], model_dir: str | Path | None = None) -> None:
+    """Log ``panels`` to a W&B run (a table ``panels/<key>`` each, and an image ``panels/<key>_plot`` of each
+    picture), ``summary`` as summary fields, and ``model_dir`` as a ``model`` artifact."""
+    import wandb
+
+    logged: dict[str, Any] = {}
+    for panel in panels:
+        columns, rows = panel.table()
+        logged[f"panels/{panel.key}"] = wandb.Table(columns=columns, data=[[_cell(v) for v in r] for r in rows])
+        image = _png(panel)
+        if image is not None:
+            logged[f"panels/{panel.key}_plot"] = wandb.Image(image, caption=panel.title)
+    if logged:
+        run.log(logged)
+    run.summary.update(summary)
+    if model_dir is not None:
+        artifact = wandb.Artifact(f"model-{run.id}", type="model")
+        artifact.add_dir(str(model_dir))
+        run.log_artifact(artifact)
 
 
 def _jsonable(value: Any) -> Any:

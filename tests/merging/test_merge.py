@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -208,6 +210,18 @@ def test_cli_merge_recipe_compress_decompress_and_help(
     main(["merge", "--config", str(tmp_path / "r.yaml"), "--param", "density=0.3"])
     report = (tmp_path / "m" / "merge_report.json").read_text()
     assert '"density": 0.3' in report and (tmp_path / "m" / "config.json").is_file()
+    # the report on W&B (offline here), read back with W&B's own reader
+    run_file = next((tmp_path / "m" / "wandb").glob("offline-run-*/run-*.wandb"))
+    wandb_bin = Path(sys.executable).parent / "wandb"
+    out = subprocess.run([str(wandb_bin), "leet", "inspect", "--json", str(run_file)], capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    history: set[str] = set()
+    summary: dict[str, object] = {}
+    for record in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")):
+        history.update(record.get("history", {}).get("item", {}))
+        summary.update(record.get("summary", {}).get("update", {}))
+    assert any(k.startswith("panels/merge/ingredients") for k in history)
+    assert summary["merge/method"] == "ties" and summary["merge/ingredients"] == 2
     main(["compress", "--base", str(tiny["base"]), "--model", str(tiny["a"]), "--output", str(tmp_path / "a.sft"
           ".safetensors"), "--density", "0.05"])  # fmt: skip
     assert "compression ratio" in capsys.readouterr().out
