@@ -80,6 +80,14 @@ class RunDashboard(L.Callback):
         self.curves: dict[str, list[list[float]]] = {}
         self.activity: dict[str, list[list[Any]]] = {}
 
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.log_model and _export_path(pl_module) is None:
+            raise ValueError(
+                f"RunDashboard(log_model=True) logs the exported model, and {type(pl_module).__name__} exports none: "
+                "keep its export on (output_dir unset or a folder) or drop log_model."
+            )
+
     # ------------------------------------------------------------------ recording
     def _add(self, key: str, step: int, value: float) -> None:
         points = self.curves.setdefault(key, [])
@@ -190,14 +198,10 @@ class RunDashboard(L.Callback):
     def _to_wandb(self, trainer: L.Trainer, pl_module: L.LightningModule, panels: list[Panel],
                   summary: dict[str, float]) -> None:  # fmt: skip
         loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
-        path = None
-        if loggers and self.log_model:
-            path = pl_module.output_path() if callable(getattr(pl_module, "output_path", None)) else None
-            if path is None or not Path(path).exists():
-                raise ValueError(
-                    f"RunDashboard(log_model=True) found no exported model at {path}: keep the module's export "
-                    "on (output_dir unset or a folder) or drop log_model."
-                )
+        path = _export_path(pl_module) if self.log_model else None
+        if path is not None and not path.exists():
+            raise ValueError(f"RunDashboard(log_model=True) found no exported model at {path}: the module's export "
+                             "did not run; check its on_fit_end.")  # fmt: skip
         for logger in loggers:
             log_panels(logger.experiment, panels, summary, model_dir=path)
 
@@ -231,6 +235,12 @@ def log_panels(run: Any, panels: list[Panel], summary: dict[str, Any], model_dir
         artifact = wandb.Artifact(f"model-{run.id}", type="model")
         artifact.add_dir(str(model_dir))
         run.log_artifact(artifact)
+
+
+def _export_path(pl_module: L.LightningModule) -> Path | None:
+    output_path = getattr(pl_module, "output_path", None)
+    path = output_path() if callable(output_path) else None
+    return None if path is None else Path(path)
 
 
 def _jsonable(value: Any) -> Any:

@@ -194,3 +194,42 @@ def test_sparse_mask_density_heatmap_equals_the_mask(tiny_llama_dir: Path, tmp_p
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match=r"every_n_steps=0 must be at least 1"):
         RunDashboard(every_n_steps=0)
+
+
+def test_hft_halves_and_lines_factors_and_the_model_artifact(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_ft.callbacks import HalfFineTuning, LiNeS
+
+    os.environ["WANDB_MODE"] = "offline"
+    hft, lines = HalfFineTuning(redraw="steps", every_n_steps=2, seed=0), LiNeS(alpha=0.25, beta=0.5)
+    L.seed_everything(0)
+    module = CausalLMModule(model=str(tiny_llama_dir), learning_rate=1e-2, warmup_steps=0, output_dir=str(tmp_path / "hf"))
+    logger = WandbLogger(project="lightning-ft-test", save_dir=str(tmp_path), offline=True)
+    trainer = make_trainer(tmp_path, 4, logger=logger, callbacks=[hft, lines, RunDashboard(html=False, log_model=True)])
+    trainer.fit(module, make_data())
+    logger.experiment.finish()
+    panels = _panels(tmp_path)
+    # HFT: each recorded draw trains part of every block; a new row only when the draw changed
+    halves = panels["selection/HalfFineTuning"]
+    assert halves["values"] and all(0.0 < v < 1.0 for row in halves["values"] for v in row)
+    assert all(a != b for a, b in zip(halves["values"], halves["values"][1:]))
+    # LiNeS: the factor of block i is alpha + beta * i / (L - 1)
+    factors = dict(panels["lines/factors"]["values"])
+    assert factors["00"] == pytest.approx(0.25) and factors["01"] == pytest.approx(0.75)
+    records = _wandb_records(tmp_path)
+    assert any(r.get("artifact", {}).get("type") == "model" for r in records)
+
+
+def test_log_model_without_an_export_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    os.environ["WANDB_MODE"] = "offline"
+    module = CausalLMModule(model=str(tiny_llama_dir), output_dir="")
+    logger = WandbLogger(project="lightning-ft-test", save_dir=str(tmp_path), offline=True)
+    trainer = make_trainer(tmp_path, 1, logger=logger, callbacks=[RunDashboard(html=False, log_model=True)])
+    with pytest.raises(ValueError, match=r"^RunDashboard\(log_model=True\) logs the exported model, and CausalLMModule "
+                                         r"exports none: keep its export on \(output_dir unset or a folder\) or drop "
+                                         r"log_model\.$"):
+        trainer.fit(module, make_data())
+    logger.experiment.finish()
