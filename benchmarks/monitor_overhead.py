@@ -30,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], help="monitor class names to leave out")
     args = parser.parse_args()
     import lightning as L
     import torch
@@ -52,6 +53,7 @@ def main() -> None:
         "ContextAwareness (16 dialogues, eager attention)": ContextAwareness(every_n_validations=0, baseline=False,
                                                                              filename=None),
     }  # fmt: skip
+    monitors = {k: v for k, v in monitors.items() if type(v).__name__ not in args.skip}
     for monitor in monitors.values():
         monitor.on_fit_end = lambda *a: None  # timed below instead
     timer = step_timer_class()()
@@ -75,16 +77,17 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         rows.append({"monitor": name, "seconds": statistics.median(times), "ratio": statistics.median(times) / step})
         print(json.dumps(rows[-1]), flush=True)
-    lines = ["# Analysis monitors: the cost of one measurement on SmolLM2-135M", "",
-             f"Command: `BENCH_THREADS={torch.get_num_threads()} python benchmarks/monitor_overhead.py --steps "
-             f"{args.steps} --repeats {args.repeats}` (see its docstring). One process; median of {args.repeats}.", "",
-             f"Training step (full fine-tuning, batch 8 x 96 tokens, all four monitors attached and idle): "
-             f"**{step:.2f} s** (median of steps 3-{args.steps}).", "",
-             "| monitor | one measurement (s) | in training steps |", "|---|---|---|"]  # fmt: skip
+    command = (f"Command: `BENCH_THREADS={torch.get_num_threads()} python benchmarks/monitor_overhead.py --steps "
+               f"{args.steps} --repeats {args.repeats}{' --skip ' + ' '.join(args.skip) if args.skip else ''}` (see its "
+               f"docstring). One process; median of {args.repeats}.")
+    step_line = (f"Training step (full fine-tuning, batch 8 x 96 tokens, the monitors below attached and idle): "
+                 f"**{step:.2f} s** (median of steps 3-{args.steps}).")
+    lines = ["# Analysis monitors: the cost of one measurement on SmolLM2-135M", "", command, "", step_line, "",
+             "| monitor | one measurement (s) | in training steps |", "|---|---|---|"]
     lines += [f"| {r['monitor']} | {r['seconds']:.2f} | {r['ratio']:.2f} |" for r in rows]
-    lines += ["", "A monitor measures every `every_n_validations` validations and at the end of fit; between those it "
-              "runs no code on the training steps. So a run with 10 measurements of IntruderDimensions pays 10 times "
-              "the row above, whatever its length."]  # fmt: skip
+    lines += ["", ("A monitor measures every `every_n_validations` validations and at the end of fit; between those "
+                   "it runs no code on the training steps. So a run with 10 measurements pays 10 times its row above, "
+                   "whatever its length.")]
     (HERE / "results" / "monitor_overhead.md").write_text("\n".join(lines) + "\n")
     (HERE / "results" / "monitor_overhead.json").write_text(json.dumps({"step_seconds": step, "rows": rows}, indent=1))
     print("\n".join(lines))

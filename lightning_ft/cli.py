@@ -36,8 +36,8 @@ from lightning_ft.errors import (
     run_command,
 )
 
-__all__ = ["ANALYSIS_COMMANDS", "COMMANDS", "DATA_COMMANDS", "DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SEARCH_COMMANDS", "SUBCOMMANDS", "main",
-           "wandb_mode"]  # LightningFTCLI: built lazily, see __getattr__
+__all__ = ["ANALYSIS_COMMANDS", "COMMANDS", "DATA_COMMANDS", "DEFAULT_CLASSES", "POSTHOC_COMMANDS", "SEARCH_COMMANDS", "SUBCOMMANDS", "main"]
+# LightningFTCLI (built lazily) and wandb_mode (from lightning_ft.monitors.dashboard): see __getattr__
 
 # Post-hoc weight commands, dispatched before LightningCLI (they run no Trainer).
 POSTHOC_COMMANDS = ("merge", "compress", "decompress", "sparse-apply", "estimate")
@@ -57,22 +57,6 @@ DEFAULT_CLASSES = {"model": "lightning_ft.modules.CausalLMModule", "data": "ligh
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 _WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pth")
 _SHARDED_MARKERS = ("meta.pt", ".metadata", "latest", "checkpoint")  # FSDP and DeepSpeed checkpoint folders
-
-
-def wandb_mode() -> str:
-    """``online`` when the user configured W&B (``WANDB_MODE``, ``WANDB_API_KEY`` or a login), else ``offline``."""
-    mode = os.environ.get("WANDB_MODE")
-    if mode:
-        return mode
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        if "api.wandb.ai" in netrc.read_text():
-            return "online"
-    except OSError:
-        pass
-    return "offline"
 
 
 def run_outputs(root: Path) -> list[str]:
@@ -337,6 +321,8 @@ def _cli_class() -> type:
         @staticmethod
         def _default_loggers(root: Path, run_name: str, wandb: str) -> list[Any]:
             loggers: list[Any] = [ContinuingCSVLogger(save_dir=str(root), name="", version="csv")]
+            from lightning_ft.monitors.dashboard import wandb_mode
+
             mode = wandb_mode() if wandb == "auto" else wandb
             if mode != "disabled":
                 os.environ.setdefault("WANDB_MODE", mode)
@@ -418,6 +404,10 @@ def _options(parser: Any, subcommand: str | None) -> list[str]:
 def __getattr__(name: str) -> Any:
     if name == "LightningFTCLI":
         return _cli_class()
+    if name == "wandb_mode":  # lives with the W&B dashboard; imported on use, as the CLI's other heavy parts
+        from lightning_ft.monitors.dashboard import wandb_mode
+
+        return wandb_mode
     raise AttributeError(name)
 
 

@@ -375,8 +375,7 @@ def _report_to_wandb(out: Path, report: dict[str, Any], mode: str) -> None:
 
     import wandb
 
-    from lightning_ft.cli import wandb_mode
-    from lightning_ft.monitors.dashboard import log_panels
+    from lightning_ft.monitors.dashboard import log_panels, wandb_mode
 
     mode = wandb_mode() if mode == "auto" else mode
     os.environ.setdefault("WANDB_MODE", mode)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from typing_extensions import override
 from lightning_ft.core.io import write_text_atomic
 from lightning_ft.monitors.panels import Panel, figure_of
 
-__all__ = ["RunDashboard", "collect_panels", "log_panels"]
+__all__ = ["RunDashboard", "collect_panels", "log_panels", "wandb_mode"]
 
 
 def _scalar(value: Any) -> float | None:
@@ -44,6 +45,22 @@ def _scalar(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
         return float(value)
     return None
+
+
+def wandb_mode() -> str:
+    """``online`` when the user configured W&B (``WANDB_MODE``, ``WANDB_API_KEY`` or a login), else ``offline``."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
 
 
 def collect_panels(trainer: L.Trainer, pl_module: L.LightningModule) -> list[Panel]:
