@@ -233,3 +233,15 @@ def test_log_model_without_an_export_is_refused(tiny_llama_dir: Path, tmp_path: 
                                          r"log_model\.$"):
         trainer.fit(module, make_data())
     logger.experiment.finish()
+
+
+def test_copilot_lambda_sweep_panel_is_the_sweep() -> None:
+    from types import SimpleNamespace
+
+    from lightning_ft.copilot.evaluation import CopilotEvaluation
+
+    sweep = [{"lambda": 0.0, "target_acc": 0.5}, {"lambda": 0.5, "target_acc": 0.75}, {"lambda": 1.0, "target_acc": 0.625}]
+    (panel,) = CopilotEvaluation.dashboard_panels(SimpleNamespace(lambda_sweep=sweep, copilot_lambda=0.5))  # type: ignore[arg-type]
+    assert panel.key == "copilot/lambda_sweep" and panel.columns == ["lambda", "target_acc"]
+    assert panel.values == [[0.0, 0.5], [0.5, 0.75], [1.0, 0.625]] and "Chosen lambda = 0.5" in panel.note
+    assert CopilotEvaluation.dashboard_panels(SimpleNamespace(lambda_sweep=[], copilot_lambda=1.0)) == []  # type: ignore[arg-type]
