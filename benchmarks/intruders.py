@@ -74,44 +74,61 @@ def run_arm(arm: str, seed: int, steps: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    rows = []
-    for seed in args.seeds:
-        for arm in ("lora", "full"):
-            row = run_arm(arm, seed, args.steps)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+def write_report(rows: list[dict[str, Any]], threads: int, note: str = "") -> str:
+    """``results/intruders.md`` and ``.json`` from the finished arms (a partial run reports what finished)."""
+    steps = rows[0]["steps"] if rows else 0
     lines = ["# Intruder dimensions: LoRA vs full fine-tuning on SmolLM2-135M", "",
-             f"Command: `BENCH_THREADS=1 python benchmarks/intruders.py --steps {args.steps}` (see its docstring).", "",
+             f"Command: `BENCH_THREADS={threads} python benchmarks/intruders.py --steps {steps}` (see its docstring).",
+             "", *([note, ""] if note else []),
              ("| arm | data order | intruders (of 2100 top-10 vectors) | matrices with one | mean top-10 similarity | "
               "min similarity | loss, first 10 steps | loss, last 10 steps |"), "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['arm']} | {r['seed']} | {r['intruders']} | {r['matrices_with_intruders']} / {r['matrices']} | "
                      f"{r['mean_top10_similarity']:.4f} | {r['min_top10_similarity']:.3f} | {r['first_loss']:.3f} | "
                      f"{r['final_loss']:.3f} |")  # fmt: skip
-    lines += ["", "| arm | intruders, mean ± std over data orders | mean top-10 similarity, mean ± std |", "|---|---|---|"]
+    lines += ["", "| arm | data orders | intruders, mean ± std | mean top-10 similarity, mean ± std |", "|---|---|---|---|"]
     for arm in ("lora", "full"):
         mine = [r for r in rows if r["arm"] == arm]
+        if not mine:
+            continue
         counts, sims = [r["intruders"] for r in mine], [r["mean_top10_similarity"] for r in mine]
         spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-        lines.append(f"| {arm} | {statistics.fmean(counts):.1f} ± {spread(counts):.1f} | "
+        lines.append(f"| {arm} | {len(mine)} | {statistics.fmean(counts):.1f} ± {spread(counts):.1f} | "
                      f"{statistics.fmean(sims):.4f} ± {spread(sims):.4f} |")  # fmt: skip
-    per_step = statistics.fmean(r["fit_seconds"] / r["steps"] for r in rows)
-    measure = statistics.fmean(r["measure_seconds"] for r in rows)
-    overhead = (f"Overhead (threads: {torch.get_num_threads()}): one measurement of all 210 matrices (two fp32 SVDs "
-                f"each) took {measure:.1f} s, {measure / per_step:.1f} times a training step ({per_step:.2f} s, fit time "
-                "/ steps, set-up included). The monitor costs nothing on the steps where it does not run.")
-    lines += ["", overhead]
-    (HERE / "results" / "intruders.md").write_text("\n".join(lines) + "\n")
+    if rows:
+        per_step = statistics.fmean(r["fit_seconds"] / r["steps"] for r in rows)
+        measure = statistics.fmean(r["measure_seconds"] for r in rows)
+        lines += ["", (f"Overhead ({threads} thread(s)): one measurement of all 210 matrices (two fp32 SVDs each) took "
+                       f"{measure:.1f} s, {measure / per_step:.1f} times a training step ({per_step:.2f} s, fit time / "
+                       "steps, set-up included). The monitor costs nothing on the steps where it does not run.")]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    (HERE / "results" / "intruders.md").write_text(text)
     (HERE / "results" / "intruders.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n".join(lines))
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--from-log", type=Path, help="write the report from the JSON lines a run printed (no fit)")
+    parser.add_argument("--note", default="", help="a line under the command in the report")
+    args = parser.parse_args()
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    if args.from_log:
+        rows = [json.loads(line) for line in args.from_log.read_text().splitlines() if line.startswith("{")]
+        print(write_report(rows, threads, args.note))
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    rows = []
+    for seed in args.seeds:
+        for arm in ("lora", "full"):
+            rows.append(run_arm(arm, seed, args.steps))
+            print(json.dumps(rows[-1]), flush=True)
+            write_report(rows, threads, args.note)
+    print(write_report(rows, threads, args.note))
 
 
 if __name__ == "__main__":
