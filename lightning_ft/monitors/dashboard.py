@@ -25,13 +25,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from typing_extensions import override
 
 from lightning_ft.core.io import write_text_atomic
+from lightning_ft.core.support import MethodSupport, check_support
 from lightning_ft.monitors.panels import Panel, figure_of
 
 __all__ = ["RunDashboard", "collect_panels", "log_panels", "wandb_mode"]
@@ -89,6 +90,12 @@ class RunDashboard(L.Callback):
         trainer = L.Trainer(callbacks=[ForgettingReport(), SparseFineTuning(...), RunDashboard()])
     """
 
+    support: ClassVar[MethodSupport] = MethodSupport(
+        frozenset({"ddp", "fsdp2", "lora", "quantized", "mixed"}),
+        notes="A monitor: it changes no weight; global rank 0 records and writes (a method's panel from its own "
+        "parameter shards says so).",
+    )
+
     def __init__(self, html: bool = True, log_model: bool = False, every_n_steps: int | None = None,
                  title: str | None = None) -> None:  # fmt: skip
         if every_n_steps is not None and every_n_steps < 1:
@@ -99,7 +106,10 @@ class RunDashboard(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.log_model and _export_path(pl_module) is None:
+        if stage != "fit":
+            return
+        check_support(self, trainer)  # every strategy but the legacy sharded ones
+        if self.log_model and _export_path(pl_module) is None:
             raise ValueError(
                 f"RunDashboard(log_model=True) logs the exported model, and {type(pl_module).__name__} exports none: "
                 "keep its export on (output_dir unset or a folder) or drop log_model."

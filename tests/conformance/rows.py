@@ -42,7 +42,7 @@ from lightning_ft.data.sampling import ResumableDataLoader, resume_position
 from lightning_ft.errors import UserError
 from lightning_ft.modules import CausalLMModule, SequenceClassificationModule
 from lightning_ft.monitors import IntruderDimensions
-from lightning_ft.monitors import ContextAwareness, ImplicitInferenceProbes
+from lightning_ft.monitors import ContextAwareness, ImplicitInferenceProbes, RunDashboard
 from lightning_ft.monitors.representation import RepresentationShift
 from lightning_ft.objectives import (
     CAFTCausalLM,
@@ -212,6 +212,7 @@ ROWS: list[Row] = [
                     "sentence (tests/monitors/test_forgetting_probes.py)"}),
     Row("context", ContextAwareness,  # a monitor
         lambda host: ContextAwareness(num_dialogues=2, max_length=48, filename=None)),
+    Row("dashboard", RunDashboard, lambda host: RunDashboard()),  # panels, dashboard.json and report.html on rank 0
     Row(
         "s2ft", S2FT, lambda host: S2FT(v_ratio=0.5, o_ratio=0.25, u_ratio=0.1, d_ratio=0.1), check="structured",
         na={"bert": "S2FT freezes everything but its slices, so an encoder classifier's new head would never train",

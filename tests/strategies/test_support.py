@@ -32,7 +32,13 @@ from lightning_ft.core import process_group
 from lightning_ft.core.layer_map import find_transformer
 from lightning_ft.modules import CausalLMModule
 from lightning_ft.decoding import LogitsFusionMixin
-from lightning_ft.monitors import ContextAwareness, ImplicitInferenceProbes, IntruderDimensions, RepresentationShift
+from lightning_ft.monitors import (
+    ContextAwareness,
+    ImplicitInferenceProbes,
+    IntruderDimensions,
+    RepresentationShift,
+    RunDashboard,
+)
 from lightning_ft.objectives import (
     GroupRelativeRewardMixin,
     KaSALossMixin,
@@ -101,7 +107,7 @@ def test_the_exported_declared_classes_are_the_weight_editing_methods_and_the_ob
                 CoFiTune, CorDAInit, CopilotMixin, KaSALossMixin, LoFiTMixin, LoRAMoEMixin, MaskedThoughtMixin,
                 MultiTokenHeadsMixin, TaskBalancedLossMixin, TokenWeighting, PreferenceLossMixin,
                 GroupRelativeRewardMixin, IntruderDimensions, RepresentationShift, ImplicitInferenceProbes,
-                ContextAwareness, LogitsFusionMixin}  # fmt: skip
+                ContextAwareness, RunDashboard, LogitsFusionMixin}  # fmt: skip
     assert set(declared_methods()) == expected
     assert all(support_of(cls) is vars(cls)["support"] for cls in expected)
     assert support_of(CausalLMModule) is GENERIC and support_of(object()) is GENERIC  # no declaration in the MRO
