@@ -105,6 +105,8 @@ def _qa_scores(module: Any, dm: Any, row: str, cfg: dict[str, Any]) -> dict[str,
     from lightning_ft.curation.kaft import KnowledgeAwareContexts, mentions
 
     records = dm._splits["test"]
+    if getattr(dm.hparams, "intermediate", False):  # "Relevant passages: [i, j]. Answer: " comes first: room for it too
+        cfg = {**cfg, "max_new_tokens": cfg["max_new_tokens"] + 16}
     answers = _answers(module, [dm._prompt(r) for r in records], cfg)
     out = {"answer_acc": sum(mentions(a, str(r["answer"])) for a, r in zip(answers, records)) / len(records)}
     if row == "kaft":
