@@ -198,7 +198,8 @@ def option_scores(
     """``[N, K]`` log-likelihood of each option after each prompt: the sum of the option tokens' log-probabilities.
 
     The prompt is tokenized with the tokenizer's special tokens, each option without them; a prompt too long for
-    ``max_length`` loses its start. One forward pass per prompt scores its ``K`` options.
+    ``max_length`` loses its start. The prompt runs once (its KV cache is then shared by the ``K`` options, which
+    run together for their later tokens), and only the logits that score an option are computed.
     """
     option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     if any(not ids for ids in option_ids):
@@ -206,18 +207,24 @@ def option_scores(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     longest = max(len(ids) for ids in option_ids)
+    rest = [(k, ids) for k, ids in enumerate(option_ids) if len(ids) > 1]
+    width = max((len(ids) - 1 for _, ids in rest), default=0)
     rows = []
     for prompt in prompts:
         prompt_ids = tokenizer(prompt)["input_ids"][-max(1, max_length - longest) :]
-        seqs = [prompt_ids + ids for ids in option_ids]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        logprobs = model(input_ids=input_ids, attention_mask=mask).logits.float().log_softmax(dim=-1)
-        start = len(prompt_ids)
-        rows.append([
-            sum(float(logprobs[k, start + j - 1, tok]) for j, tok in enumerate(ids)) for k, ids in enumerate(option_ids)
-        ])  # fmt: skip
+        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=bool(rest), logits_to_keep=1)
+        first = out.logits[0, -1].float().log_softmax(dim=-1)
+        scores = [float(first[ids[0]]) for ids in option_ids]
+        if rest:  # each option's later tokens, after the shared prompt: token j predicts token j + 1
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(rest))
+            feed = [ids[:-1] + [pad] * (width - len(ids) + 1) for _, ids in rest]
+            mask = [[1] * (len(prompt_ids) + len(ids) - 1) + [0] * (width - len(ids) + 1) for _, ids in rest]
+            logits = model(input_ids=torch.tensor(feed, device=device), attention_mask=torch.tensor(mask, device=device),
+                           past_key_values=cache, use_cache=False).logits.float().log_softmax(dim=-1)  # fmt: skip
+            for row, (k, ids) in enumerate(rest):
+                scores[k] += sum(float(logits[row, j, ids[j + 1]]) for j in range(len(ids) - 1))
+        rows.append(scores)
     return torch.tensor(rows, dtype=torch.float64)
 
 
