@@ -208,6 +208,7 @@ class RunDashboard(L.Callback):
             from lightning_ft.monitors.html import render_report
 
             write_text_atomic(root / "report.html", render_report(payload))
+            print(f"lightning-ft: the run's report is {root / 'report.html'}")
         self._to_wandb(trainer, pl_module, panels, summary)
 
     def _summary(self, trainer: L.Trainer) -> dict[str, float]:
