@@ -17,6 +17,7 @@ from typing import Any
 from lightning_ft.core.io import atomic_file, write_text_atomic
 from lightning_ft.errors import UserError
 from lightning_ft.monitors.html import page, table_html
+from lightning_ft.monitors.panels import inline_svg
 
 __all__ = ["compare_runs", "load_run", "main"]
 
@@ -89,15 +90,9 @@ def _plot(runs: list[dict[str, Any]]) -> tuple[bytes, str] | None:
     ax.set_title("Target vs forgetting", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png, svg = io.BytesIO(), io.StringIO()
+    png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
-    fig.savefig(svg, format="svg")
-    text = svg.getvalue()
-    text = text[text.index("<svg") :]
-    start, end = text.find("<metadata>"), text.find("</metadata>")
-    if 0 <= start < end:
-        text = text[:start] + text[end + len("</metadata>") :]
-    return png.getvalue(), text
+    return png.getvalue(), inline_svg(fig)
 
 
 def _fmt(value: Any) -> str:

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Panel", "figure_of", "svg_of"]
+__all__ = ["Panel", "figure_of", "inline_svg", "svg_of"]
 
 Kind = Literal["table", "heatmap", "lines", "bars"]
 
@@ -128,9 +128,15 @@ def svg_of(panel: Panel) -> str:
         return ""
     import matplotlib.pyplot as plt
 
+    text = inline_svg(fig)
+    plt.close(fig)
+    return text
+
+
+def inline_svg(fig: Any) -> str:
+    """A matplotlib figure as an ``<svg>`` element for an HTML page (no XML prologue, no metadata block)."""
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg")
-    plt.close(fig)
     text = buffer.getvalue()
     text = text[text.index("<svg") :]
     start, end = text.find("<metadata>"), text.find("</metadata>")
