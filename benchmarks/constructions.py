@@ -10,7 +10,8 @@ on the same source records, and both arms are scored on the same held-out record
   answer that the context now states): KAFT's claim is that the second rises without hurting the first.
 - **RAG fine-tuning** (``RetrievalAugmentedDataModule`` with hard negatives mixed in, reordering and the intermediate
   step, as ``configs/rag.yaml``) against SFT on the plain top-k retrieved contexts (no hard-negative mixing,
-  best-first order, answer-only target). Score: answer accuracy on held-out questions with retrieved passages.
+  best-first order, answer-only target). Score: answer accuracy on held-out questions with retrieved passages (the
+  method arm, whose target first names the relevant passages, gets 16 more new tokens for that).
 - **FAFT** (``FeedbackAwareDataModule``: 4 sampled answers per review, checked by ``sentiment_format``, trained on
   prompt + feedback -> answer, evaluated under all-positive feedback) against SFT on the same reviews. Scores: label
   accuracy (option log-likelihood) and the rate of greedy answers that pass every format constraint.
