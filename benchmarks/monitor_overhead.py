@@ -64,12 +64,7 @@ def main() -> None:
     step = statistics.median(timer.times[2:])  # the first steps warm up
     rows = []
     for name, monitor in monitors.items():
-        if isinstance(monitor, IntruderDimensions):
-            run = monitor.similarities
-        elif isinstance(monitor, RepresentationShift):
-            run = lambda m=monitor: m.measure(trainer.global_step)  # noqa: E731
-        else:
-            run = monitor.measure
+        run = monitor.similarities if isinstance(monitor, IntruderDimensions) else monitor.measure
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()

@@ -36,7 +36,7 @@ from typing_extensions import override
 
 from lightning_ft.core.support import MethodSupport
 from lightning_ft.errors import UserError
-from lightning_ft.monitors.forgetting_probes import RANK_ZERO_SHARDED, ProbeMonitor, module_tokenizer
+from lightning_ft.monitors.base import RANK_ZERO_SHARDED, MonitorCallback, module_tokenizer
 
 __all__ = [
     "ContextAwareness",
@@ -231,7 +231,7 @@ def annotate_indicator(
     return out
 
 
-class ContextAwareness(ProbeMonitor):
+class ContextAwareness(MonitorCallback):
     """Logs the user attention ratio of the model on probe dialogues during fine-tuning (see the module docstring).
 
     Args:

@@ -36,24 +36,19 @@ them; :func:`select_probe_records` picks the shots and the label-balanced querie
 from __future__ import annotations
 
 import codecs
-import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
-from lightning_ft.core.io import write_text_atomic
-from lightning_ft.core.layer_map import find_transformer
-from lightning_ft.core.support import MethodSupport, check_support
+from lightning_ft.core.support import MethodSupport
 from lightning_ft.errors import UserError
-from lightning_ft.monitors.panels import Panel
+from lightning_ft.monitors.base import RANK_ZERO_SHARDED, MonitorCallback, module_tokenizer
 
 __all__ = [
     "CONJUGATIONS",
@@ -78,10 +73,6 @@ CONJUGATIONS: dict[str, Transform] = {
 #: plain words for the Reuters-R8 topic codes (a model cannot know what ``acq`` or ``money-fx`` stand for)
 R8_WORDS: dict[str, str] = {"earn": "earnings", "acq": "acquisition", "crude": "oil", "trade": "trade",
                             "money-fx": "currency", "interest": "interest", "ship": "shipping", "grain": "grain"}  # fmt: skip
-
-#: the refusal of a sharded strategy by a monitor whose forward passes run on global rank 0 alone
-RANK_ZERO_SHARDED = ("{name} runs its probe forward passes on global rank 0 alone, and {strategy} shards the model "
-                     "across processes: use strategy='ddp' (or a single device).")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -228,137 +219,6 @@ def option_scores(
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def module_tokenizer(pl_module: L.LightningModule, name: str | None, owner: str, model: nn.Module | None = None) -> Any:
-    """The tokenizer named by ``name``, else the LightningModule's ``tokenizer`` attribute, else the one saved with
-    ``model`` (its ``config._name_or_path`` folder): a user's own module often holds only the HF model."""
-    from transformers import AutoTokenizer
-
-    if name is not None:
-        from lightning_ft.assets import resolve_model
-
-        return _padded(AutoTokenizer.from_pretrained(resolve_model(name)))
-    tokenizer = getattr(pl_module, "tokenizer", None)
-    if tokenizer is not None:
-        return tokenizer
-    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    try:
-        if source:
-            return _padded(AutoTokenizer.from_pretrained(source))
-    except (OSError, ValueError):
-        pass
-    raise UserError(f"{owner} tokenizes its probes with the module's tokenizer, and {type(pl_module).__name__} has "
-                    f"none (nor does the model's folder {source!r}): pass tokenizer=<model name or folder>.")  # fmt: skip
-
-
-def _padded(tokenizer: Any) -> Any:
-    if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-class ProbeMonitor(L.Callback):
-    """The schedule, history, logging and JSON of a probe monitor: :meth:`measure` every ``every_n_validations``
-    validations, at the start of training (``baseline``, unless resumed) and at the end of ``fit``, on global rank 0.
-
-    Subclasses set ``prefix`` (of the logged names), implement :meth:`prepare` (called in ``setup('fit')`` with the
-    transformers model) and :meth:`measure`, and may extend :meth:`settings` (written with the history).
-    """
-
-    prefix: ClassVar[str] = "probes"
-
-    def __init__(self, every_n_validations: int, baseline: bool, filename: str | None, module: str | None) -> None:
-        if every_n_validations < 0:
-            raise ValueError(f"every_n_validations={every_n_validations} must be 0 (fit end only) or more.")
-        self.every_n_validations, self.baseline = every_n_validations, baseline
-        self.filename, self.module = filename, module
-        self.history: list[dict[str, Any]] = []
-        self._validations = 0
-        self._model: nn.Module | None = None
-
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._model = find_transformer(pl_module, self.module)
-        check_support(self, trainer, self._model)
-        self.check_model(self._model)
-        if trainer.global_rank == 0:
-            self.prepare(trainer, pl_module, self._model)
-
-    def check_model(self, model: nn.Module) -> None:
-        """Refuse a model the probes cannot measure (every rank, before anything runs)."""
-
-    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> None:
-        """Load and render the probes (global rank 0, once per fit)."""
-
-    def measure(self) -> dict[str, float]:
-        """The metrics of the model as it is now, by name without the prefix."""
-        raise NotImplementedError
-
-    def settings(self) -> dict[str, Any]:
-        """The settings written into the JSON with the history."""
-        return {}
-
-    def dashboard_panels(self) -> list[Panel]:
-        """Every measured value over steps (one line each)."""
-        if not self.history:
-            return []
-        names = [k for k in self.history[0] if k != "step"]
-        return [Panel(f"{self.prefix}/history", f"{type(self).__name__} over steps", "lines", ["step", *names],
-                      [[h["step"], *[h.get(n) for n in names]] for h in self.history], x_label="step")]  # fmt: skip
-
-    def _record(self, trainer: L.Trainer) -> None:
-        if trainer.global_rank != 0 or (self.history and self.history[-1]["step"] == trainer.global_step):
-            return
-        assert self._model is not None, "call setup('fit') first"
-        was_training = self._model.training
-        self._model.eval()
-        try:
-            values = self.measure()
-        finally:
-            self._model.train(was_training)
-        self.history.append({"step": trainer.global_step, **values})
-        metrics = {f"{self.prefix}/{name}": float(value) for name, value in values.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.baseline and not self.history:
-            self._record(trainer)
-
-    @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not self.every_n_validations:
-            return
-        self._validations += 1
-        if self._validations % self.every_n_validations == 0:
-            self._record(trainer)
-
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record(trainer)
-        self._write(trainer)
-
-    @rank_zero_only
-    def _write(self, trainer: L.Trainer) -> None:
-        if not self.filename or not self.history:
-            return
-        root = Path(trainer.default_root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        payload = {**self.settings(), "history": self.history}
-        write_text_atomic(root / f"{self.filename}.json", json.dumps(payload, indent=1))
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "validations": self._validations}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
-        self._validations = int(state_dict.get("validations", 0))
-
-
 def _check_format(fmt: ProbeFormat, argument: str) -> None:
     try:
         fmt.template.format(text="x")
@@ -374,7 +234,7 @@ def _check_format(fmt: ProbeFormat, argument: str) -> None:
                          "callable str -> str.")  # fmt: skip
 
 
-class ImplicitInferenceProbes(ProbeMonitor):
+class ImplicitInferenceProbes(MonitorCallback):
     """Few-shot capability probes outside the fine-tuning task, under the original and a conjugate prompt format
     (see the module docstring).
 

@@ -19,21 +19,18 @@ The post-hoc mitigation on LoRA outputs is ``lightning-ft mitigate-intruders`` (
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
-from lightning_ft.core.io import write_text_atomic
-from lightning_ft.core.layer_map import ParamInfo, find_transformer, plain_name
+from lightning_ft.core.layer_map import LayerMap, ParamInfo, plain_name
 from lightning_ft.core.snapshot import PretrainedSnapshot
-from lightning_ft.core.support import MethodSupport, check_support, sharded_refusal
+from lightning_ft.core.support import MethodSupport, sharded_refusal
+from lightning_ft.monitors.base import MonitorCallback
 from lightning_ft.monitors.panels import Panel
 
 __all__ = ["IntruderDimensions", "effective_matrices", "intruder_similarities"]
@@ -77,7 +74,7 @@ def _as_out_in(owner: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight.T if type(base).__name__ == "Conv1D" else weight
 
 
-class IntruderDimensions(L.Callback):
+class IntruderDimensions(MonitorCallback):
     """Counts intruder dimensions of every block matrix during and after fine-tuning (see the module docstring).
 
     Args:
@@ -102,6 +99,7 @@ class IntruderDimensions(L.Callback):
         },
         notes="A monitor: it changes no weight; the SVDs run on global rank 0 only.",
     )
+    prefix: ClassVar[str] = "intruders"
 
     def __init__(
         self,
@@ -115,13 +113,8 @@ class IntruderDimensions(L.Callback):
             raise ValueError(f"top_k={top_k} must be at least 1 (the paper checks the top 10 singular vectors).")
         if not 0 < epsilon <= 1:
             raise ValueError(f"epsilon={epsilon} must be in (0, 1]: it bounds a cosine similarity (paper: 0.5).")
-        if every_n_validations < 0:
-            raise ValueError(f"every_n_validations={every_n_validations} must be 0 (fit end only) or more.")
-        self.top_k, self.epsilon, self.every_n_validations = top_k, float(epsilon), every_n_validations
-        self.filename, self.module = filename, module
-        self.history: list[dict[str, Any]] = []
-        self._validations = 0
-        self._model: nn.Module | None = None
+        super().__init__(every_n_validations, False, filename, module)
+        self.top_k, self.epsilon = top_k, float(epsilon)
         self._snapshot: PretrainedSnapshot | None = None
 
     @property
@@ -130,17 +123,16 @@ class IntruderDimensions(L.Callback):
         return f"IntruderDimensions[top_k={self.top_k}, epsilon={self.epsilon}]"
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._model = find_transformer(pl_module, self.module)
-        check_support(self, trainer, self._model)
-        self._snapshot = PretrainedSnapshot.of(self._model)
-        if not any(info.is_matrix for info in self._snapshot.layer_map):
+    def check_model(self, model: nn.Module) -> None:
+        if not any(info.is_matrix for info in LayerMap.from_model(model)):
             raise ValueError(
                 "IntruderDimensions found no attention or MLP matrices in transformer blocks: pass `module=` the path "
                 "to a transformers model."
             )
+
+    @override
+    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> None:
+        self._snapshot = PretrainedSnapshot.of(model)
 
     def similarities(self) -> dict[str, torch.Tensor]:
         """``s_j`` of the top-k singular vectors of every matrix (plain parameter name) of the model as it is now."""
@@ -156,43 +148,28 @@ class IntruderDimensions(L.Callback):
         """Intruders per matrix (plain parameter name) of the model as it is now."""
         return {name: int((sims < self.epsilon).sum()) for name, sims in self.similarities().items()}
 
-    def _record(self, trainer: L.Trainer) -> None:
-        if trainer.global_rank != 0 or (self.history and self.history[-1]["step"] == trainer.global_step):
-            return
-        counts = self.counts()
-        self.history.append({"step": trainer.global_step, "counts": counts})
-        metrics: dict[str, float] = {"intruders/total": float(sum(counts.values()))}
+    @override
+    def measure(self) -> dict[str, Any]:
+        """``{"counts": intruders per matrix}`` of the model as it is now."""
+        return {"counts": self.counts()}
+
+    @override
+    def metrics(self, entry: dict[str, Any]) -> dict[str, float]:
+        """The total, and the counts summed per block (``block_03``) and per module name (``q_proj``)."""
+        counts: dict[str, int] = entry["counts"]
+        out: dict[str, float] = {"total": float(sum(counts.values()))}
         blocks = {plain_name(i.name): i.block for i in self._snapshot.layer_map} if self._snapshot else {}
         for name, count in counts.items():
             block = blocks.get(name)
             if block is not None:
-                metrics[f"intruders/block_{block:02d}"] = metrics.get(f"intruders/block_{block:02d}", 0.0) + count
+                out[f"block_{block:02d}"] = out.get(f"block_{block:02d}", 0.0) + count
             kind = name.removesuffix(".weight").rsplit(".", 1)[-1]
-            metrics[f"intruders/{kind}"] = metrics.get(f"intruders/{kind}", 0.0) + count
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            out[kind] = out.get(kind, 0.0) + count
+        return out
 
     @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not self.every_n_validations:
-            return
-        self._validations += 1
-        if self._validations % self.every_n_validations == 0:
-            self._record(trainer)
-
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record(trainer)
-        self._write(trainer)
-
-    @rank_zero_only
-    def _write(self, trainer: L.Trainer) -> None:
-        if not self.filename or not self.history:
-            return
-        root = Path(trainer.default_root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        payload = {"top_k": self.top_k, "epsilon": self.epsilon, "history": self.history}
-        write_text_atomic(root / f"{self.filename}.json", json.dumps(payload, indent=1))
+    def settings(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "epsilon": self.epsilon}
 
     def dashboard_panels(self) -> list[Panel]:
         """Intruders per block and module at the last count, and the total over steps."""
@@ -211,12 +188,3 @@ class IntruderDimensions(L.Callback):
                   "heatmap", kinds, heat, rows=[f"{b:02d}" for b in numbers], x_label="matrix", y_label="block", note=note),
             Panel("intruders/total", "Intruder dimensions over steps", "lines", ["step", "intruders"], total, note=note),
         ]  # fmt: skip
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "validations": self._validations}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
-        self._validations = int(state_dict.get("validations", 0))

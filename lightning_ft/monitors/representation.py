@@ -34,15 +34,13 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
 from lightning_ft.core.anatomy import decoder_parts
 from lightning_ft.core.io import atomic_file, write_text_atomic
-from lightning_ft.core.layer_map import find_transformer
-from lightning_ft.core.support import MethodSupport, check_support, sharded_refusal
-from lightning_ft.monitors.forgetting_probes import module_tokenizer
+from lightning_ft.core.support import MethodSupport, sharded_refusal
+from lightning_ft.monitors.base import MonitorCallback, module_tokenizer
 from lightning_ft.monitors.panels import Panel
 
 __all__ = [
@@ -192,7 +190,7 @@ def concept_shift_vectors(
     return (shifts / counts.clamp(min=1)[:, None]).float(), counts
 
 
-class RepresentationShift(L.Callback):
+class RepresentationShift(MonitorCallback):
     """Measures how fine-tuning moves each layer's representation of a fixed probe set, and saves concept shift
     vectors for steering (see the module docstring).
 
@@ -221,6 +219,7 @@ class RepresentationShift(L.Callback):
         {"fsdp2": sharded_refusal("runs the whole model's forward on global rank 0 alone")},
         notes="A monitor: it changes no weight; the probe forward passes run on global rank 0 only.",
     )
+    prefix: ClassVar[str] = "representation"
 
     def __init__(
         self,
@@ -238,27 +237,21 @@ class RepresentationShift(L.Callback):
         texts = list(DEFAULT_PROBES if probe_texts is None else probe_texts)
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("probe_texts must be a non-empty list of non-empty strings (or None for the default set).")
-        if every_n_validations < 0:
-            raise ValueError(f"every_n_validations={every_n_validations} must be 0 (fit end only) or more.")
         if concept_layer is not None and concept_layer < 0:
             raise ValueError(f"concept_layer={concept_layer} must be a block index, 0 or more (None: the middle one).")
         if num_concepts < 1:
             raise ValueError(f"num_concepts={num_concepts} must be at least 1.")
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"max_length={max_length} and batch_size={batch_size} must both be at least 1.")
-        self.probe_texts, self.every_n_validations = texts, every_n_validations
-        self.concept_layer, self.num_concepts, self.seed = concept_layer, num_concepts, seed
-        self.max_length, self.batch_size = max_length, batch_size
-        self.filename, self.shifts_filename, self.module = filename, shifts_filename, module
-        self.history: list[dict[str, Any]] = []
+        super().__init__(every_n_validations, False, filename, module)
+        self.probe_texts, self.concept_layer, self.num_concepts, self.seed = texts, concept_layer, num_concepts, seed
+        self.max_length, self.batch_size, self.shifts_filename = max_length, batch_size, shifts_filename
         self.base_states: list[torch.Tensor] | None = None
         self.centroids: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
-        self._validations = 0
-        self._model: nn.Module | None = None
         self._batches: list[dict] = []
         self._layer = 0
-        self._latest: tuple[int, list[torch.Tensor]] | None = None
+        self._latest: list[torch.Tensor] | None = None  # the states of the last measurement
 
     @property
     @override
@@ -266,17 +259,16 @@ class RepresentationShift(L.Callback):
         return f"RepresentationShift[concept_layer={self.concept_layer}, num_concepts={self.num_concepts}]"
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._model = find_transformer(pl_module, self.module)
-        check_support(self, trainer, self._model)
-        num_layers = len(decoder_parts(self._model, type(self).__name__).layers)
+    def check_model(self, model: nn.Module) -> None:
+        num_layers = len(decoder_parts(model, type(self).__name__).layers)
         self._layer = num_layers // 2 if self.concept_layer is None else self.concept_layer
         if self._layer >= num_layers:
             raise ValueError(f"concept_layer={self.concept_layer} is not a block of this {num_layers}-block model: "
                              f"give a block index from 0 to {num_layers - 1}.")  # fmt: skip
-        tokenizer = module_tokenizer(pl_module, None, type(self).__name__, self._model)
+
+    @override
+    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> None:
+        tokenizer = module_tokenizer(pl_module, None, type(self).__name__, model)
         self._batches = probe_batches(tokenizer, self.probe_texts, self.max_length, self.batch_size)
         tokens = sum(int(b["attention_mask"].sum()) for b in self._batches)
         if tokens < self.num_concepts:
@@ -297,50 +289,34 @@ class RepresentationShift(L.Callback):
         self.base_states = record_states(self._model, self._batches)
         self.centroids, self.labels = kmeans(self.base_states[self._layer], self.num_concepts, self.seed)
 
-    def measure(self, step: int) -> dict[str, Any]:
+    @override
+    def measure(self) -> dict[str, Any]:
         """The per-layer CKA and mean shift of the model as it is now against the base states."""
         assert self._model is not None and self.base_states is not None, "call setup('fit') and on_fit_start first"
         current = record_states(self._model, self._batches)
-        self._latest = (step, current)
+        self._latest = current
         return {
-            "step": step,
             "cka": [linear_cka(b, c) for b, c in zip(self.base_states, current)],
             "shift": [mean_shift(b, c) for b, c in zip(self.base_states, current)],
         }
 
-    def _record(self, trainer: L.Trainer) -> None:
-        if trainer.global_rank != 0 or (self.history and self.history[-1]["step"] == trainer.global_step):
-            return
-        entry = self.measure(trainer.global_step)
-        self.history.append(entry)
-        metrics: dict[str, float] = {}
+    @override
+    def metrics(self, entry: dict[str, Any]) -> dict[str, float]:
+        out: dict[str, float] = {}
         for i, (cka, shift) in enumerate(zip(entry["cka"], entry["shift"])):
-            metrics[f"representation/cka_layer_{i:02d}"] = cka
-            metrics[f"representation/shift_layer_{i:02d}"] = shift
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            out[f"cka_layer_{i:02d}"], out[f"shift_layer_{i:02d}"] = cka, shift
+        return out
 
-    @override
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not self.every_n_validations:
-            return
-        self._validations += 1
-        if self._validations % self.every_n_validations == 0:
-            self._record(trainer)
-
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record(trainer)
-        self._write(trainer)
-
-    def concept_shifts(self, step: int) -> dict[str, Any]:
-        """The concept shift vectors of the model at ``step`` (as saved into ``concept_shifts.pt``)."""
+    def concept_shifts(self) -> dict[str, Any]:
+        """The concept shift vectors of the last measurement (the model as it is now when there was none in this
+        process), as saved into ``concept_shifts.pt``."""
         assert self.base_states is not None and self.labels is not None and self.centroids is not None
-        if self._latest is None or self._latest[0] != step:
-            self.measure(step)
+        if self._latest is None:
+            self.measure()
         assert self._latest is not None
         base = self.base_states[self._layer]
-        shifts, counts = concept_shift_vectors(base, self._latest[1][self._layer], self.labels, self.num_concepts)
+        shifts, counts = concept_shift_vectors(base, self._latest[self._layer], self.labels, self.num_concepts)
+        step = self.history[-1]["step"] if self.history else None
         return {"layer": self._layer, "num_layers": len(self.base_states), "hidden_size": base.shape[1],
                 "step": step, "centroids": self.centroids, "shifts": shifts, "counts": counts}  # fmt: skip
 
@@ -359,40 +335,36 @@ class RepresentationShift(L.Callback):
                   note="||mean(h_current) - mean(h_base)|| over the probe tokens."),
         ]  # fmt: skip
 
-    @rank_zero_only
-    def _write(self, trainer: L.Trainer) -> None:
-        if not self.history or self.base_states is None:
+    @override
+    def settings(self) -> dict[str, Any]:
+        tokens = int(self.base_states[0].shape[0]) if self.base_states else 0
+        return {"probe_texts": self.probe_texts, "probe_tokens": tokens,
+                "pooling": "none: every real (non-padding) probe token is one sample", "concept_layer": self._layer,
+                "num_concepts": self.num_concepts}  # fmt: skip
+
+    @override
+    def write_files(self, root: Path) -> None:
+        if self.base_states is None:
             return
-        root = Path(trainer.default_root_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        concepts = self.concept_shifts(trainer.global_step)
+        concepts = self.concept_shifts()
         if self.shifts_filename:
             with atomic_file(root / f"{self.shifts_filename}.pt") as tmp:
                 torch.save(concepts, tmp)
         if self.filename:
-            payload = {
-                "probe_texts": self.probe_texts,
-                "probe_tokens": int(self.base_states[0].shape[0]),
-                "pooling": "none: every real (non-padding) probe token is one sample",
-                "concept_layer": self._layer,
-                "num_concepts": self.num_concepts,
-                "concept_counts": concepts["counts"].tolist(),
-                "concept_shift_norms": concepts["shifts"].norm(dim=1).tolist(),
-                "history": self.history,
-            }
+            payload = {**self.settings(), "concept_counts": concepts["counts"].tolist(),
+                       "concept_shift_norms": concepts["shifts"].norm(dim=1).tolist(), "history": self.history}  # fmt: skip
             write_text_atomic(root / f"{self.filename}.json", json.dumps(payload, indent=1))
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"history": list(self.history), "validations": self._validations}
+        state = super().state_dict()
         if self.base_states is not None:
             state.update(base_states=self.base_states, centroids=self.centroids, labels=self.labels)
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
-        self._validations = int(state_dict.get("validations", 0))
+        super().load_state_dict(state_dict)
         if "base_states" in state_dict:
             self.base_states = list(state_dict["base_states"])
             self.centroids, self.labels = state_dict["centroids"], state_dict["labels"]

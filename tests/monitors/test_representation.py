@@ -90,7 +90,7 @@ def test_a_planted_vector_shifts_its_layer_by_its_norm_and_nothing_before(deep_l
     callback.on_fit_start(trainer, module)
     v = torch.randn(32, generator=torch.Generator().manual_seed(3))
     _add(module.backbone, 1, v)
-    entry = callback.measure(step=1)
+    entry = callback.measure()
     assert entry["shift"][0] == 0.0 and entry["cka"][0] == pytest.approx(1.0, abs=1e-12)
     assert entry["shift"][1] == pytest.approx(float(v.norm()), rel=1e-5)
     assert entry["cka"][1] == pytest.approx(1.0, abs=1e-9)  # a constant offset: CKA centres it away
