@@ -12,6 +12,15 @@ Selectors: ``random``; ``ot`` (GOT-D towards 100 validation reviews); ``kmq`` (o
 Diversify and Conquer's round 1); ``perplexity`` (POINTS: the lowest-perplexity fraction under the base model);
 ``clear`` (CLEAR: the most confident fraction). ``--s3ft`` adds S3FT against plain SFT on the same clean reviews.
 
+**S3FT arm.** S3FT matters where the gold responses are in another style than the model's own answers, so this arm
+asks the instruct model in its own chat format (``Review: ...\nIs this review positive or negative? Answer in one
+sentence.``): plain SFT trains the one-word gold labels, S3FT (``lightning-ft data rewrite --method s3ft --judge exact
+--answer-pattern <the label the first sentence names>``) keeps the model's own answer where its first sentence names
+the gold label, else its paraphrase of the gold where that passes, else the gold. Both arms train in the chat format on the pool's clean reviews with the same budget. Target accuracy is read
+from greedy answers to 200 held-out reviews in the same chat format (the label word the answer names first; an
+answer naming neither is wrong), control = the HumanEval perplexity change as for the selectors (the paper's claim:
+S3FT about halves the drop on general benchmarks). ``zero_shot_chat`` is the base model on the same answers.
+
     python benchmarks/data_selection.py --name data_selection --fractions 0.1 0.3 --seeds 0 1 2
     python benchmarks/data_selection.py --name data_selection_small --small --seeds 0 1 2 --s3ft
     python benchmarks/data_selection.py --name smoke --quick
@@ -120,6 +129,28 @@ def select(selector: str, fraction: float, seed: int, cfg: dict[str, Any], pool:
     return out
 
 
+S3FT_PROMPT = "Review: {text}\nIs this review positive or negative? Answer in one sentence."
+S3FT_ANSWER = r"(?i)^[^.]*?\b(positive|negative)\b"  # the label the first sentence names: the answer the judge compares
+
+
+def _first_label(answer: str) -> str | None:
+    """The label word ``answer`` names first (``None``: neither)."""
+    words = "".join(ch if ch.isalpha() else " " for ch in answer.lower()).split()
+    return next((w for w in words if w in ("positive", "negative")), None)
+
+
+def chat_accuracy(module: Any, test_size: int, max_new_tokens: int = 12) -> float:
+    """Accuracy of ``module``'s greedy chat answers to held-out reviews (see the module docstring)."""
+    from lightning_ft.curation.generation import GenerationService, GenerationSettings
+    from lightning_ft.data.files import load_records
+
+    reviews = load_records("rotten_tomatoes", shuffle_seed=SPLIT_SEED)[200 : 200 + test_size]
+    service = GenerationService(module, batch_size=25)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, chat_template=True)
+    answers = service.generate([S3FT_PROMPT.format(text=r["text"]) for r in reviews], settings)
+    return sum(_first_label(a[0]) == r["label"] for a, r in zip(answers, reviews)) / len(reviews)
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune on one selection file in this process; target accuracy and control perplexity after."""
     import lightning as L
@@ -139,18 +170,25 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     evaluation.tokenizer = module.tokenizer
     evaluation.setup("fit")
     loaders = list(evaluation.test_dataloader())
+    chat = spec.get("selector") in ("sft", "s3ft") or spec["key"] == "zero_shot_chat"
     if spec["selection"] is None:
-        return {"after": module.evaluate(loaders)}
-    train = InstructionDataModule(dataset=spec["selection"], prompt_template="{prompt}", response_template=" {response}",
-                                  label_field="response", val_size=0, test_size=0, batch_size=cfg["batch_size"],
-                                  max_length=cfg["max_length"], append_eos=True, control=None,
-                                  shuffle_seed=1234 + spec["seed"])  # fmt: skip
+        after = module.evaluate(loaders)
+        return {"after": {**after, "chat_acc": chat_accuracy(module, cfg["test_size"])} if chat else after}
+    train = InstructionDataModule(dataset=spec["selection"], prompt_template="{prompt}",
+                                  response_template="{response}" if chat else " {response}", label_field="response",
+                                  val_size=0, test_size=0, batch_size=cfg["batch_size"],
+                                  max_length=cfg["max_length"] + (32 if chat else 0), append_eos=True,
+                                  chat_template=chat, control=None, shuffle_seed=1234 + spec["seed"])  # fmt: skip
     train.tokenizer = module.tokenizer
     L.Trainer(max_steps=cfg["steps"], accelerator="cpu", logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
               gradient_clip_val=1.0, default_root_dir=str(HERE / "runs")).fit(module, train)  # fmt: skip
     rows = [json.loads(line) for line in Path(spec["selection"]).read_text().splitlines()]
-    return {"after": module.evaluate(loaders), "size": len(rows),
+    after = module.evaluate(loaders)
+    if chat:
+        after["chat_acc"] = chat_accuracy(module, cfg["test_size"])
+    sources = {k: sum(r.get("s3ft_source") == k for r in rows) for k in ("model", "paraphrase", "gold")}
+    return {"after": after, "size": len(rows), **({"s3ft_sources": sources} if spec.get("selector") == "s3ft" else {}),
             "reviews": sum(r.get("source") == "reviews" for r in rows),
             "noisy": sum(bool(r.get("noisy")) for r in rows)}  # fmt: skip
 
@@ -164,16 +202,18 @@ def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _s3ft_selection(seed: int, cfg: dict[str, Any], pool: Path, root: Path) -> tuple[Path, Path]:
-    """The pool's clean reviews as plain SFT data, and the same rows rewritten by S3FT (exact-match judge)."""
+    """The pool's clean reviews as plain SFT data in the chat question format, and the same rows rewritten by S3FT
+    (exact-match judge on the label the first sentence names, the model's answers in its chat format)."""
     from lightning_ft.cli import main
 
     rows = [json.loads(line) for line in pool.read_text().splitlines()]
-    clean = [r for r in rows if r["source"] == "reviews" and not r["noisy"]]
-    sft = _write(root / "sft_clean.jsonl", clean)
-    s3ft = root / "s3ft_clean.jsonl"
+    clean = [{**r, "prompt": S3FT_PROMPT.format(text=r["prompt"].removeprefix("Review: ").removesuffix("\nSentiment:"))}
+             for r in rows if r["source"] == "reviews" and not r["noisy"]]  # fmt: skip
+    sft = _write(root / "sft_chat.jsonl", clean)
+    s3ft = root / "s3ft_chat.jsonl"
     if not s3ft.exists():
         main(["data", "rewrite", "--method", "s3ft", "--data", str(sft), "--output", str(s3ft), "--judge", "exact",
-              "--max-new-tokens", "8", "--seed", str(seed), "--overwrite"])  # fmt: skip
+              "--answer-pattern", S3FT_ANSWER, "--max-new-tokens", "40", "--seed", "0", "--overwrite"])  # fmt: skip
     return sft, s3ft
 
 
@@ -181,11 +221,33 @@ def _mean(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (max(values) - min(values)) / 2
 
 
+def _s3ft_table(runs: dict[str, dict[str, Any]], zero: dict[str, float]) -> list[str]:
+    arms = {m: [r for r in runs.values() if r.get("selector") == m] for m in ("sft", "s3ft")}
+    if not any(arms.values()):
+        return []
+    chat = runs.get("zero_shot_chat", {}).get("after", {}).get("chat_acc")
+    lines = ["", "## S3FT against plain SFT (chat format, the pool's clean reviews)", "",
+             f"Base model's chat-answer accuracy: {'–' if chat is None else f'{chat:.3f}'}. Mean ± half the range over "
+             "the seeds; the targets' sources are S3FT's choices (model answer / paraphrase / gold).", "",
+             "| arm | seeds | examples | chat-answer accuracy | control perplexity | targets: model / paraphrase / gold |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for arm, rs in arms.items():
+        if not rs:
+            continue
+        acc = _mean([r["after"]["chat_acc"] for r in rs])
+        ppl = _mean([100 * (r["after"]["control_ppl"] / zero["control_ppl"] - 1) for r in rs])
+        src = rs[0].get("s3ft_sources")
+        sources = " / ".join(str(src[k]) for k in ("model", "paraphrase", "gold")) if src else "– (gold labels)"
+        lines.append(f"| {arm} | {len(rs)} | {rs[0]['size']} | {acc[0]:.3f} ± {acc[1]:.3f} | {ppl[0]:+.1f}% ± "
+                     f"{ppl[1]:.1f} | {sources} |")  # fmt: skip
+    return lines
+
+
 def write_report(name: str, cfg: dict[str, Any], runs: dict[str, dict[str, Any]], command: str) -> Path:
     zero = runs["zero_shot"]["after"]
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for key, r in runs.items():
-        if key != "zero_shot":
+        if not key.startswith("zero_shot") and r["selector"] not in ("sft", "s3ft"):
             groups.setdefault((r["selector"], r["fraction"]), []).append(r)
     lines = [f"# Data selection ({name})", "",
              f"Pool: {cfg['reviews']} Rotten Tomatoes training reviews ({cfg['noise']:.0%} of labels flipped) and "
@@ -194,7 +256,7 @@ def write_report(name: str, cfg: dict[str, Any], runs: dict[str, dict[str, Any]]
              f"target accuracy on {cfg['test_size']} held-out reviews, control = HumanEval perplexity change against "
              f"the base model (zero-shot accuracy {zero['target_acc']:.3f}). Mean ± half the range over the seeds.", "",
              "| selector | fraction | seeds | accuracy | control perplexity | reviews in selection | flipped labels | "
-             "vs random |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "vs random | vs zero-shot |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = []
     for (selector, fraction), rs in sorted(groups.items(), key=lambda x: (x[0][1], SELECTORS.index(x[0][0]) if x[0][0] in SELECTORS else 9, x[0][0])):
         acc = _mean([r["after"]["target_acc"] for r in rs])
@@ -208,12 +270,16 @@ def write_report(name: str, cfg: dict[str, Any], runs: dict[str, dict[str, Any]]
             mine = [r["after"]["target_acc"] for r in rs]
             verdict = ("beats random" if min(mine) > max(b) else "below random" if max(mine) < min(b)
                        else "same within spread")  # fmt: skip
+        accs = [r["after"]["target_acc"] for r in rs]
+        against_zero = ("above" if min(accs) > zero["target_acc"] else "below" if max(accs) < zero["target_acc"]
+                        else "same within spread")  # fmt: skip
         summary.append({"selector": selector, "fraction": fraction, "seeds": len(rs), "acc": acc, "ppl": ppl,
-                        "verdict": verdict})  # fmt: skip
+                        "verdict": verdict, "vs_zero_shot": against_zero})  # fmt: skip
         lines.append(f"| {selector} | {fraction} | {len(rs)} | {acc[0]:.3f} ± {acc[1]:.3f} | {ppl[0]:+.1f}% ± "
                      f"{ppl[1]:.1f} | {statistics.fmean(r['reviews'] for r in rs):.0f} / "
                      f"{statistics.fmean(r['size'] for r in rs):.0f} | {statistics.fmean(r['noisy'] for r in rs):.0f} | "
-                     f"{verdict} |")  # fmt: skip
+                     f"{verdict} | {against_zero} |")  # fmt: skip
+    lines += _s3ft_table(runs, zero)
     lines += ["", f"Command: `{command}`", ""]
     out = HERE / "results" / f"{name}.md"
     out.write_text("\n".join(lines))
@@ -225,12 +291,14 @@ def write_report(name: str, cfg: dict[str, Any], runs: dict[str, dict[str, Any]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="data_selection")
-    parser.add_argument("--selectors", nargs="+", default=list(SELECTORS), choices=SELECTORS)
+    parser.add_argument("--selectors", nargs="*", default=list(SELECTORS), choices=SELECTORS,
+                        help="selectors to run (none: only --s3ft)")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--s3ft", action="store_true", help="also S3FT against plain SFT on the clean reviews")
     parser.add_argument("--small", action="store_true", help="the 2-core preset (see the module docstring)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
@@ -246,7 +314,7 @@ def main() -> None:
         for line in log.read_text().splitlines():
             r = json.loads(line)
             same_eval = all(r["settings"].get(k) == cfg.get(k) for k in EVAL_KEYS)
-            if r["settings"] == cfg or (r["key"] == "zero_shot" and same_eval):  # zero-shot trains nothing
+            if r["settings"] == cfg or (r["key"].startswith("zero_shot") and same_eval):  # zero-shot trains nothing
                 runs[r["key"]] = r
     todo: list[dict[str, Any]] = [{"key": "zero_shot", "selection": None, "seed": 0}]
     for fraction in args.fractions:
@@ -255,12 +323,13 @@ def main() -> None:
                 todo.append({"key": f"{selector}_{fraction}_seed{seed}", "selector": selector, "fraction": fraction,
                              "seed": seed})  # fmt: skip
     if args.s3ft:
+        todo.append({"key": "zero_shot_chat", "selection": None, "seed": 0})
         for seed in args.seeds:
             todo += [{"key": f"{m}_seed{seed}", "selector": m, "fraction": 1.0, "seed": seed} for m in ("sft", "s3ft")]
     for spec in todo:
-        if spec["key"] in runs:
+        if spec["key"] in runs or args.report_only:
             continue
-        if spec["key"] != "zero_shot":
+        if not spec["key"].startswith("zero_shot"):
             if spec["selector"] in ("sft", "s3ft"):
                 spec["selection"] = str(_s3ft_selection(spec["seed"], cfg, pool, root)[spec["selector"] == "s3ft"])
             else:
