@@ -9,6 +9,7 @@ history entry) and, when an entry is not a flat ``{name: number}`` dict, :meth:`
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ RANK_ZERO_SHARDED = ("{name} runs its probe forward passes on global rank 0 alon
                      "across processes: use strategy='ddp' (or a single device).")  # fmt: skip
 
 
-class MonitorCallback(L.Callback):
+class MonitorCallback(L.Callback, ABC):
     """The schedule, history, logging, resume state and JSON of a monitor.
 
     :meth:`measure` runs every ``every_n_validations`` validations (0: never during training), at the start of
@@ -71,9 +72,9 @@ class MonitorCallback(L.Callback):
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, model: nn.Module) -> None:
         """Load what the measurements need, before training changes a weight (global rank 0, once per fit)."""
 
+    @abstractmethod
     def measure(self) -> dict[str, Any]:
         """One history entry for the model as it is now (without ``step``; the schedule adds it)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement measure()")
 
     def metrics(self, entry: dict[str, Any]) -> dict[str, float]:
         """The numbers logged for one entry, by name without the prefix (default: the entry itself)."""
