@@ -57,6 +57,7 @@ QUICK = {"steps": 3, "test_size": 16, "control_size": 8, "reviews": 40, "off_tas
          "clear_samples": 2}  # fmt: skip
 EVAL_KEYS = ("max_length", "test_size", "control_size")  # what a zero-shot run depends on
 SELECTORS = ("random", "ot", "kmq", "perplexity", "clear")
+NOTES = "<!-- notes: written by hand; kept when the tables above are rewritten -->"
 SPLIT_SEED = 1234  # the reviews' split: the first 200 are validation, the next 400 test, the rest the pool's reviews
 
 
@@ -194,14 +195,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(spec)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(spec)], check=False, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"run {spec['key']} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _s3ft_selection(seed: int, cfg: dict[str, Any], pool: Path, root: Path) -> tuple[Path, Path]:
+def _s3ft_selection(pool: Path, root: Path) -> tuple[Path, Path]:
     """The pool's clean reviews as plain SFT data in the chat question format, and the same rows rewritten by S3FT
     (exact-match judge on the label the first sentence names, the model's answers in its chat format)."""
     from lightning_ft.cli import main
@@ -227,8 +228,8 @@ def _s3ft_table(runs: dict[str, dict[str, Any]], zero: dict[str, float]) -> list
         return []
     chat = runs.get("zero_shot_chat", {}).get("after", {}).get("chat_acc")
     lines = ["", "## S3FT against plain SFT (chat format, the pool's clean reviews)", "",
-             f"Base model's chat-answer accuracy: {'–' if chat is None else f'{chat:.3f}'}. Mean ± half the range over "
-             "the seeds; the targets' sources are S3FT's choices (model answer / paraphrase / gold).", "",
+             (f"Base model's chat-answer accuracy: {'–' if chat is None else f'{chat:.3f}'}. Mean ± half the range over "
+              "the seeds; the targets' sources are S3FT's choices (model answer / paraphrase / gold)."), "",
              "| arm | seeds | examples | chat-answer accuracy | control perplexity | targets: model / paraphrase / gold |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for arm, rs in arms.items():
@@ -250,13 +251,13 @@ def write_report(name: str, cfg: dict[str, Any], runs: dict[str, dict[str, Any]]
         if not key.startswith("zero_shot") and r["selector"] not in ("sft", "s3ft"):
             groups.setdefault((r["selector"], r["fraction"]), []).append(r)
     lines = [f"# Data selection ({name})", "",
-             f"Pool: {cfg['reviews']} Rotten Tomatoes training reviews ({cfg['noise']:.0%} of labels flipped) and "
+             (f"Pool: {cfg['reviews']} Rotten Tomatoes training reviews ({cfg['noise']:.0%} of labels flipped) and "
              f"{cfg['off_task']} records each of Chit-Chat, Reuters topics and trivia. Each selection is fine-tuned on "
              f"SmolLM2-135M (full FT, lr {cfg['learning_rate']}, {cfg['steps']} steps of batch {cfg['batch_size']}); "
              f"target accuracy on {cfg['test_size']} held-out reviews, control = HumanEval perplexity change against "
-             f"the base model (zero-shot accuracy {zero['target_acc']:.3f}). Mean ± half the range over the seeds.", "",
-             "| selector | fraction | seeds | accuracy | control perplexity | reviews in selection | flipped labels | "
-             "vs random | vs zero-shot |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"the base model (zero-shot accuracy {zero['target_acc']:.3f}). Mean ± half the range over the seeds."), "",
+             ("| selector | fraction | seeds | accuracy | control perplexity | reviews in selection | flipped labels | "
+              "vs random | vs zero-shot |"), "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = []
     for (selector, fraction), rs in sorted(groups.items(), key=lambda x: (x[0][1], SELECTORS.index(x[0][0]) if x[0][0] in SELECTORS else 9, x[0][0])):
         acc = _mean([r["after"]["target_acc"] for r in rs])
@@ -282,7 +283,9 @@ def write_report(name: str, cfg: dict[str, Any], runs: dict[str, dict[str, Any]]
     lines += _s3ft_table(runs, zero)
     lines += ["", f"Command: `{command}`", ""]
     out = HERE / "results" / f"{name}.md"
-    out.write_text("\n".join(lines))
+    old = out.read_text() if out.exists() else ""
+    notes = old[old.index(NOTES) :] if NOTES in old else ""  # the hand-written reading of the tables stays
+    out.write_text("\n".join(lines) + ("\n" + notes if notes else ""))
     (HERE / "results" / f"{name}.json").write_text(json.dumps({"settings": cfg, "runs": runs, "summary": summary},
                                                               indent=1))  # fmt: skip
     return out
@@ -331,7 +334,7 @@ def main() -> None:
             continue
         if not spec["key"].startswith("zero_shot"):
             if spec["selector"] in ("sft", "s3ft"):
-                spec["selection"] = str(_s3ft_selection(spec["seed"], cfg, pool, root)[spec["selector"] == "s3ft"])
+                spec["selection"] = str(_s3ft_selection(pool, root)[spec["selector"] == "s3ft"])
             else:
                 spec["selection"] = str(select(spec["selector"], spec["fraction"], spec["seed"], cfg, pool, target, root))
         spec["settings"] = cfg
