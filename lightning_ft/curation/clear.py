@@ -258,33 +258,9 @@ def choice_logprobs(service: Any, questions: Sequence[str], choices: Sequence[st
     asked = [(render(q, chat) if callable(render) else q + "\n") + ANSWER_START for q in questions]
     tokenizer, model = getattr(service, "tokenizer", None), getattr(service, "model", None)
     ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices] if tokenizer is not None else []
-    if model is None or not ids or any(len(i) != 1 for i in ids):
+    if model is None or not hasattr(service, "next_token_logprobs") or not ids or any(len(i) != 1 for i in ids):
         return np.stack([service.answer_logprob(asked, [c] * len(asked)) for c in choices], axis=1)
-    return _next_token_logprobs(service, asked, [i[0] for i in ids])
-
-
-def _next_token_logprobs(service: Any, texts: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
-    import torch
-
-    from lightning_ft.data.collate import encode_prompt, pad_right
-
-    tokenizer, out = service.tokenizer, []
-    encoded = [encode_prompt(tokenizer, t, getattr(service, "max_length", 1024)) for t in texts]
-    for start in range(0, len(encoded), max(1, getattr(service, "batch_size", 8))):
-        batch = encoded[start : start + max(1, getattr(service, "batch_size", 8))]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = pad_right(batch, pad).to(service.device)
-        mask = pad_right([[1] * len(ids) for ids in batch], 0).to(service.device)
-        was_training = service.model.training
-        service.model.eval()
-        try:
-            with torch.no_grad():
-                logits = service.model(input_ids=input_ids, attention_mask=mask).logits
-        finally:
-            service.model.train(was_training)
-        last = logits[torch.arange(len(batch)), torch.tensor([len(ids) - 1 for ids in batch])].float()
-        out.append(torch.log_softmax(last, dim=-1)[:, list(token_ids)].double().cpu().numpy())
-    return np.concatenate(out, axis=0)
+    return service.next_token_logprobs(asked, [i[0] for i in ids])
 
 
 def letter_score(logps: np.ndarray, mode: str = "probability") -> np.ndarray:

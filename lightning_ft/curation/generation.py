@@ -302,11 +302,7 @@ class GenerationService:
     def _generate_missing(self, todo: dict[str, str], settings: GenerationSettings, fingerprint: str) -> None:
         encoded = {k: self._encode_prompt(p, settings) for k, p in todo.items()}
         order = sorted(todo, key=lambda k: len(encoded[k]))
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(order), desc=f"generating with {self.name}", unit="prompt")
+        bar = self._bar(len(order), f"generating with {self.name}", "prompt")
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             completions = self._generate_batch([todo[k] for k in batch], [encoded[k] for k in batch], settings)
@@ -315,6 +311,14 @@ class GenerationService:
                 bar.update(len(batch))
         if bar is not None:
             bar.close()
+
+    def _bar(self, total: int, desc: str, unit: str) -> Any:
+        """A tqdm progress bar when the service was built with ``progress`` (else ``None``)."""
+        if not self.progress or total == 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit)
 
     def render(self, prompt: str, chat_template: bool) -> str:
         """The prompt as the model sees it: wrapped in the tokenizer's chat template when ``chat_template``."""
@@ -406,10 +410,40 @@ class GenerationService:
         encoded = [self._encode_scored(item) for item in items]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
         found: list[np.ndarray] = [np.zeros(0)] * len(encoded)
+        bar = self._bar(len(order), f"scoring with {self.name}", "text")
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             for i, values in zip(batch, self._score_batch([encoded[i] for i in batch])):
                 found[i] = values
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        return found
+
+    def next_token_logprobs(self, texts: Sequence[str], token_ids: Sequence[int]) -> np.ndarray:
+        """``log p(token | text)`` of the next token after each text (rows) for each of ``token_ids`` (columns),
+        float64. Each text is tokenised with the tokenizer's special tokens (its end kept past ``max_length``) and
+        scored in batches of similar length; one forward pass per batch."""
+        from lightning_ft.data.collate import encode_prompt, pad_right
+
+        encoded = [encode_prompt(self.tokenizer, str(t), self.max_length) for t in texts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        found = np.zeros((len(encoded), len(token_ids)), dtype=np.float64)
+        columns = torch.tensor(list(token_ids), dtype=torch.long)
+        bar = self._bar(len(order), f"scoring with {self.name}", "text")
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            input_ids = pad_right([encoded[i] for i in batch], self.tokenizer.pad_token_id).to(self.device)
+            mask = pad_right([[1] * len(encoded[i]) for i in batch], 0).to(self.device)
+            with _evaluating(self.model):
+                logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+            last = logits[torch.arange(len(batch)), torch.tensor([len(encoded[i]) - 1 for i in batch])].float()
+            found[batch] = torch.log_softmax(last, dim=-1)[:, columns.to(last.device)].double().cpu().numpy()
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
         return found
 
     def _score_batch(self, examples: list[dict[str, list[int]]]) -> list[np.ndarray]:
@@ -424,7 +458,6 @@ class GenerationService:
         logprobs = -token_nll(logits, labels).double().cpu()
         targets = labels[:, 1:].cpu()
         return [logprobs[row][targets[row] != IGNORE_INDEX].numpy() for row in range(len(examples))]
-
 
 
 def _load_tokenizer(source: str) -> Any:

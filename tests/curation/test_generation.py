@@ -129,6 +129,17 @@ def test_answer_logprob_and_mean_nll_equal_a_hand_computation(smollm2: Generatio
         assert nll[i] == pytest.approx(-np.mean(values), abs=1e-4)
 
 
+def test_next_token_logprobs_equal_each_text_alone_in_input_order(smollm2: GenerationService) -> None:
+    texts = [*PROMPTS, "A longer prompt that is scored in its own batch of the sorted order, " * 3]  # 2 batches of 4
+    tokens = smollm2.tokenizer(" positive negative", add_special_tokens=False)["input_ids"]
+    found = smollm2.next_token_logprobs(texts, tokens)
+    assert found.shape == (len(texts), len(tokens)) and found.dtype == np.float64
+    for i, text in enumerate(texts):
+        with torch.no_grad():
+            logp = smollm2.model(torch.tensor([smollm2.tokenizer(text)["input_ids"]])).logits[0, -1].log_softmax(-1)
+        assert found[i] == pytest.approx(logp[tokens].double().numpy(), abs=1e-4)
+
+
 def test_lora_adapter_folder_loads_base_and_adapter(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
