@@ -301,6 +301,7 @@ def main() -> None:
     parser.add_argument("--s3ft", action="store_true", help="also S3FT against plain SFT on the clean reviews")
     parser.add_argument("--small", action="store_true", help="the 2-core preset (see the module docstring)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
     parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs only")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -309,6 +310,8 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = {**DEFAULTS, **(SMALL if args.small else {}), **(QUICK if args.quick else {})}
+    if args.learning_rate is not None:
+        cfg["learning_rate"] = args.learning_rate
     root = HERE / "runs" / f"data_{args.name}"
     pool, target = build_pool(cfg, root)
     log = HERE / "results" / f"{args.name}.runs.jsonl"
