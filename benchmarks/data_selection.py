@@ -24,6 +24,7 @@ S3FT about halves the drop on general benchmarks). ``zero_shot_chat`` is the bas
     python benchmarks/data_selection.py --name data_selection --fractions 0.1 0.3 --seeds 0 1 2
     python benchmarks/data_selection.py --name data_selection_small --small --seeds 0 1 2 --s3ft
     python benchmarks/data_selection.py --name smoke --quick
+    python benchmarks/data_selection.py --name data_selection_small_lr5e-5 --small --learning-rate 5e-5 --fractions 0.1
 
 ``--small`` (a 1,000-row pool, 16 steps, 200 test reviews) costs about 6 CPU-minutes per fit on a 2-core AVX2 EPYC.
 Runs are ordered by fraction, then seed, so that an interrupted invocation has whole rows of the first fraction.
